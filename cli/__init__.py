@@ -1,0 +1,1 @@
+"""The ``fedcl`` command line (Typer), composed from each side's sub-commands."""

@@ -1,0 +1,1 @@
+"""Continual learning: task streams (scenarios), forgetting metrics, EWC and replay."""

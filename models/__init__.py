@@ -1,0 +1,1 @@
+"""Model zoo: plain-torch vision models that Opacus can train (no BatchNorm, no in-place tricks)."""

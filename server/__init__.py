@@ -1,0 +1,1 @@
+"""Coordinator side: the Flower ServerApp, round orchestration, the registry and the dashboard."""

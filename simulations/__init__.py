@@ -1,0 +1,1 @@
+"""Whole federations on one box: built-in scenarios, virtual sites, Flower's Ray engine, reports."""

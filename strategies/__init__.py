@@ -1,0 +1,1 @@
+"""Aggregation of site updates: subclasses of Flower's message-API strategies."""
