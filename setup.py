@@ -13,6 +13,7 @@ ROOTS = [
     "client",
     "config",
     "continual",
+    "datasets",
     "models",
     "privacy",
     "server",

@@ -3,3 +3,25 @@
 Lives below every other subpackage because the coordinator and the sites both read it and must
 not import each other.
 """
+
+from .errors import ConfigError, FedclError
+from .experiment import ExperimentConfig
+from .loading import apply_overrides, load_toml, read_toml, to_json, validate_mapping
+from .site import SiteConfig, SiteData, SitePartition, SitePrivacy
+from .writing import write_toml
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "FedclError",
+    "SiteConfig",
+    "SiteData",
+    "SitePartition",
+    "SitePrivacy",
+    "apply_overrides",
+    "load_toml",
+    "read_toml",
+    "to_json",
+    "validate_mapping",
+    "write_toml",
+]

@@ -1,0 +1,131 @@
+"""The experiment: everything a coordinator needs to run a federation (DESIGN.md §8).
+
+One pydantic model per TOML table, ``extra="forbid"`` everywhere, so a misspelt key is an error
+that names it rather than a silently ignored setting. Sites receive the validated experiment with
+every message, so both sides always agree on the model, the stream and the hyper-parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which network to build (see ``fedcl.models.available_models()``)."""
+
+    name: str = "cnn"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PartitionSpec(_Strict):
+    """How a built-in dataset is split across virtual sites."""
+
+    scheme: Literal["iid", "dirichlet", "domain"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    seed: int = 0
+
+
+class DataSpec(_Strict):
+    """The data and the continual stream cut from it (DESIGN.md §7)."""
+
+    dataset: str = "digits"
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Only for dataset = "folder": the coordinator never sees site data, so the label space and
+    # the image shape are declared here and every site's folder is checked against them.
+    class_names: list[str] | None = None
+    domain_names: list[str] | None = None
+    image_size: int | None = Field(None, ge=4)
+    channels: Literal[1, 3] | None = None
+    scenario: Literal["class-il", "domain-il", "task-il"] = "domain-il"
+    num_tasks: int = Field(5, ge=1)
+    partition: PartitionSpec = Field(default_factory=PartitionSpec)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _folder_needs_metadata(self) -> DataSpec:
+        if self.dataset == "folder" and not (self.class_names and self.image_size and self.channels):
+            raise ValueError(
+                "dataset = 'folder' needs class_names, image_size and channels: the coordinator "
+                "builds the model without seeing any site's data"
+            )
+        return self
+
+
+class StrategySpec(_Strict):
+    """Flower strategy used for plaintext aggregation."""
+
+    name: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+
+
+class TrainSpec(_Strict):
+    """Local training at each site and the round schedule."""
+
+    rounds_per_task: int = Field(3, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    round_timeout_s: float = Field(600.0, gt=0)
+
+
+class DPSpec(_Strict):
+    """DP-SGD at the sites (filled in by the privacy feature)."""
+
+    enabled: bool = False
+    noise_multiplier: float | None = Field(None, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class HESpec(_Strict):
+    """CKKS-encrypted aggregation (filled in by the encryption feature)."""
+
+    enabled: bool = False
+
+
+class ContinualSpec(_Strict):
+    """How sites keep earlier tasks (filled in by the continual-learning feature)."""
+
+    method: Literal["naive", "ewc", "replay", "ewc+replay"] = "naive"
+
+
+class SimulationSpec(_Strict):
+    """Virtual sites on one box (Flower's Ray simulation engine)."""
+
+    num_sites: int = Field(5, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ExperimentConfig(_Strict):
+    """A whole federated continual-learning experiment."""
+
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0
+    stream: Literal["sequential", "joint"] = "sequential"
+    min_sites: int | None = Field(None, ge=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    dp: DPSpec = Field(default_factory=DPSpec)
+    he: HESpec = Field(default_factory=HESpec)
+    continual: ContinualSpec = Field(default_factory=ContinualSpec)
+    simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+
+    @property
+    def expected_sites(self) -> int:
+        """How many sites round 1 waits for (Flower samples before waiting otherwise)."""
+        return self.min_sites if self.min_sites is not None else self.simulation.num_sites

@@ -1,0 +1,35 @@
+"""Names on the wire between coordinator and sites (record keys and config keys).
+
+Both sides import these constants so a renamed key is a one-line change, not a silent mismatch.
+"""
+
+ARRAYS = "arrays"  # ArrayRecord: model weights (plaintext) or ciphertext blocks
+CONFIG = "config"  # ConfigRecord: instructions from the coordinator
+METRICS = "metrics"  # MetricRecord: numbers a site reports
+SITE = "site"  # ConfigRecord: who replied and how it went
+
+# Keys of the coordinator's ConfigRecord.
+EXPERIMENT = "experiment"  # the validated experiment as canonical JSON
+RUN_ID = "run-id"
+SERVER_ROUND = "server-round"
+TASK_INDEX = "task-index"
+ROUND_IN_TASK = "round-in-task"
+SITES_DIR = "sites-dir"  # simulations only: where site-<partition-id>.toml live
+PROXIMAL_MU = "proximal-mu"
+
+# Keys of the site's records.
+SITE_ID = "site-id"
+STATUS = "status"  # one of STATUSES
+DETAIL = "detail"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+STATUS_REFUSED = "refused"
+STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_REFUSED)
+
+
+def eval_key(kind: str, task: int) -> str:
+    """Per-task evaluation counters: ``correct-t3``, ``count-t3``, ``loss-t3``."""
+    return f"{kind}-t{task}"

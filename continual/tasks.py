@@ -1,0 +1,20 @@
+"""The stream an experiment defines, as both sides compute it."""
+
+from __future__ import annotations
+
+from fedcl.config import ExperimentConfig
+from fedcl.datasets.info import DatasetInfo
+
+from .streams import Stream, build_stream
+
+
+def experiment_stream(experiment: ExperimentConfig, info: DatasetInfo) -> Stream:
+    """The task sequence of ``experiment`` (its joint reference when ``stream = "joint"``)."""
+    stream = build_stream(
+        experiment.data.scenario,
+        num_classes=info.num_classes,
+        num_tasks=experiment.data.num_tasks,
+        class_names=info.class_names,
+        domain_names=info.domain_names,
+    )
+    return stream.joint() if experiment.stream == "joint" else stream

@@ -1,0 +1,180 @@
+"""Name -> model constructor, so configs, clients and the server agree on architectures.
+
+Every participant of a federation must build the *same* parameter vector from a config entry
+such as ``model: cnn``. Keeping the mapping in one place (and validating parameters here, with
+messages that say what would be valid) turns a silent shape mismatch at aggregation time into
+an early, readable error.
+"""
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import cnn, mlp, resnet, vit
+
+
+class ModelError(ValueError):
+    """Unknown model name or parameters the chosen model cannot be built with."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    builder: Callable[..., nn.Module]
+    min_image_size: int
+    summary: str
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _build_mlp(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    hidden: Sequence[int] = mlp.DEFAULT_HIDDEN,
+    dropout: float = 0.0,
+) -> nn.Module:
+    hidden = tuple(hidden)
+    for i, h in enumerate(hidden):
+        _positive_int(f"hidden[{i}]", h)
+    if not 0.0 <= dropout < 1.0:
+        raise ModelError(f"dropout must be in [0, 1), got {dropout!r}")
+    return mlp.MLP(
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        hidden=hidden,
+        dropout=dropout,
+    )
+
+
+def _build_cnn(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    channels: Sequence[int] = cnn.DEFAULT_CHANNELS,
+) -> nn.Module:
+    del image_size  # adaptive pooling: the architecture does not depend on it
+    channels = tuple(channels)
+    if len(channels) != 2:
+        raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
+    for i, c in enumerate(channels):
+        _positive_int(f"channels[{i}]", c)
+    return cnn.SmallCNN(in_channels=in_channels, num_classes=num_classes, channels=channels)
+
+
+def _build_resnet18_gn(
+    *, in_channels: int, image_size: int, num_classes: int, width: float = 1.0
+) -> nn.Module:
+    del image_size  # adaptive pooling: the architecture does not depend on it
+    if not isinstance(width, int | float) or isinstance(width, bool) or width <= 0:
+        raise ModelError(f"width must be a positive number, got {width!r}")
+    if round(64 * width) < 1:
+        raise ModelError(f"width={width} leaves the first stage with no channels; use >= 1/64")
+    return resnet.ResNet18GN(in_channels=in_channels, num_classes=num_classes, width=width)
+
+
+def _build_vit_tiny(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    patch_size: int | None = None,
+    dim: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    mlp_ratio: float = 2.0,
+) -> nn.Module:
+    if patch_size is None:
+        patch_size = vit.default_patch_size(image_size)
+    _positive_int("patch_size", patch_size)
+    for key, value in (("dim", dim), ("depth", depth), ("heads", heads)):
+        _positive_int(key, value)
+    if image_size % patch_size != 0 or image_size // patch_size < 2:
+        valid = [p for p in range(1, image_size // 2 + 1) if image_size % p == 0]
+        lower = image_size - image_size % patch_size
+        nearest = [s for s in (lower, lower + patch_size) if s // patch_size >= 2]
+        raise ModelError(
+            f"vit-tiny needs image_size divisible by patch_size with at least 2x2 patches; "
+            f"image_size={image_size} and patch_size={patch_size} do not fit. Valid patch sizes "
+            f"for image_size={image_size}: {valid}; valid image sizes for patch_size="
+            f"{patch_size}: multiples of {patch_size} such as {nearest}"
+        )
+    if dim % heads != 0:
+        valid_heads = [h for h in range(1, dim + 1) if dim % h == 0 and h <= 16]
+        raise ModelError(
+            f"dim={dim} must be divisible by heads={heads}; valid heads: {valid_heads}"
+        )
+    if mlp_ratio <= 0 or int(dim * mlp_ratio) < 1:
+        raise ModelError(f"mlp_ratio must give an MLP width >= 1, got {mlp_ratio!r}")
+    return vit.ViT(
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        patch_size=patch_size,
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=mlp_ratio,
+    )
+
+
+_MODELS: dict[str, _Spec] = {
+    "mlp": _Spec(_build_mlp, 1, "flatten -> hidden layers -> logits; cheapest baseline"),
+    "cnn": _Spec(_build_cnn, cnn.MIN_IMAGE_SIZE, "~67k-param GroupNorm CNN, any size >= 8"),
+    "resnet18-gn": _Spec(
+        _build_resnet18_gn, resnet.MIN_IMAGE_SIZE, "CIFAR ResNet-18 with GroupNorm, ~11.2M"
+    ),
+    "vit-tiny": _Spec(_build_vit_tiny, 4, "tiny ViT with Opacus-friendly attention/embeddings"),
+}
+_SHARED = ("in_channels", "image_size", "num_classes")
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`, sorted, for CLI choices and error messages."""
+    return sorted(_MODELS)
+
+
+def build_model(
+    name: str, *, in_channels: int, image_size: int, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    """Build the model called ``name`` for ``(in_channels, image_size, image_size)`` inputs.
+
+    ``kwargs`` are model-specific (``hidden`` for mlp, ``channels`` for cnn, ``width`` for
+    resnet18-gn, ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` for vit-tiny).
+    Raises :class:`ModelError` for an unknown name, an unknown keyword or invalid values, so a
+    bad config fails before any client trains.
+    """
+    spec = _MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    _positive_int("in_channels", in_channels)
+    _positive_int("image_size", image_size)
+    _positive_int("num_classes", num_classes)
+    if image_size < spec.min_image_size:
+        raise ModelError(f"{name} needs image_size >= {spec.min_image_size}, got {image_size}")
+    accepted = [p for p in inspect.signature(spec.builder).parameters if p not in _SHARED]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ModelError(f"{name} does not accept {unknown}; its options are {accepted or 'none'}")
+    try:
+        return spec.builder(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, **kwargs
+        )
+    except ModelError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. a string where a number was expected
+        raise ModelError(f"cannot build {name} with {kwargs}: {exc}") from exc
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of scalar parameters, for logs, budgets (CKKS ciphertext count) and tests."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

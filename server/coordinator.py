@@ -1,0 +1,309 @@
+"""The coordinator's run loop: tasks, rounds, evaluation and recording (DESIGN.md §3).
+
+It drives a Flower strategy's own hooks (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) round by round rather than calling
+``strategy.start()``, because a continual run is a *sequence of tasks*, each with its own rounds,
+and because a restarted coordinator must resume after the last round the registry says was
+completed. Every round is recorded in the registry before the next one starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fedcl.config import ExperimentConfig, to_json
+from fedcl.config import protocol as P
+from fedcl.continual.streams import Stream
+from fedcl.continual.tasks import experiment_stream
+from fedcl.datasets.info import dataset_info
+from fedcl.models import build_model
+from fedcl.strategies import SiteFedAvg, SiteFedProx, SiteOutcome, record_bytes
+
+from .observers import RoundSummary, RunObserver
+from .registry import MetricRow, Registry
+
+logger = logging.getLogger("fedcl.server")
+
+
+@dataclass
+class CoordinatorOptions:
+    """Everything a coordinator needs besides the Grid."""
+
+    experiment: ExperimentConfig
+    registry_url: str
+    run_id: str
+    scenario: str = "custom"
+    sites_dir: str | None = None
+    artifacts_dir: str | None = None
+    observers: Sequence[RunObserver] = field(default_factory=tuple)
+
+
+def initial_model(experiment: ExperimentConfig, stream: Stream) -> torch.nn.Module:
+    """The seeded starting model every run of this experiment begins from."""
+    info = dataset_info(experiment.data, experiment.seed)
+    torch.manual_seed(experiment.seed)
+    return build_model(
+        experiment.model.name,
+        in_channels=info.channels,
+        image_size=info.image_size,
+        num_classes=stream.num_outputs,
+        **experiment.model.options,
+    )
+
+
+def make_strategy(experiment: ExperimentConfig):
+    """FedAvg or FedProx, told to wait for every expected site before sampling."""
+    expected = experiment.expected_sites
+    s = experiment.strategy
+    common = dict(
+        fraction_train=s.fraction_train,
+        fraction_evaluate=s.fraction_evaluate,
+        min_train_nodes=max(1, int(expected * s.fraction_train)),
+        min_evaluate_nodes=max(1, int(expected * s.fraction_evaluate)),
+        min_available_nodes=expected,
+    )
+    if s.name == "fedprox":
+        return SiteFedProx(proximal_mu=s.proximal_mu, **common)
+    return SiteFedAvg(**common)
+
+
+def arrays_to_bytes(arrays: ArrayRecord) -> bytes:
+    """Plaintext model version format: safetensors (loadable anywhere, no pickle)."""
+    return save_safetensors({k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()})
+
+
+def arrays_from_bytes(payload: bytes) -> ArrayRecord:
+    return ArrayRecord(load_safetensors(payload))
+
+
+class Coordinator:
+    """Runs one experiment over a Grid and records everything in the registry."""
+
+    def __init__(self, grid: Grid, options: CoordinatorOptions):
+        self.grid = grid
+        self.options = options
+        self.experiment = options.experiment
+        self.info = dataset_info(self.experiment.data, self.experiment.seed)
+        self.stream = experiment_stream(self.experiment, self.info)
+        self.strategy = make_strategy(self.experiment)
+        self.registry = Registry.open(options.registry_url, artifacts_dir=options.artifacts_dir)
+        self.run_id = options.run_id
+        self.experiment_json = to_json(self.experiment)
+
+    # --- schedule ---------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[int, int]]:
+        """(task index, round in task) for every training round; server round = position + 1."""
+        rounds = self.experiment.train.rounds_per_task
+        if self.experiment.stream == "joint":
+            # The joint reference gets the same total number of rounds as the sequence.
+            rounds *= len(self.stream.evaluation_tasks)
+        return [(t, r) for t in range(self.stream.num_tasks) for r in range(rounds)]
+
+    def base_config(self, task_index: int, round_in_task: int, server_round: int) -> ConfigRecord:
+        cfg = {
+            P.EXPERIMENT: self.experiment_json,
+            P.RUN_ID: self.run_id,
+            P.TASK_INDEX: task_index,
+            P.ROUND_IN_TASK: round_in_task,
+            P.SERVER_ROUND: server_round,
+        }
+        if self.options.sites_dir:
+            cfg[P.SITES_DIR] = self.options.sites_dir
+        return ConfigRecord(cfg)
+
+    # --- the run ------------------------------------------------------------------------------
+    def run(self) -> str:
+        """Run (or resume) the experiment; returns the run's final status."""
+        self.registry.create_run(
+            self.run_id,
+            name=self.experiment.name,
+            scenario=self.options.scenario,
+            config=self.experiment.model_dump(mode="json"),
+            tasks=[t.name for t in self.stream.tasks],
+        )
+        self.registry.set_run_status(self.run_id, "running")
+        schedule = self.schedule()
+        arrays, done = self._resume_point()
+        for obs in self.options.observers:
+            obs.run_started(self.run_id, len(schedule), done)
+        status, reason = "completed", None
+        try:
+            if done == 0:
+                self._baseline_evaluation(arrays)
+            for position in range(done, len(schedule)):
+                task_index, round_in_task = schedule[position]
+                new_arrays = self._round(arrays, task_index, round_in_task, position + 1)
+                if new_arrays is None:
+                    status = "failed"
+                    reason = self._no_update_reason(position + 1)
+                    break
+                arrays = new_arrays
+        except BaseException as exc:
+            status, reason = "stopped", f"coordinator stopped: {type(exc).__name__}: {exc}"
+            self.registry.set_run_status(self.run_id, status, reason)
+            for obs in self.options.observers:
+                obs.run_finished(self.run_id, status, reason)
+            raise
+        self.registry.set_run_status(self.run_id, status, reason)
+        if reason:
+            logger.error("run %s %s: %s", self.run_id, status, reason)
+        for obs in self.options.observers:
+            obs.run_finished(self.run_id, status, reason)
+        return status
+
+    def _resume_point(self) -> tuple[ArrayRecord, int]:
+        last = self.registry.last_completed_round(self.run_id)
+        if last is None:
+            model = initial_model(self.experiment, self.stream)
+            return ArrayRecord(model.state_dict()), 0
+        version = self.registry.latest_model_version(self.run_id)
+        payload = self.registry.load_artifact(version)
+        logger.info("run %s: resuming after round %d", self.run_id, last.server_round)
+        return self.restore_arrays(payload), last.server_round
+
+    def restore_arrays(self, payload: bytes) -> ArrayRecord:
+        """Turn a stored model version back into what the next round sends."""
+        return arrays_from_bytes(payload)
+
+    def store_arrays(self, arrays: ArrayRecord) -> tuple[bytes, bool, str]:
+        """(payload, encrypted, format) of a round's model version."""
+        return arrays_to_bytes(arrays), False, "safetensors"
+
+    def _baseline_evaluation(self, arrays: ArrayRecord) -> None:
+        """Accuracy of the untrained model on every task: the b_j of forward transfer."""
+        totals, outcomes = self._evaluate(arrays, 0, 0, 0)
+        rows = self._accuracy_rows(totals, outcomes, name="baseline_accuracy")
+        self.registry.record_metrics(self.run_id, None, rows)
+
+    # --- one round ----------------------------------------------------------------------------
+    def _round(
+        self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int
+    ) -> ArrayRecord | None:
+        start = time.perf_counter()
+        round_id = self.registry.begin_round(
+            self.run_id,
+            task_index=task_index,
+            round_in_task=round_in_task,
+            server_round=server_round,
+        )
+        config = self.base_config(task_index, round_in_task, server_round)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        bytes_down = sum(record_bytes(m.content) for m in messages)
+        replies = self.grid.send_and_receive(
+            messages, timeout=self.experiment.train.round_timeout_s
+        )
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        outcomes = self.strategy.last_train_outcomes
+        self._record_participation(round_id, "train", outcomes, messages)
+        bytes_up = sum(o.bytes_up for o in outcomes)
+        if new_arrays is None:
+            self.registry.fail_round(round_id, self._no_update_reason(server_round))
+            return None
+        payload, encrypted, fmt = self.store_arrays(new_arrays)
+        self.registry.save_model_version(
+            self.run_id,
+            round_id,
+            task_index=task_index,
+            server_round=server_round,
+            payload=payload,
+            encrypted=encrypted,
+            format=fmt,
+        )
+        totals, eval_outcomes = self._evaluate(new_arrays, task_index, round_in_task, server_round)
+        self._record_participation(round_id, "evaluate", eval_outcomes, None)
+        rows = self._accuracy_rows(totals, eval_outcomes, name="accuracy")
+        if train_metrics is not None:
+            rows.append(MetricRow("train_loss", float(train_metrics[P.TRAIN_LOSS])))
+        self.registry.record_metrics(self.run_id, round_id, rows)
+        seconds = time.perf_counter() - start
+        self.registry.complete_round(
+            round_id, seconds=seconds, bytes_up=bytes_up, bytes_down=bytes_down
+        )
+        summary = RoundSummary(
+            task_index,
+            round_in_task,
+            server_round,
+            seconds,
+            participants=sum(o.ok for o in outcomes),
+            failures=sum(o.status == P.STATUS_FAILED for o in outcomes),
+            refusals=sum(o.status == P.STATUS_REFUSED for o in outcomes),
+            accuracy={r.task_index: r.value for r in rows if r.site_id is None and r.name == "accuracy"},
+        )
+        logger.info(
+            "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s",
+            task_index, round_in_task, server_round, summary.participants, seconds,
+            {k: round(v, 3) for k, v in summary.accuracy.items()},
+        )
+        for obs in self.options.observers:
+            obs.round_finished(summary)
+        return new_arrays
+
+    def _evaluate(
+        self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int
+    ) -> tuple[dict[str, float], list[SiteOutcome]]:
+        config = self.base_config(task_index, round_in_task, server_round)
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        replies = self.grid.send_and_receive(
+            messages, timeout=self.experiment.train.round_timeout_s
+        )
+        totals = self.strategy.aggregate_evaluate(server_round, replies)
+        return dict(totals or {}), self.strategy.last_evaluate_outcomes
+
+    def _accuracy_rows(
+        self, totals: dict[str, float], outcomes: list[SiteOutcome], *, name: str
+    ) -> list[MetricRow]:
+        rows = []
+        for j in range(len(self.stream.evaluation_tasks)):
+            count = totals.get(P.eval_key("count", j), 0.0)
+            if count:
+                rows.append(MetricRow(name, totals[P.eval_key("correct", j)] / count, task_index=j))
+                rows.append(
+                    MetricRow(name.replace("accuracy", "loss"), totals[P.eval_key("loss", j)] / count, task_index=j)
+                )
+            for o in outcomes:
+                n = o.metrics.get(P.eval_key("count", j), 0.0)
+                if o.ok and n:
+                    acc = o.metrics[P.eval_key("correct", j)] / n
+                    rows.append(MetricRow(name, acc, site_id=o.site_id, task_index=j))
+        return rows
+
+    def _record_participation(
+        self, round_id: int, phase: str, outcomes: list[SiteOutcome], sent: list[Message] | None
+    ) -> None:
+        for o in outcomes:
+            self.registry.record_participation(
+                round_id,
+                o.site_id,
+                phase=phase,
+                status=o.status,
+                num_examples=o.num_examples,
+                detail=o.detail or None,
+            )
+        if sent is not None:
+            answered = {o.node_id for o in outcomes}
+            for msg in sent:
+                node = msg.metadata.dst_node_id
+                if node not in answered:
+                    self.registry.record_participation(
+                        round_id,
+                        self.strategy.sites.name(node),
+                        phase=phase,
+                        status=P.STATUS_FAILED,
+                        detail="no reply before the round timeout (site dropped?)",
+                    )
+
+    def _no_update_reason(self, server_round: int) -> str:
+        outcomes = self.strategy.last_train_outcomes
+        if not outcomes:
+            return f"round {server_round}: no site replied"
+        parts = [f"{o.site_id} {o.status}: {o.detail}" for o in outcomes]
+        return f"round {server_round}: no site returned an update (" + "; ".join(parts) + ")"

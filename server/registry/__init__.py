@@ -1,0 +1,52 @@
+"""Coordinator registry: the durable record of runs, rounds, sites, metrics and model versions.
+
+SQLite (a file next to the artifacts) for a single coordinator, PostgreSQL for shared
+deployments; the schema is owned by the Alembic migrations in ``migrations/`` and applied by
+:meth:`Registry.open`.
+"""
+
+from .errors import RegistryError
+from .info import (
+    AuditInfo,
+    MetricInfo,
+    MetricRow,
+    ModelVersionInfo,
+    ParticipationInfo,
+    PrivacyInfo,
+    RoundInfo,
+    RunInfo,
+    SiteInfo,
+    TokenInfo,
+)
+from .store import (
+    PARTICIPATION_STATUSES,
+    PHASES,
+    ROUND_KINDS,
+    ROUND_STATUSES,
+    RUN_STATUSES,
+    VERSION_STATUSES,
+    Registry,
+    default_sqlite_url,
+)
+
+__all__ = [
+    "PARTICIPATION_STATUSES",
+    "PHASES",
+    "ROUND_KINDS",
+    "ROUND_STATUSES",
+    "RUN_STATUSES",
+    "VERSION_STATUSES",
+    "AuditInfo",
+    "MetricInfo",
+    "MetricRow",
+    "ModelVersionInfo",
+    "ParticipationInfo",
+    "PrivacyInfo",
+    "Registry",
+    "RegistryError",
+    "RoundInfo",
+    "RunInfo",
+    "SiteInfo",
+    "TokenInfo",
+    "default_sqlite_url",
+]

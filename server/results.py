@@ -1,0 +1,130 @@
+"""``results.json``: the contract other tools read, rebuilt from the registry alone.
+
+Because the registry is the source of truth, the same function serves a finished simulation, a
+resumed deployment and the dashboard; nothing is kept in memory between rounds.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from fedcl.continual.metrics import summarize
+
+from .registry import Registry, RegistryError
+
+RESULTS_VERSION = 1
+
+
+def accuracy_matrix(
+    registry: Registry, run_id: str, *, site_id: str | None = None, num_eval_tasks: int
+) -> tuple[list[list[float | None]], list[float | None]]:
+    """(R, baseline): R[i][j] = accuracy on task j after the last round of training task i."""
+    rounds = [r for r in registry.list_rounds(run_id) if r.status == "completed"]
+    last_of_task: dict[int, int] = {}
+    for r in rounds:
+        if r.kind == "train":
+            last_of_task[r.task_index] = max(last_of_task.get(r.task_index, 0), r.server_round)
+    by_round: dict[int, dict[int, float]] = defaultdict(dict)
+    baseline: list[float | None] = [None] * num_eval_tasks
+    for m in registry.list_metrics(run_id):
+        if m.site_id != site_id or m.task_index is None or m.task_index >= num_eval_tasks:
+            continue
+        if m.name == "accuracy" and m.server_round is not None:
+            by_round[m.server_round][m.task_index] = m.value
+        elif m.name == "baseline_accuracy":
+            baseline[m.task_index] = m.value
+    matrix = []
+    for task in sorted(last_of_task):
+        row = by_round.get(last_of_task[task], {})
+        matrix.append([row.get(j) for j in range(num_eval_tasks)])
+    return matrix, baseline
+
+
+def build_results(
+    registry: Registry, run_id: str, *, wall_seconds: float | None = None
+) -> dict[str, Any]:
+    """Everything a report needs about one run, as plain JSON types."""
+    run = registry.get_run(run_id)
+    if run is None:
+        raise RegistryError(f"run {run_id!r} is not in the registry at {registry.url}")
+    config = run.config
+    eval_tasks = _eval_task_names(run.tasks, config)
+    matrix, baseline = accuracy_matrix(registry, run_id, num_eval_tasks=len(eval_tasks))
+    summary = summarize(matrix, baseline)
+    if config.get("stream") == "joint":
+        summary["bwt"] = summary["fwt"] = None  # a single training task has no transfer
+
+    rounds = registry.list_rounds(run_id)
+    federation_acc: dict[int, dict[int, float]] = defaultdict(dict)
+    for m in registry.list_metrics(run_id, name="accuracy"):
+        if m.site_id is None and m.server_round is not None and m.task_index is not None:
+            federation_acc[m.server_round][m.task_index] = m.value
+
+    participations = registry.list_participations(run_id)
+    site_ids = sorted({p.site_id for p in participations})
+    sites: dict[str, Any] = {}
+    for site in site_ids:
+        mine = [p for p in participations if p.site_id == site]
+        train = [p for p in mine if p.phase == "train"]
+        site_matrix, site_baseline = accuracy_matrix(
+            registry, run_id, site_id=site, num_eval_tasks=len(eval_tasks)
+        )
+        sites[site] = {
+            "rounds_trained": sum(p.status == "ok" for p in train),
+            "failed_rounds": sorted(p.server_round for p in train if p.status == "failed"),
+            "refused_rounds": sorted(p.server_round for p in train if p.status == "refused"),
+            "examples": max((p.num_examples for p in train if p.status == "ok"), default=0),
+            "examples_total": sum(p.num_examples for p in train if p.status == "ok"),
+            "errors": sorted({p.detail for p in mine if p.status == "failed" and p.detail}),
+            "accuracy_matrix": site_matrix,
+            **summarize(site_matrix, site_baseline),
+        }
+
+    return {
+        "version": RESULTS_VERSION,
+        "run_id": run.id,
+        "scenario": run.scenario,
+        "status": run.status,
+        "reason": run.reason,
+        "config": config,
+        "tasks": run.tasks,
+        "eval_tasks": eval_tasks,
+        "accuracy_matrix": matrix,
+        "baseline_accuracy": baseline,
+        **summary,
+        "sites": sites,
+        "rounds": [
+            {
+                "task": r.task_index,
+                "round": r.round_in_task,
+                "server_round": r.server_round,
+                "kind": r.kind,
+                "status": r.status,
+                "seconds": r.seconds,
+                "participants": r.num_participants,
+                "failures": r.num_failures,
+                "refusals": r.num_refusals,
+                "bytes_up": r.bytes_up,
+                "bytes_down": r.bytes_down,
+                "accuracy": [
+                    federation_acc[r.server_round].get(j) for j in range(len(eval_tasks))
+                ],
+            }
+            for r in rounds
+        ],
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
+    """Joint runs train on one task but report on every task of the sequence."""
+    if config.get("stream") != "joint":
+        return list(train_tasks)
+    from fedcl.continual.tasks import experiment_stream
+    from fedcl.config import ExperimentConfig
+    from fedcl.datasets.info import dataset_info
+
+    experiment = ExperimentConfig.model_validate(config)
+    stream = experiment_stream(experiment, dataset_info(experiment.data, experiment.seed))
+    return [t.name for t in stream.evaluation_tasks]

@@ -1,0 +1,69 @@
+"""Shared pytest fixtures. Each feature keeps its fixtures in its own clearly marked section."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedcl.server.registry import Registry
+
+# ==============================================================================================
+# Registry database fixtures (fedcl.server.registry)
+#
+# ``registry_url`` is parametrized over backends: ``sqlite`` (a fresh file under tmp_path)
+# always, ``postgres`` when FEDCL_TEST_DATABASE_URL is set, e.g.
+#   FEDCL_TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test
+# Each PostgreSQL test gets its own schema (selected through the connection's search_path, so
+# Alembic's version table lands there too), dropped afterwards.
+# ==============================================================================================
+
+REGISTRY_PG_ENV = "FEDCL_TEST_DATABASE_URL"
+REGISTRY_PG_SKIP = "set FEDCL_TEST_DATABASE_URL to run registry tests against PostgreSQL"
+
+
+def _registry_postgres_schema_url(base_url: str) -> Iterator[str]:
+    """Create a throwaway schema and yield a URL whose connections use it as search_path."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    schema = f"t_{uuid.uuid4().hex}"
+    admin = create_engine(base_url, poolclass=NullPool)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        url = make_url(base_url)
+        options = " ".join(filter(None, [url.query.get("options"), f"-csearch_path={schema}"]))
+        yield url.update_query_dict({"options": options}).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty registry database on each available backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry' / 'registry.db'}"
+        return
+    base_url = os.environ.get(REGISTRY_PG_ENV)
+    if not base_url:
+        pytest.skip(REGISTRY_PG_SKIP)
+    yield from _registry_postgres_schema_url(base_url)
+
+
+@pytest.fixture
+def registry(registry_url: str, tmp_path: Path) -> Iterator[Registry]:
+    """An open, migrated ``Registry`` whose artifacts go to ``tmp_path / "artifacts"``."""
+    reg = Registry.open(registry_url, artifacts_dir=tmp_path / "artifacts")
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+# ==============================================================================================
