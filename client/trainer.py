@@ -12,55 +12,59 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from fedcl.config.experiment import TrainSpec
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedcl.config.experiment import TrainSpec
-
 
 class TrainHook(Protocol):
-    """Extension points of :class:`LocalTrainer` (all optional; see ``BaseHook``)."""
+    """Extension points of :class:`LocalTrainer` (subclass :class:`BaseHook`)."""
 
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
-    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]: ...
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """Wrap the training objects (DP-SGD swaps in Opacus' model, optimizer and loader)."""
+        ...
 
-    def loss_term(self, model: nn.Module) -> torch.Tensor | None: ...
+    def add_gradients(self, model: nn.Module) -> None:
+        """Add a regulariser's gradient to ``p.grad`` (EWC, FedProx).
 
-    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+        Called *after* DP clipping and noising and before the optimizer step: Opacus computes
+        per-sample gradients of the data loss only and silently drops any term added to the
+        loss (opacus#249), so a penalty must enter here to be applied at all.
+        """
+        ...
 
-    def finish(self, model: nn.Module, result: TrainResult) -> None: ...
+    def finish(self, model: nn.Module, result: TrainResult) -> None:
+        """Undo ``setup`` and add what the hook measured to ``result.metrics``."""
+        ...
 
 
 class BaseHook:
     """No-op hook to subclass: override only what a feature needs."""
 
-    def setup(self, model, optimizer, loader):  # noqa: D102
+    def setup(self, model, optimizer, loader):
         return model, optimizer, loader
 
-    def loss_term(self, model):  # noqa: D102
+    def add_gradients(self, model):
         return None
 
-    def before_step(self, model, optimizer):  # noqa: D102
-        return None
-
-    def finish(self, model, result):  # noqa: D102
+    def finish(self, model, result):
         return None
 
 
 class ProximalTerm(BaseHook):
-    """FedProx: (mu/2)·||w − w_global||² keeps local models near the global one."""
+    """FedProx: the gradient of (mu/2)·||w − w_global||², i.e. mu·(w − w_global)."""
 
     def __init__(self, mu: float, global_params: Sequence[torch.Tensor]):
         self.mu = mu
         self.global_params = [p.detach().clone() for p in global_params]
 
-    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
-        if self.mu == 0:
-            return None
+    def add_gradients(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
-        sq = sum(((p - g) ** 2).sum() for p, g in zip(params, self.global_params, strict=True))
-        return 0.5 * self.mu * sq
+        for p, g in zip(params, self.global_params, strict=True):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - g, alpha=self.mu)
 
 
 @dataclass
@@ -125,21 +129,36 @@ class LocalTrainer:
                 x, y = x.to(self.device), y.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(masked_logits(model(x), output_mask), y)
-                objective = loss
-                for hook in hooks:
-                    term = hook.loss_term(model)
-                    if term is not None:
-                        objective = objective + term
-                objective.backward()
-                for hook in hooks:
-                    hook.before_step(model, optimizer)
-                optimizer.step()
+                loss.backward()
+                self._step(model, optimizer, hooks)
                 total += float(loss.detach())
                 batches += 1
         result = TrainResult(n, batches, total / max(batches, 1))
+        model.zero_grad(set_to_none=True)
         for hook in hooks:
             hook.finish(model, result)
         return result
+
+
+    @staticmethod
+    def _step(model: nn.Module, optimizer: torch.optim.Optimizer, hooks: Sequence[TrainHook]):
+        """One optimizer step, with regulariser gradients added after privatisation.
+
+        Opacus' DPOptimizer exposes ``pre_step`` (clip per-sample gradients, add noise, write
+        ``p.grad``) and ``original_optimizer``; splitting the two lets hooks add their
+        gradients to the *privatised* gradient. A plain optimizer just steps.
+        """
+        pre_step = getattr(optimizer, "pre_step", None)
+        if pre_step is not None:
+            if not pre_step():
+                return  # gradient accumulation: no step this batch
+            for hook in hooks:
+                hook.add_gradients(model)
+            optimizer.original_optimizer.step()
+            return
+        for hook in hooks:
+            hook.add_gradients(model)
+        optimizer.step()
 
 
 @torch.no_grad()
