@@ -104,5 +104,7 @@ def status(
     for col in ("run", "scenario", "status", "tasks", "updated"):
         table.add_column(col)
     for r in runs:
-        table.add_row(r.id, r.scenario, r.status, str(len(r.tasks)), f"{r.updated_at:%Y-%m-%d %H:%M}")
+        table.add_row(
+            r.id, r.scenario, r.status, str(len(r.tasks)), f"{r.updated_at:%Y-%m-%d %H:%M}"
+        )
     console.print(table)

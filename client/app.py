@@ -8,6 +8,7 @@ on with the other sites.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -65,12 +66,10 @@ def _site_record(site_id: str, status: str = P.STATUS_OK, detail: str = "") -> C
 def _failure(msg: Message, context: Context, err: Exception) -> Message:
     """Reply with a failed status instead of crashing: the coordinator records the reason."""
     site_id = str(context.node_config.get("site-id", f"node-{context.node_id}"))
-    try:
+    with contextlib.suppress(Exception):  # the site config itself may be what is broken
         site_id = resolve_site_config(
             dict(context.node_config), msg.content[P.CONFIG].get(P.SITES_DIR)
         ).site_id
-    except Exception:  # noqa: BLE001 - the site config itself may be what is broken
-        pass
     logger.error("site %s: %s", site_id, err)
     content = RecordDict({P.SITE: _site_record(site_id, P.STATUS_FAILED, str(err))})
     return Message(content, reply_to=msg)

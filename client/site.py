@@ -110,6 +110,7 @@ def _site_examples(experiment: ExperimentConfig, site: SiteConfig, info: Dataset
             image_size=info.image_size,
             channels=info.channels,
             class_names=info.class_names,
+            domain_names=experiment.data.domain_names,
         )
         return data
     name = spec.name or experiment.data.dataset
@@ -135,7 +136,9 @@ def _site_examples(experiment: ExperimentConfig, site: SiteConfig, info: Dataset
 
 @lru_cache(maxsize=4)
 def _builtin(name: str, seed: int, options: tuple) -> LabeledImages:
-    return load_builtin(name, seed=seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in options})
+    return load_builtin(
+        name, seed=seed, **{k: list(v) if isinstance(v, tuple) else v for k, v in options}
+    )
 
 
 __all__ = ["SiteData", "load_site_data", "resolve_site_config", "DataError"]

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from fedcl.config.experiment import TrainSpec
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from fedcl.config.experiment import TrainSpec
 
 
 class TrainHook(Protocol):
@@ -138,7 +139,6 @@ class LocalTrainer:
         for hook in hooks:
             hook.finish(model, result)
         return result
-
 
     @staticmethod
     def _step(model: nn.Module, optimizer: torch.optim.Optimizer, hooks: Sequence[TrainHook]):

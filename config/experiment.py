@@ -49,7 +49,9 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _folder_needs_metadata(self) -> DataSpec:
-        if self.dataset == "folder" and not (self.class_names and self.image_size and self.channels):
+        if self.dataset == "folder" and not (
+            self.class_names and self.image_size and self.channels
+        ):
             raise ValueError(
                 "dataset = 'folder' needs class_names, image_size and channels: the coordinator "
                 "builds the model without seeing any site's data"
@@ -73,7 +75,7 @@ class TrainSpec(_Strict):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     round_timeout_s: float = Field(600.0, gt=0)
 

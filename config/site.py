@@ -28,9 +28,7 @@ class SitePartition(_Strict):
     @model_validator(mode="after")
     def _index_in_range(self) -> SitePartition:
         if self.index >= self.num_sites:
-            raise ValueError(
-                f"index {self.index} must be smaller than num_sites {self.num_sites}"
-            )
+            raise ValueError(f"index {self.index} must be smaller than num_sites {self.num_sites}")
         return self
 
 

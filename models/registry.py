@@ -13,10 +13,12 @@ from typing import Any
 
 from torch import nn
 
+from fedcl.config.errors import FedclError
+
 from . import cnn, mlp, resnet, vit
 
 
-class ModelError(ValueError):
+class ModelError(FedclError, ValueError):
     """Unknown model name or parameters the chosen model cannot be built with."""
 
 

@@ -236,11 +236,17 @@ class Coordinator:
             participants=sum(o.ok for o in outcomes),
             failures=sum(o.status == P.STATUS_FAILED for o in outcomes),
             refusals=sum(o.status == P.STATUS_REFUSED for o in outcomes),
-            accuracy={r.task_index: r.value for r in rows if r.site_id is None and r.name == "accuracy"},
+            accuracy={
+                r.task_index: r.value for r in rows if r.site_id is None and r.name == "accuracy"
+            },
         )
         logger.info(
             "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s",
-            task_index, round_in_task, server_round, summary.participants, seconds,
+            task_index,
+            round_in_task,
+            server_round,
+            summary.participants,
+            seconds,
             {k: round(v, 3) for k, v in summary.accuracy.items()},
         )
         for obs in self.options.observers:
@@ -267,7 +273,11 @@ class Coordinator:
             if count:
                 rows.append(MetricRow(name, totals[P.eval_key("correct", j)] / count, task_index=j))
                 rows.append(
-                    MetricRow(name.replace("accuracy", "loss"), totals[P.eval_key("loss", j)] / count, task_index=j)
+                    MetricRow(
+                        name.replace("accuracy", "loss"),
+                        totals[P.eval_key("loss", j)] / count,
+                        task_index=j,
+                    )
                 )
             for o in outcomes:
                 n = o.metrics.get(P.eval_key("count", j), 0.0)

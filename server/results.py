@@ -107,9 +107,7 @@ def build_results(
                 "refusals": r.num_refusals,
                 "bytes_up": r.bytes_up,
                 "bytes_down": r.bytes_down,
-                "accuracy": [
-                    federation_acc[r.server_round].get(j) for j in range(len(eval_tasks))
-                ],
+                "accuracy": [federation_acc[r.server_round].get(j) for j in range(len(eval_tasks))],
             }
             for r in rounds
         ],
@@ -121,8 +119,8 @@ def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
     """Joint runs train on one task but report on every task of the sequence."""
     if config.get("stream") != "joint":
         return list(train_tasks)
-    from fedcl.continual.tasks import experiment_stream
     from fedcl.config import ExperimentConfig
+    from fedcl.continual.tasks import experiment_stream
     from fedcl.datasets.info import dataset_info
 
     experiment = ExperimentConfig.model_validate(config)

@@ -98,7 +98,7 @@ class LocalGrid(Grid):
             # The real runtimes serialise messages; a deep copy keeps the ServerApp's records
             # safe from a ClientApp that mutates what it received.
             return self.client_app(copy_message(msg), context)
-        except Exception as exc:  # noqa: BLE001 - mirrors Flower: an exception becomes an error reply
+        except Exception as exc:
             return Message(
                 Error(ERROR_CLIENT_APP_RAISED, f"{type(exc).__name__}: {exc}"), reply_to=msg
             )

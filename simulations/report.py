@@ -22,7 +22,9 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     for j, name in enumerate(eval_tasks):
         table.add_column(f"T{j}\n{name}", justify="right")
     for i, row in enumerate(results["accuracy_matrix"]):
-        table.add_row(str(results["tasks"][i]) if len(results["tasks"]) > i else str(i), *map(_fmt, row))
+        table.add_row(
+            str(results["tasks"][i]) if len(results["tasks"]) > i else str(i), *map(_fmt, row)
+        )
     table.add_row("untrained", *map(_fmt, results.get("baseline_accuracy", [])), style="dim")
     console.print(table)
 
@@ -72,19 +74,24 @@ def plot_accuracy_matrix(results: dict[str, Any], path: str | Path) -> Path:
     import numpy as np
 
     matrix = np.array(
-        [[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]] or [[np.nan]],
+        [[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]]
+        or [[np.nan]],
         dtype=float,
     )
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * matrix.shape[1], 1.0 + 0.8 * matrix.shape[0]))
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black")
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black"
+            )
     ax.set_xticks(range(matrix.shape[1]), [f"T{j}" for j in range(matrix.shape[1])])
     ax.set_yticks(range(matrix.shape[0]), [f"after T{i}" for i in range(matrix.shape[0])])
     ax.set_xlabel("evaluated on task")
     acc = results.get("avg_accuracy")
-    ax.set_title(f"{results['scenario']}  ACC={acc:.3f}" if acc is not None else results["scenario"])
+    ax.set_title(
+        f"{results['scenario']}  ACC={acc:.3f}" if acc is not None else results["scenario"]
+    )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)

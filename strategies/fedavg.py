@@ -37,7 +37,9 @@ class SiteAwareMixin:
         self.last_train_outcomes = outcomes
         for o in outcomes:
             if not o.ok:
-                logger.warning("round %d: site %s %s: %s", server_round, o.site_id, o.status, o.detail)
+                logger.warning(
+                    "round %d: site %s %s: %s", server_round, o.site_id, o.status, o.detail
+                )
         good = [o for o in outcomes if o.ok and o.num_examples > 0]
         if not good:
             return None, None
@@ -50,14 +52,22 @@ class SiteAwareMixin:
         """Example-weighted average of the sites' weights (Flower's own FedAvg arithmetic)."""
         return aggregate_arrayrecords([o.message.content for o in good], P.NUM_EXAMPLES)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Pool per-task counts over sites: accuracy on task j = Σ correct_j / Σ count_j."""
         outcomes = self.sites.sort(replies)
         self.last_evaluate_outcomes = outcomes
         totals: dict[str, float] = {}
         for o in outcomes:
             if not o.ok:
-                logger.warning("evaluation round %d: site %s %s: %s", server_round, o.site_id, o.status, o.detail)
+                logger.warning(
+                    "evaluation round %d: site %s %s: %s",
+                    server_round,
+                    o.site_id,
+                    o.status,
+                    o.detail,
+                )
                 continue
             for key, value in o.metrics.items():
                 if key.startswith(("correct-t", "count-t", "loss-t")):

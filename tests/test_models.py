@@ -6,12 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from fedcl.models import ModelError, available_models, build_model, count_parameters
-from fedcl.models.norm import num_groups
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModuleFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from fedcl.models import ModelError, available_models, build_model, count_parameters
+from fedcl.models.norm import num_groups
 
 SHAPES = [(1, 8), (3, 32)]  # (in_channels, image_size): digits and CIFAR
 BATCH = 3

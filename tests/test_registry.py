@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, inspect, select, text
+from sqlalchemy.pool import NullPool
+
 from fedcl.server.registry import (
     MetricRow,
     Registry,
@@ -26,8 +29,6 @@ from fedcl.server.registry import (
     migrate,
 )
 from fedcl.server.registry.models import ApiToken, Base, Round
-from sqlalchemy import Engine, create_engine, inspect, select, text
-from sqlalchemy.pool import NullPool
 
 REGISTRY_TABLES = {
     "runs",

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 
+from fedcl.config.errors import FedclError
+
 _PASSWORD_IN_URL = re.compile(r"(?P<head>://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<tail>@)")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FedclError, RuntimeError):
     """A registry operation failed for a reason an operator can understand and fix."""
 
 

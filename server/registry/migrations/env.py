@@ -12,8 +12,9 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from fedcl.server.registry.models import Base
 from sqlalchemy import Connection, create_engine, pool
+
+from fedcl.server.registry.models import Base
 
 config = context.config
 target_metadata = Base.metadata

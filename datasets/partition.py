@@ -43,7 +43,8 @@ def partition_indices(
         raise DataError(f"partition.num_sites must be an integer >= 1; got {num_sites!r}")
     if scheme not in PARTITION_SCHEMES:
         raise DataError(
-            f"partition.scheme {scheme!r} is not valid; choose one of: {', '.join(PARTITION_SCHEMES)}"
+            f"partition.scheme {scheme!r} is not valid; "
+            f"choose one of: {', '.join(PARTITION_SCHEMES)}"
         )
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise DataError(

@@ -59,7 +59,9 @@ class LabeledImages:
             raise DataError("domain_names must name at least one domain")
         if n:
             if y.min() < 0 or y.max() >= len(class_names):
-                raise DataError(f"labels must lie in [0, {len(class_names)}); got {y.min()}..{y.max()}")
+                raise DataError(
+                    f"labels must lie in [0, {len(class_names)}); got {y.min()}..{y.max()}"
+                )
             if domain.min() < 0 or domain.max() >= len(domain_names):
                 raise DataError(
                     f"domain indices must lie in [0, {len(domain_names)}); "

@@ -42,49 +42,54 @@ def load_folder(
     image_size: int | None = None,
     channels: int | None = None,
     class_names: Sequence[str] | None = None,
+    domain_names: Sequence[str] | None = None,
 ) -> LabeledImages:
     """Load a class-folder tree or CSV manifest into :class:`LabeledImages`.
 
     ``image_size`` defaults to the first image's size (its larger side if it is not square);
     other sizes are resized to it, so a site can mix scanners. ``channels`` defaults to 1 when
     every image is grayscale and 3 otherwise. Pass ``class_names`` (the federation's agreed
-    label order) so label indices match every other site even when this site lacks a class.
+    label order) so label indices match every other site even when this site lacks a class;
+    ``domain_names`` does the same for a manifest's ``domain`` column (examples without a
+    domain column get the first domain).
     """
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise DataError(f"data.channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
     if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        isinstance(image_size, bool)
+        or not isinstance(image_size, (int, np.integer))
+        or image_size < 1
     ):
         raise DataError(f"data.image_size must be a positive integer; got {image_size!r}")
-    names = _check_class_names(class_names)
+    image_size = None if image_size is None else int(image_size)
+    names = _check_names("class_names", class_names)
+    domains = _check_names("domain_names", domain_names)
     root = Path(path).expanduser()
     if not root.exists():
-        raise DataError(
-            f"data path {root} does not exist; fix data.path or create it ({LAYOUTS})"
-        )
+        raise DataError(f"data path {root} does not exist; fix data.path or create it ({LAYOUTS})")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(
                 f"data path {root} is a file but not a .csv manifest; point data.path at the "
                 f"image folder or the manifest ({LAYOUTS})"
             )
-        return _from_manifest(root, image_size, channels, names)
+        return _from_manifest(root, image_size, channels, names, domains)
     if (root / MANIFEST_NAME).is_file():
-        return _from_manifest(root / MANIFEST_NAME, image_size, channels, names)
-    return _from_class_folders(root, image_size, channels, names)
+        return _from_manifest(root / MANIFEST_NAME, image_size, channels, names, domains)
+    return _from_class_folders(root, image_size, channels, names, domains)
 
 
-def _check_class_names(class_names: Sequence[str] | None) -> tuple[str, ...] | None:
-    if class_names is None:
+def _check_names(field: str, given: Sequence[str] | None) -> tuple[str, ...] | None:
+    if given is None:
         return None
-    if isinstance(class_names, str):
-        raise DataError(f"class_names must be a list of names, not the string {class_names!r}")
-    names = tuple(str(c) for c in class_names)
+    if isinstance(given, str):
+        raise DataError(f"{field} must be a list of names, not the string {given!r}")
+    names = tuple(str(c) for c in given)
     if not names:
-        raise DataError("class_names is empty; list every class name, or leave it unset")
+        raise DataError(f"{field} is empty; list every name, or leave it unset")
     dupes = sorted({c for c in names if names.count(c) > 1})
     if dupes:
-        raise DataError(f"class_names lists {dupes} more than once; each class must appear once")
+        raise DataError(f"{field} lists {dupes} more than once; each name must appear once")
     return names
 
 
@@ -93,7 +98,11 @@ def _is_image(p: Path) -> bool:
 
 
 def _from_class_folders(
-    root: Path, image_size: int | None, channels: int | None, class_names: tuple[str, ...] | None
+    root: Path,
+    image_size: int | None,
+    channels: int | None,
+    class_names: tuple[str, ...] | None,
+    domain_names: tuple[str, ...] | None,
 ) -> LabeledImages:
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs:
@@ -131,7 +140,7 @@ def _from_class_folders(
         y=np.asarray(labels, dtype=np.int64),
         domain=np.zeros(len(files), dtype=np.int64),
         class_names=class_names,
-        domain_names=(DEFAULT_DOMAIN,),
+        domain_names=domain_names or (DEFAULT_DOMAIN,),
     )
 
 
@@ -140,6 +149,7 @@ def _from_manifest(
     image_size: int | None,
     channels: int | None,
     class_names: tuple[str, ...] | None,
+    domain_names: tuple[str, ...] | None,
 ) -> LabeledImages:
     header_help = "the first line must be the header path,label[,task][,domain]"
     try:
@@ -207,13 +217,19 @@ def _from_manifest(
             dom = cell(row, "domain")
             if not dom:
                 raise DataError(f"{where}: the domain is empty; fill it in or drop the column")
+            if domain_names is not None and dom not in domain_names:
+                raise DataError(
+                    f"{where}: domain {dom!r} is not a known domain; known domains: "
+                    f"{', '.join(domain_names)}. Fix the domain or add it to domain_names."
+                )
             domains.append(dom)
         files.append(image)
         labels.append(label)
 
     if class_names is None:
         class_names = tuple(sorted(set(labels)))
-    domain_names = tuple(sorted(set(domains))) if has_domain else (DEFAULT_DOMAIN,)
+    if domain_names is None:
+        domain_names = tuple(sorted(set(domains))) if has_domain else (DEFAULT_DOMAIN,)
     x = _load_images(files, image_size, channels)
     return LabeledImages(
         x=x,
