@@ -7,6 +7,7 @@ cleaned up, also when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -116,7 +117,7 @@ def test_two_tasks_on_superlink_and_two_supernodes(tmp_path) -> None:
                     "--disable-runtime-dependency-installation",
                 ],
                 env=env,
-                stdout=open(logs / "superlink.log", "w"),
+                stdout=open(logs / "superlink.log", "w"),  # noqa: SIM115 - lives as long as the process
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -138,7 +139,7 @@ def test_two_tasks_on_superlink_and_two_supernodes(tmp_path) -> None:
                         f'site-config="{tmp_path / f"site-{i}.toml"}"',
                     ],
                     env=env,
-                    stdout=open(logs / f"supernode-{i}.log", "w"),
+                    stdout=open(logs / f"supernode-{i}.log", "w"),  # noqa: SIM115
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
@@ -172,10 +173,8 @@ def test_two_tasks_on_superlink_and_two_supernodes(tmp_path) -> None:
         assert results["accuracy_matrix"][0][0] > 0.5  # five digits per task: chance is 0.2
     finally:
         for p in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=15)
