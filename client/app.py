@@ -9,19 +9,19 @@ on with the other sites.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl.config import ExperimentConfig, FedclError, SiteConfig
+from fedcl.config import FedclError
 from fedcl.config import protocol as P
-from fedcl.datasets.info import dataset_info
-from fedcl.models import build_model
+from fedcl.models import state_sha256
 
-from .site import SiteData, load_site_data, resolve_site_config
+from .continual_site import site_fisher, training_set
+from .job import SiteJob
+from .site import resolve_site_config
 from .trainer import LocalTrainer, ProximalTerm, evaluate
 
 logger = logging.getLogger("fedcl.client")
@@ -29,38 +29,10 @@ logger = logging.getLogger("fedcl.client")
 app = ClientApp()
 
 
-class SiteJob:
-    """One message's worth of context: the experiment, the site and its data."""
-
-    def __init__(self, msg: Message, context: Context):
-        cfg = msg.content[P.CONFIG]
-        self.config = cfg
-        self.experiment = ExperimentConfig.model_validate(json.loads(str(cfg[P.EXPERIMENT])))
-        sites_dir = cfg.get(P.SITES_DIR)
-        self.site: SiteConfig = resolve_site_config(
-            dict(context.node_config), str(sites_dir) if sites_dir else None
-        )
-        self.site.state_dir.mkdir(parents=True, exist_ok=True)
-        self.data: SiteData = load_site_data(self.experiment, self.site)
-        self.task_index = int(cfg[P.TASK_INDEX])
-        self.server_round = int(cfg[P.SERVER_ROUND])
-
-    def global_model(self, arrays: ArrayRecord) -> torch.nn.Module:
-        """The coordinator's model, rebuilt from the experiment and loaded with its weights."""
-        info = dataset_info(self.experiment.data, self.experiment.seed)
-        model = build_model(
-            self.experiment.model.name,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            num_classes=self.data.stream.num_outputs,
-            **self.experiment.model.options,
-        )
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return model
-
-
-def _site_record(site_id: str, status: str = P.STATUS_OK, detail: str = "") -> ConfigRecord:
-    return ConfigRecord({P.SITE_ID: site_id, P.STATUS: status, P.DETAIL: detail})
+def _site_record(
+    site_id: str, status: str = P.STATUS_OK, detail: str = "", **extra
+) -> ConfigRecord:
+    return ConfigRecord({P.SITE_ID: site_id, P.STATUS: status, P.DETAIL: detail, **extra})
 
 
 def _failure(msg: Message, context: Context, err: Exception) -> Message:
@@ -75,39 +47,76 @@ def _failure(msg: Message, context: Context, err: Exception) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _reply(msg: Message, job: SiteJob, records: dict, **site_fields) -> Message:
+    records[P.SITE] = _site_record(job.site.site_id, **site_fields)
+    return Message(RecordDict(records), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's examples of the current task."""
     try:
         job = SiteJob(msg, context)
-        model = job.global_model(msg.content[P.ARRAYS])
+        model = job.global_model()
+        received = state_sha256(model.state_dict())
         hooks = []
+        spec = job.experiment.continual
+        memory = job.ewc_memory() if spec.uses_ewc else None
+        if memory is not None and not memory.is_empty:
+            from fedcl.continual.ewc import EWCHook
+
+            hooks.append(EWCHook(memory, spec.ewc_lambda))
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
         trainer = LocalTrainer(
             job.experiment.train,
             device=job.site.device,
-            seed=job.experiment.seed * 100_003 + job.server_round,
+            # Seeded by (task, round) rather than server round, so methods that add rounds
+            # (EWC's consolidation) shuffle exactly like the naive baseline they are compared to.
+            seed=job.experiment.seed * 100_003 + job.task_index * 1_000 + job.round_in_task,
         )
         result = trainer.fit(
             model,
-            job.data.train_set(job.task_index),
+            training_set(job),
             output_mask=job.data.stream.train_mask(job.task_index),
             hooks=hooks,
         )
+        _check_finite(model, job.site.site_id)
     except FedclError as err:
         return _failure(msg, context, err)
-    content = RecordDict(
-        {
-            P.ARRAYS: ArrayRecord(model.cpu().state_dict()),
-            P.METRICS: MetricRecord(
-                {P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.loss}
-            ),
-            P.SITE: _site_record(job.site.site_id),
-        }
+    metrics = {P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.loss}
+    metrics.update({k: float(v) for k, v in result.metrics.items()})
+    extra = {P.MODEL_SHA256: received}
+    if memory is not None:
+        extra[P.EWC_DIGEST] = memory.digest()
+    return _reply(
+        msg,
+        job,
+        {P.ARRAYS: ArrayRecord(model.cpu().state_dict()), P.METRICS: MetricRecord(metrics)},
+        **extra,
     )
-    return Message(content, reply_to=msg)
+
+
+@app.train("consolidate")
+def consolidate(msg: Message, context: Context) -> Message:
+    """End of a task: this site's Fisher diagonal at the global model, weighted by its count."""
+    from fedcl.continual.fisher import fisher_share
+
+    try:
+        job = SiteJob(msg, context)
+        model = job.global_model()
+        fisher, n, _release = site_fisher(job, model)
+        share = fisher_share(fisher, n)
+        share[P.COUNT_ARRAY] = torch.tensor([float(n)])
+    except FedclError as err:
+        return _failure(msg, context, err)
+    return _reply(
+        msg,
+        job,
+        {P.FISHER: ArrayRecord(share), P.METRICS: MetricRecord({P.NUM_EXAMPLES: n})},
+        **{P.MODEL_SHA256: state_sha256(model.state_dict())},
+    )
 
 
 @app.evaluate()
@@ -115,7 +124,7 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's test examples of every task."""
     try:
         job = SiteJob(msg, context)
-        model = job.global_model(msg.content[P.ARRAYS])
+        model = job.global_model()
         metrics: dict[str, float | int] = {}
         total = 0
         for j in range(len(job.data.stream.evaluation_tasks)):
@@ -132,5 +141,14 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
         metrics[P.NUM_EXAMPLES] = total
     except FedclError as err:
         return _failure(msg, context, err)
-    content = RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: _site_record(job.site.site_id)})
-    return Message(content, reply_to=msg)
+    return _reply(msg, job, {P.METRICS: MetricRecord(metrics)})
+
+
+def _check_finite(model: torch.nn.Module, site_id: str) -> None:
+    """A NaN/inf update is refused at the site, before it can poison the aggregate."""
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise FedclError(
+                f"site {site_id}: local training produced non-finite values in {name!r} "
+                "(learning rate too high?); the update was not sent"
+            )

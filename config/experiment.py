@@ -97,9 +97,24 @@ class HESpec(_Strict):
 
 
 class ContinualSpec(_Strict):
-    """How sites keep earlier tasks (filled in by the continual-learning feature)."""
+    """How sites keep earlier tasks: online EWC, site-local replay, or both (DESIGN.md §7)."""
 
-    method: Literal["naive", "ewc", "replay", "ewc+replay"] = "naive"
+    method: Literal["naive", "ewc", "replay", "ewc+replay", "joint"] = "naive"
+    ewc_lambda: float = Field(100.0, ge=0)
+    ewc_gamma: float = Field(1.0, gt=0, le=1)
+    fisher_clip_norm: float = Field(0.3, gt=0)
+    fisher_noise_multiplier: float = Field(1.0, ge=0)
+    fisher_batch_size: int = Field(64, ge=1)
+    replay_size: int = Field(100, ge=1)
+    replay_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
+
+    @property
+    def uses_ewc(self) -> bool:
+        return self.method in ("ewc", "ewc+replay")
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.method in ("replay", "ewc+replay")
 
 
 class SimulationSpec(_Strict):
@@ -126,6 +141,11 @@ class ExperimentConfig(_Strict):
     he: HESpec = Field(default_factory=HESpec)
     continual: ContinualSpec = Field(default_factory=ContinualSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+
+    @property
+    def is_joint(self) -> bool:
+        """All tasks at once (``stream = "joint"`` or ``continual.method = "joint"``)."""
+        return self.stream == "joint" or self.continual.method == "joint"
 
     @property
     def expected_sites(self) -> int:

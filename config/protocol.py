@@ -17,11 +17,21 @@ ROUND_IN_TASK = "round-in-task"
 SITES_DIR = "sites-dir"  # simulations only: where site-<partition-id>.toml live
 PROXIMAL_MU = "proximal-mu"
 
+# Continual learning (EWC): the coordinator sends the summed Fisher of every consolidated task
+# and the global model they were computed at; sites rebuild the same memory from them.
+CONSOLIDATE = "train.consolidate"  # message type of the end-of-task Fisher round
+FISHER = "fisher"  # site -> coordinator: F·n (+ COUNT_ARRAY); coordinator -> site: FISHER-k
+FISHER_TASKS = "fisher-tasks"  # how many FISHER-k records the message carries
+ANCHOR = "anchor"  # ArrayRecord: θ* (the global model at the end of the last consolidated task)
+COUNT_ARRAY = "__count__"  # a one-element array holding an example count inside an ArrayRecord
+
 # Keys of the site's records.
 SITE_ID = "site-id"
 STATUS = "status"  # one of STATUSES
 DETAIL = "detail"
 NUM_EXAMPLES = "num-examples"
+MODEL_SHA256 = "model-sha256"  # SHA-256 of the global model the site trained from
+EWC_DIGEST = "ewc-digest"  # SHA-256 of the site's EWC memory (empty before the first task)
 TRAIN_LOSS = "train-loss"
 
 STATUS_OK = "ok"
@@ -33,3 +43,8 @@ STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_REFUSED)
 def eval_key(kind: str, task: int) -> str:
     """Per-task evaluation counters: ``correct-t3``, ``count-t3``, ``loss-t3``."""
     return f"{kind}-t{task}"
+
+
+def fisher_key(task: int) -> str:
+    """Record key of task ``task``'s summed Fisher in a coordinator message."""
+    return f"{FISHER}-{task}"

@@ -17,4 +17,4 @@ def experiment_stream(experiment: ExperimentConfig, info: DatasetInfo) -> Stream
         class_names=info.class_names,
         domain_names=info.domain_names,
     )
-    return stream.joint() if experiment.stream == "joint" else stream
+    return stream.joint() if experiment.is_joint else stream

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -25,13 +25,15 @@ from fedcl.config import protocol as P
 from fedcl.continual.streams import Stream
 from fedcl.continual.tasks import experiment_stream
 from fedcl.datasets.info import dataset_info
-from fedcl.models import build_model
+from fedcl.models import build_model, state_sha256
 from fedcl.strategies import SiteFedAvg, SiteFedProx, SiteOutcome, record_bytes
 
 from .observers import RoundSummary, RunObserver
 from .registry import MetricRow, Registry
 
 logger = logging.getLogger("fedcl.server")
+
+FISHER_FORMAT = "fisher"  # model-version format prefix of a consolidated task's summed Fisher
 
 
 @dataclass
@@ -98,15 +100,28 @@ class Coordinator:
         self.registry = Registry.open(options.registry_url, artifacts_dir=options.artifacts_dir)
         self.run_id = options.run_id
         self.experiment_json = to_json(self.experiment)
+        # EWC: the summed Fisher of every consolidated task and the model it was computed at.
+        self.fisher: list[ArrayRecord] = []
+        self.anchor: ArrayRecord | None = None
 
     # --- schedule ---------------------------------------------------------------------------
-    def schedule(self) -> list[tuple[int, int]]:
-        """(task index, round in task) for every training round; server round = position + 1."""
+    def schedule(self) -> list[tuple[int, int, str]]:
+        """(task, round in task, kind) of every round; the server round is position + 1.
+
+        With EWC, every task but the last ends with a *consolidate* round in which the sites
+        compute the Fisher diagonal of that task at the final global model.
+        """
         rounds = self.experiment.train.rounds_per_task
-        if self.experiment.stream == "joint":
+        if self.experiment.is_joint:
             # The joint reference gets the same total number of rounds as the sequence.
             rounds *= len(self.stream.evaluation_tasks)
-        return [(t, r) for t in range(self.stream.num_tasks) for r in range(rounds)]
+        ewc = self.experiment.continual.uses_ewc and not self.experiment.is_joint
+        plan = []
+        for t in range(self.stream.num_tasks):
+            plan += [(t, r, "train") for r in range(rounds)]
+            if ewc and t < self.stream.num_tasks - 1:
+                plan.append((t, rounds, "consolidate"))
+        return plan
 
     def base_config(self, task_index: int, round_in_task: int, server_round: int) -> ConfigRecord:
         cfg = {
@@ -140,7 +155,12 @@ class Coordinator:
             if done == 0:
                 self._baseline_evaluation(arrays)
             for position in range(done, len(schedule)):
-                task_index, round_in_task = schedule[position]
+                task_index, round_in_task, kind = schedule[position]
+                if kind == "consolidate":
+                    if not self._consolidate(arrays, task_index, round_in_task, position + 1):
+                        status, reason = "failed", self._no_update_reason(position + 1)
+                        break
+                    continue
                 new_arrays = self._round(arrays, task_index, round_in_task, position + 1)
                 if new_arrays is None:
                     status = "failed"
@@ -165,10 +185,18 @@ class Coordinator:
         if last is None:
             model = initial_model(self.experiment, self.stream)
             return ArrayRecord(model.state_dict()), 0
-        version = self.registry.latest_model_version(self.run_id)
-        payload = self.registry.load_artifact(version)
+        versions = self.registry.list_model_versions(self.run_id)
+        models = [v for v in versions if not v.format.startswith(FISHER_FORMAT)]
+        latest = max(models, key=lambda v: v.server_round)
+        by_round = {v.server_round: v for v in models}
+        for v in sorted(versions, key=lambda v: v.server_round):
+            if v.format.startswith(FISHER_FORMAT):
+                # The Fisher was computed at the model of the round before it: that is θ*.
+                self.fisher.append(self.restore_arrays(self.registry.load_artifact(v)))
+                anchor = by_round[v.server_round - 1]
+                self.anchor = self.restore_arrays(self.registry.load_artifact(anchor))
         logger.info("run %s: resuming after round %d", self.run_id, last.server_round)
-        return self.restore_arrays(payload), last.server_round
+        return self.restore_arrays(self.registry.load_artifact(latest)), last.server_round
 
     def restore_arrays(self, payload: bytes) -> ArrayRecord:
         """Turn a stored model version back into what the next round sends."""
@@ -197,6 +225,7 @@ class Coordinator:
         )
         config = self.base_config(task_index, round_in_task, server_round)
         messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+        self._attach_continual_state(messages)
         bytes_down = sum(record_bytes(m.content) for m in messages)
         replies = self.grid.send_and_receive(
             messages, timeout=self.experiment.train.round_timeout_s
@@ -204,6 +233,7 @@ class Coordinator:
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
         outcomes = self.strategy.last_train_outcomes
         self._record_participation(round_id, "train", outcomes, messages)
+        self._check_agreement(round_id, outcomes, expected=self.expected_digest(arrays))
         bytes_up = sum(o.bytes_up for o in outcomes)
         if new_arrays is None:
             self.registry.fail_round(round_id, self._no_update_reason(server_round))
@@ -252,6 +282,113 @@ class Coordinator:
         for obs in self.options.observers:
             obs.round_finished(summary)
         return new_arrays
+
+    # --- continual learning: the consolidation round -----------------------------------------
+    def _attach_continual_state(self, messages: list[Message]) -> None:
+        """Every train message carries the EWC inputs, so no site can fall behind."""
+        if not self.fisher or not messages:
+            return
+        content = messages[0].content  # Flower's FedAvg sends one shared RecordDict
+        content[P.CONFIG][P.FISHER_TASKS] = len(self.fisher)
+        content[P.ANCHOR] = self.anchor
+        for k, record in enumerate(self.fisher):
+            content[P.fisher_key(k)] = record
+
+    def _consolidate(
+        self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int
+    ) -> bool:
+        """Sum the sites' Fisher shares of ``task_index``; False if no site sent one."""
+        start = time.perf_counter()
+        round_id = self.registry.begin_round(
+            self.run_id,
+            task_index=task_index,
+            round_in_task=round_in_task,
+            server_round=server_round,
+            kind="consolidate",
+        )
+        config = self.base_config(task_index, round_in_task, server_round)
+        messages = [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), node, P.CONSOLIDATE)
+            for node in self._all_nodes()
+        ]
+        replies = self.grid.send_and_receive(
+            messages, timeout=self.experiment.train.round_timeout_s
+        )
+        outcomes = self.strategy.sites.sort(replies)
+        self.strategy.last_train_outcomes = outcomes
+        self._record_participation(round_id, "consolidate", outcomes, messages)
+        good = [o for o in outcomes if o.ok and o.message is not None]
+        if not good:
+            self.registry.fail_round(round_id, self._no_update_reason(server_round))
+            return False
+        summed = self.sum_fisher(good)
+        payload, encrypted, fmt = self.store_arrays(summed)
+        self.registry.save_model_version(
+            self.run_id,
+            round_id,
+            task_index=task_index,
+            server_round=server_round,
+            payload=payload,
+            encrypted=encrypted,
+            format=f"{FISHER_FORMAT}-{fmt}",
+        )
+        self.fisher.append(summed)
+        self.anchor = arrays
+        self.registry.complete_round(
+            round_id,
+            seconds=time.perf_counter() - start,
+            bytes_up=sum(o.bytes_up for o in outcomes),
+            bytes_down=sum(record_bytes(m.content) for m in messages),
+        )
+        logger.info("task %d consolidated: Fisher from %d sites", task_index, len(good))
+        return True
+
+    def sum_fisher(self, good: list[SiteOutcome]) -> ArrayRecord:
+        """Plaintext sum of the sites' ``F·n`` shares (their counts ride in ``__count__``)."""
+        total: dict[str, torch.Tensor] = {}
+        for o in good:
+            for name, t in o.message.content[P.FISHER].to_torch_state_dict().items():
+                total[name] = total[name] + t if name in total else t.clone()
+        return ArrayRecord(total)
+
+    def _all_nodes(self) -> list[int]:
+        from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+        available = list(self.grid.get_node_ids())
+        nodes, _ = sample_nodes(self.grid, self.strategy.min_available_nodes, len(available))
+        return nodes
+
+    def expected_digest(self, arrays: ArrayRecord) -> str | None:
+        """The model hash every site should report (None when the coordinator cannot know)."""
+        return state_sha256(arrays.to_torch_state_dict())
+
+    def _check_agreement(
+        self, round_id: int, outcomes: list[SiteOutcome], *, expected: str | None
+    ) -> None:
+        """Flag sites whose global model or EWC memory differs from the others' (DESIGN §4)."""
+        for key, kind in ((P.MODEL_SHA256, "model_hash.mismatch"), (P.EWC_DIGEST, "ewc.mismatch")):
+            values = {o.site_id: o.extras[key] for o in outcomes if o.ok and key in o.extras}
+            if not values:
+                continue
+            reference = expected if key == P.MODEL_SHA256 and expected else None
+            if reference is None:
+                counts: dict[str, int] = {}
+                for v in values.values():
+                    counts[v] = counts.get(v, 0) + 1
+                reference = max(counts, key=lambda v: counts[v])
+            odd = sorted(s for s, v in values.items() if v != reference)
+            self.registry.record_metrics(
+                self.run_id, round_id, [MetricRow(f"{key}-agreement", float(not odd))]
+            )
+            for site in odd:
+                logger.warning("round %d: site %s disagrees on %s", round_id, site, key)
+                self.registry.audit(
+                    kind,
+                    f"site {site} reports {key} {values[site][:12]}… but the federation holds "
+                    f"{reference[:12]}…",
+                    run_id=self.run_id,
+                    site_id=site,
+                )
 
     def _evaluate(
         self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int

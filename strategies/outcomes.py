@@ -27,6 +27,7 @@ class SiteOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     message: Message | None = None
+    extras: dict[str, str] = field(default_factory=dict)  # e.g. model-sha256, ewc-digest
 
     @property
     def ok(self) -> bool:
@@ -39,6 +40,9 @@ def record_bytes(content) -> int:
     for record in content.array_records.values():
         total += sum(len(arr.data) for arr in record.values())
     return total
+
+
+_SITE_STANDARD = {P.SITE_ID, P.STATUS, P.DETAIL}
 
 
 class SiteDirectory:
@@ -85,6 +89,7 @@ class SiteDirectory:
                     metrics=metrics,
                     bytes_up=record_bytes(content),
                     message=msg,
+                    extras={k: str(v) for k, v in (site or {}).items() if k not in _SITE_STANDARD},
                 )
             )
         return outcomes
