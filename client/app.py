@@ -85,17 +85,28 @@ def train(msg: Message, context: Context) -> Message:
         _check_finite(model, job.site.site_id)
     except FedclError as err:
         return _failure(msg, context, err)
-    metrics = {P.NUM_EXAMPLES: result.num_examples, P.TRAIN_LOSS: result.loss}
+    metrics = {P.TRAIN_LOSS: result.loss}
     metrics.update({k: float(v) for k, v in result.metrics.items()})
     extra = {P.MODEL_SHA256: received}
     if memory is not None:
         extra[P.EWC_DIGEST] = memory.digest()
-    return _reply(
-        msg,
-        job,
-        {P.ARRAYS: ArrayRecord(model.cpu().state_dict()), P.METRICS: MetricRecord(metrics)},
-        **extra,
-    )
+    try:
+        records = _update_records(job, model.cpu().state_dict(), result.num_examples, received)
+    except FedclError as err:
+        return _failure(msg, context, err)
+    records[P.METRICS] = MetricRecord({**metrics, **records.pop("stats")})
+    return _reply(msg, job, records, **extra)
+
+
+def _update_records(job: SiteJob, state: dict, num_examples: int, base: str, *, key=P.ARRAYS):
+    """What leaves the site: plaintext weights and count, or one ciphertext holding both."""
+    if not job.experiment.he.enabled:
+        return {key: ArrayRecord(state), "stats": {P.NUM_EXAMPLES: num_examples}}
+    from .encryption import meta_key
+
+    fisher = key == P.FISHER
+    arrays, meta, stats = job.crypto.encrypt(state, num_examples, base, fisher=fisher)
+    return {key: arrays, meta_key(key) if key != P.ARRAYS else P.HE_META: meta, "stats": stats}
 
 
 @app.train("consolidate")
@@ -106,17 +117,18 @@ def consolidate(msg: Message, context: Context) -> Message:
     try:
         job = SiteJob(msg, context)
         model = job.global_model()
+        base = state_sha256(model.state_dict())
         fisher, n, _release = site_fisher(job, model)
-        share = fisher_share(fisher, n)
-        share[P.COUNT_ARRAY] = torch.tensor([float(n)])
+        if job.experiment.he.enabled:
+            records = _update_records(job, fisher, n, base, key=P.FISHER)
+        else:  # plaintext: the summed share F·n, its count riding along
+            share = fisher_share(fisher, n)
+            share[P.COUNT_ARRAY] = torch.tensor([float(n)])
+            records = {P.FISHER: ArrayRecord(share), "stats": {P.NUM_EXAMPLES: n}}
     except FedclError as err:
         return _failure(msg, context, err)
-    return _reply(
-        msg,
-        job,
-        {P.FISHER: ArrayRecord(share), P.METRICS: MetricRecord({P.NUM_EXAMPLES: n})},
-        **{P.MODEL_SHA256: state_sha256(model.state_dict())},
-    )
+    records[P.METRICS] = MetricRecord(records.pop("stats"))
+    return _reply(msg, job, records, **{P.MODEL_SHA256: base})
 
 
 @app.evaluate()

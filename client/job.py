@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import cached_property
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -55,11 +56,35 @@ class SiteJob:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    # --- decoding what the coordinator sent (the seam encrypted aggregation extends) ---------
-    def decode_state(self, key: str) -> dict[str, torch.Tensor]:
-        """A state dict the coordinator sent under ``key`` (plaintext ArrayRecord)."""
+    # --- decoding what the coordinator sent ----------------------------------------------------
+    @cached_property
+    def crypto(self):
+        """This site's CKKS keys (only when the experiment encrypts)."""
+        from .encryption import SiteCrypto
+
+        return SiteCrypto(self.experiment, self.site)
+
+    def is_encrypted(self, key: str) -> bool:
+        from .encryption import meta_key
+
+        return meta_key(key) in self.msg.content.config_records
+
+    def decode_state(
+        self, key: str, like: dict[str, torch.Tensor] | None = None, *, fisher: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """A state dict the coordinator sent under ``key``: plaintext, or decrypted here.
+
+        An encrypted record decrypts to the example-weighted *mean* over the sites that
+        contributed (the count never leaves the ciphertext); ``like`` gives names and shapes.
+        """
         record: ArrayRecord = self.msg.content[key]
-        return record.to_torch_state_dict()
+        if not self.is_encrypted(key):
+            return record.to_torch_state_dict()
+        from .encryption import meta_key
+
+        assert like is not None, "decrypting needs the expected names and shapes"
+        meta = self.msg.content.config_records[meta_key(key)]
+        return self.crypto.decrypt(record, meta, like, fisher=fisher)
 
     def new_model(self) -> torch.nn.Module:
         info = dataset_info(self.experiment.data, self.experiment.seed)
@@ -74,27 +99,38 @@ class SiteJob:
     def global_model(self) -> torch.nn.Module:
         """The coordinator's current model, rebuilt from the experiment and its weights."""
         model = self.new_model()
-        model.load_state_dict(self.decode_state(P.ARRAYS))
+        model.load_state_dict(self.decode_state(P.ARRAYS, like=model.state_dict()))
         return model
+
+    def param_shapes(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters of the model (the names EWC and the Fisher use)."""
+        return {n: p.detach() for n, p in self.new_model().named_parameters() if p.requires_grad}
+
+    def fisher(self, task: int) -> dict[str, torch.Tensor]:
+        """The federated Fisher of a consolidated task (clamped at 0: DP noise can go below)."""
+        from fedcl.continual.fisher import fisher_from_sum
+
+        key = P.fisher_key(task)
+        if self.is_encrypted(key):
+            mean = self.decode_state(key, like=self.param_shapes(), fisher=True)
+            return fisher_from_sum(mean, 1)
+        summed, count = split_count(self.decode_state(key))
+        return fisher_from_sum(summed, count)
 
     def ewc_memory(self):
         """EWC memory rebuilt from the summed Fisher of every consolidated task."""
         from fedcl.continual.ewc import EWCMemory
-        from fedcl.continual.fisher import fisher_from_sum
 
         memory = EWCMemory()
         tasks = int(self.config.get(P.FISHER_TASKS, 0))
         if tasks == 0:
             return memory
-        anchor = self.decode_state(P.ANCHOR)
-        params = {n for n, p in self.new_model().named_parameters() if p.requires_grad}
+        model = self.new_model()
+        anchor = self.decode_state(P.ANCHOR, like=model.state_dict())
+        params = self.param_shapes()
         anchor = {n: t for n, t in anchor.items() if n in params}
         for k in range(tasks):
-            summed, count = split_count(self.decode_state(P.fisher_key(k)))
             memory.consolidate(
-                fisher_from_sum(summed, count),
-                anchor,
-                self.experiment.continual.ewc_gamma,
-                tag=f"task-{k}",
+                self.fisher(k), anchor, self.experiment.continual.ewc_gamma, tag=f"task-{k}"
             )
         return memory

@@ -91,9 +91,54 @@ class DPSpec(_Strict):
 
 
 class HESpec(_Strict):
-    """CKKS-encrypted aggregation (filled in by the encryption feature)."""
+    """CKKS-encrypted aggregation (``fedcl.privacy.ckks``): the coordinator only adds ciphertexts.
+
+    Sites encrypt their example-weighted *weights* (not deltas), so every aggregate is a whole
+    model: a site that was offline or restarted decrypts the latest one and is current again.
+    """
 
     enabled: bool = False
+    #: Coordinator only: the public context written by ``fedcl keys init`` (never secret.ctx).
+    public_context: str | None = None
+    #: SHA-256 of the key set (``fedcl keys show``); pins the keys at both ends.
+    fingerprint: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    #: Quantisation bits per value; the step is clip / (2^(bits-1) - 1).
+    bits: int = Field(15, ge=2, le=32)
+    #: Values packed per CKKS slot: 2 gives 16 bytes per parameter (4x fp32) at 20 sites.
+    values_per_slot: Literal[1, 2, 3] = 2
+    #: Most sites summed in one round; sets the headroom bits, ceil(log2(max_sites)).
+    max_sites: int = Field(20, ge=1)
+    #: Weights are clipped to [-clip, clip] before quantisation (stochastic rounding).
+    clip: float = Field(4.0, gt=0)
+    #: Fisher diagonals (EWC) are clipped to [0, fisher_clip] before quantisation.
+    fisher_clip: float = Field(4.0, gt=0)
+    #: Weight unit: a site's weight is min(n, max_examples) / max_examples.
+    max_examples: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _packing_is_exact(self) -> HESpec:
+        if self.enabled:
+            self.packing()  # raises for a packing that cannot sum max_sites exactly
+        return self
+
+    def packing(self, *, fisher: bool = False):
+        """The codec's :class:`~fedcl.privacy.ckks.codec.Packing` for weights or Fisher."""
+        from fedcl.privacy.ckks.codec import Packing
+        from fedcl.privacy.ckks.errors import CKKSConfigError
+        from fedcl.privacy.ckks.params import CKKSParams
+
+        try:
+            packing = Packing(
+                bits=self.bits,
+                values_per_slot=self.values_per_slot,
+                max_sites=self.max_sites,
+                clip=self.fisher_clip if fisher else self.clip,
+                max_examples=self.max_examples,
+            )
+            packing.scale_bits(CKKSParams())
+        except CKKSConfigError as exc:  # pydantic turns ValueErrors into field errors
+            raise ValueError(str(exc)) from None
+        return packing
 
 
 class ContinualSpec(_Strict):

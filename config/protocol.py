@@ -25,6 +25,8 @@ FISHER_TASKS = "fisher-tasks"  # how many FISHER-k records the message carries
 ANCHOR = "anchor"  # ArrayRecord: θ* (the global model at the end of the last consolidated task)
 COUNT_ARRAY = "__count__"  # a one-element array holding an example count inside an ArrayRecord
 
+HE_META = "ckks"  # ConfigRecord beside an encrypted ArrayRecord (``ckks:<key>`` for others)
+
 # Keys of the site's records.
 SITE_ID = "site-id"
 STATUS = "status"  # one of STATUSES

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedcl.config import ExperimentConfig, to_json
+from fedcl.config import ConfigError, ExperimentConfig, to_json
 from fedcl.config import protocol as P
 from fedcl.continual.streams import Stream
 from fedcl.continual.tasks import experiment_stream
@@ -62,8 +62,8 @@ def initial_model(experiment: ExperimentConfig, stream: Stream) -> torch.nn.Modu
     )
 
 
-def make_strategy(experiment: ExperimentConfig):
-    """FedAvg or FedProx, told to wait for every expected site before sampling."""
+def make_strategy(experiment: ExperimentConfig, encryption: Encryption | None = None):
+    """FedAvg or FedProx (encrypted when HE is on), told to wait for every expected site."""
     expected = experiment.expected_sites
     s = experiment.strategy
     common = dict(
@@ -74,8 +74,48 @@ def make_strategy(experiment: ExperimentConfig):
         min_available_nodes=expected,
     )
     if s.name == "fedprox":
-        return SiteFedProx(proximal_mu=s.proximal_mu, **common)
-    return SiteFedAvg(**common)
+        common["proximal_mu"] = s.proximal_mu
+    if encryption is None:
+        return SiteFedProx(**common) if s.name == "fedprox" else SiteFedAvg(**common)
+    from fedcl.strategies.encrypted import EncryptedFedAvg, EncryptedFedProx
+
+    cls = EncryptedFedProx if s.name == "fedprox" else EncryptedFedAvg
+    return cls(
+        public_context=encryption.public_context,
+        packing=experiment.he.packing(),
+        layout=encryption.model_layout,
+        expected_base=encryption.initial_sha256,
+        **common,
+    )
+
+
+@dataclass
+class Encryption:
+    """What the coordinator holds for CKKS: the *public* context, layouts, the first model hash."""
+
+    public_context: object
+    model_layout: object
+    fisher_layout: object
+    initial_sha256: str
+
+    @classmethod
+    def load(cls, experiment: ExperimentConfig, model: torch.nn.Module) -> Encryption:
+        from fedcl.privacy.ckks.codec import Layout
+        from fedcl.privacy.ckks.keys import load_public_context
+
+        he = experiment.he
+        if not he.public_context:
+            raise ConfigError(
+                "field 'he.public_context': he.enabled needs the coordinator's public.ctx "
+                "(from `fedcl keys init`); the coordinator never loads secret.ctx"
+            )
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return cls(
+            public_context=load_public_context(he.public_context, he.fingerprint),
+            model_layout=Layout.from_state_dict(model.state_dict()),
+            fisher_layout=Layout.from_state_dict(params),
+            initial_sha256=state_sha256(model.state_dict()),
+        )
 
 
 def arrays_to_bytes(arrays: ArrayRecord) -> bytes:
@@ -96,13 +136,19 @@ class Coordinator:
         self.experiment = options.experiment
         self.info = dataset_info(self.experiment.data, self.experiment.seed)
         self.stream = experiment_stream(self.experiment, self.info)
-        self.strategy = make_strategy(self.experiment)
+        self.encryption = (
+            Encryption.load(self.experiment, initial_model(self.experiment, self.stream))
+            if self.experiment.he.enabled
+            else None
+        )
+        self.strategy = make_strategy(self.experiment, self.encryption)
         self.registry = Registry.open(options.registry_url, artifacts_dir=options.artifacts_dir)
         self.run_id = options.run_id
         self.experiment_json = to_json(self.experiment)
-        # EWC: the summed Fisher of every consolidated task and the model it was computed at.
-        self.fisher: list[ArrayRecord] = []
-        self.anchor: ArrayRecord | None = None
+        # EWC: the summed Fisher of every consolidated task and the model it was computed at,
+        # each with its CKKS metadata when encrypted (None in plaintext).
+        self.fisher: list[tuple[ArrayRecord, ConfigRecord | None]] = []
+        self.anchor: tuple[ArrayRecord, ConfigRecord | None] | None = None
 
     # --- schedule ---------------------------------------------------------------------------
     def schedule(self) -> list[tuple[int, int, str]]:
@@ -196,14 +242,30 @@ class Coordinator:
                 anchor = by_round[v.server_round - 1]
                 self.anchor = self.restore_arrays(self.registry.load_artifact(anchor))
         logger.info("run %s: resuming after round %d", self.run_id, last.server_round)
-        return self.restore_arrays(self.registry.load_artifact(latest)), last.server_round
+        arrays, meta = self.restore_arrays(self.registry.load_artifact(latest))
+        if meta is not None:
+            self.strategy.global_meta = meta
+            self.strategy.expected_base = None  # the sites' majority from now on
+        return arrays, last.server_round
 
-    def restore_arrays(self, payload: bytes) -> ArrayRecord:
-        """Turn a stored model version back into what the next round sends."""
-        return arrays_from_bytes(payload)
+    @staticmethod
+    def restore_arrays(payload: bytes) -> tuple[ArrayRecord, ConfigRecord | None]:
+        """A stored model version as (arrays to send, CKKS metadata or None)."""
+        from fedcl.privacy.ckks.wire import MAGIC, aggregate_from_bytes
 
-    def store_arrays(self, arrays: ArrayRecord) -> tuple[bytes, bool, str]:
+        if payload.startswith(MAGIC):
+            return aggregate_from_bytes(payload)
+        return arrays_from_bytes(payload), None
+
+    @staticmethod
+    def store_arrays(
+        arrays: ArrayRecord, meta: ConfigRecord | None = None
+    ) -> tuple[bytes, bool, str]:
         """(payload, encrypted, format) of a round's model version."""
+        if meta is not None:
+            from fedcl.privacy.ckks.wire import aggregate_to_bytes
+
+            return aggregate_to_bytes(arrays, meta), True, "ckks"
         return arrays_to_bytes(arrays), False, "safetensors"
 
     def _baseline_evaluation(self, arrays: ArrayRecord) -> None:
@@ -232,13 +294,19 @@ class Coordinator:
         )
         new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
         outcomes = self.strategy.last_train_outcomes
+        outcomes = self._mark_rejected(
+            round_id, "train", outcomes, getattr(self.strategy, "last_rejections", [])
+        )
         self._record_participation(round_id, "train", outcomes, messages)
         self._check_agreement(round_id, outcomes, expected=self.expected_digest(arrays))
         bytes_up = sum(o.bytes_up for o in outcomes)
         if new_arrays is None:
             self.registry.fail_round(round_id, self._no_update_reason(server_round))
             return None
-        payload, encrypted, fmt = self.store_arrays(new_arrays)
+        if self.encryption is not None:
+            self.strategy.expected_base = None  # later rounds: the sites' majority
+        meta = getattr(self.strategy, "last_aggregate_meta", None) if self.encryption else None
+        payload, encrypted, fmt = self.store_arrays(new_arrays, meta)
         self.registry.save_model_version(
             self.run_id,
             round_id,
@@ -290,9 +358,12 @@ class Coordinator:
             return
         content = messages[0].content  # Flower's FedAvg sends one shared RecordDict
         content[P.CONFIG][P.FISHER_TASKS] = len(self.fisher)
-        content[P.ANCHOR] = self.anchor
-        for k, record in enumerate(self.fisher):
-            content[P.fisher_key(k)] = record
+        records = [(P.ANCHOR, self.anchor)]
+        records += [(P.fisher_key(k), f) for k, f in enumerate(self.fisher)]
+        for key, (arrays, meta) in records:
+            content[key] = arrays
+            if meta is not None:
+                content[f"{P.HE_META}:{key}"] = meta
 
     def _consolidate(
         self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int
@@ -307,22 +378,23 @@ class Coordinator:
             kind="consolidate",
         )
         config = self.base_config(task_index, round_in_task, server_round)
-        messages = [
-            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), node, P.CONSOLIDATE)
-            for node in self._all_nodes()
-        ]
+        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+        if self.encryption is not None and self.strategy.global_meta is not None:
+            content[P.HE_META] = self.strategy.global_meta
+        messages = [Message(content, node, P.CONSOLIDATE) for node in self._all_nodes()]
         replies = self.grid.send_and_receive(
             messages, timeout=self.experiment.train.round_timeout_s
         )
         outcomes = self.strategy.sites.sort(replies)
         self.strategy.last_train_outcomes = outcomes
-        self._record_participation(round_id, "consolidate", outcomes, messages)
         good = [o for o in outcomes if o.ok and o.message is not None]
-        if not good:
+        summed, meta, rejections = self.sum_fisher(good) if good else (None, None, [])
+        outcomes = self._mark_rejected(round_id, "consolidate", outcomes, rejections)
+        self._record_participation(round_id, "consolidate", outcomes, messages)
+        if summed is None:
             self.registry.fail_round(round_id, self._no_update_reason(server_round))
             return False
-        summed = self.sum_fisher(good)
-        payload, encrypted, fmt = self.store_arrays(summed)
+        payload, encrypted, fmt = self.store_arrays(summed, meta)
         self.registry.save_model_version(
             self.run_id,
             round_id,
@@ -332,8 +404,8 @@ class Coordinator:
             encrypted=encrypted,
             format=f"{FISHER_FORMAT}-{fmt}",
         )
-        self.fisher.append(summed)
-        self.anchor = arrays
+        self.fisher.append((summed, meta))
+        self.anchor = (arrays, self.strategy.global_meta if self.encryption else None)
         self.registry.complete_round(
             round_id,
             seconds=time.perf_counter() - start,
@@ -343,13 +415,62 @@ class Coordinator:
         logger.info("task %d consolidated: Fisher from %d sites", task_index, len(good))
         return True
 
-    def sum_fisher(self, good: list[SiteOutcome]) -> ArrayRecord:
-        """Plaintext sum of the sites' ``F·n`` shares (their counts ride in ``__count__``)."""
-        total: dict[str, torch.Tensor] = {}
+    def sum_fisher(
+        self, good: list[SiteOutcome]
+    ) -> tuple[ArrayRecord | None, ConfigRecord | None, list[tuple[str, str]]]:
+        """Sum the sites' Fisher shares: plaintext ``F·n`` (+ ``__count__``), or ciphertexts."""
+        if self.encryption is None:
+            total: dict[str, torch.Tensor] = {}
+            for o in good:
+                for name, t in o.message.content[P.FISHER].to_torch_state_dict().items():
+                    total[name] = total[name] + t if name in total else t.clone()
+            return ArrayRecord(total), None, []
+        from fedcl.privacy.ckks.errors import ReplyRejected
+        from fedcl.privacy.ckks.wire import EncryptedSum, ExpectedReply
+
+        expected = ExpectedReply.build(
+            self.encryption.public_context,
+            self.experiment.he.packing(fisher=True),
+            self.encryption.fisher_layout,
+        )
+        total_ct = EncryptedSum(expected)
+        rejections = []
         for o in good:
-            for name, t in o.message.content[P.FISHER].to_torch_state_dict().items():
-                total[name] = total[name] + t if name in total else t.clone()
-        return ArrayRecord(total)
+            content = o.message.content
+            try:
+                total_ct.add(
+                    content.array_records.get(P.FISHER),
+                    content.config_records.get(f"{P.HE_META}:{P.FISHER}"),
+                )
+            except ReplyRejected as exc:
+                rejections.append((o.site_id, exc.reason))
+        if total_ct.count == 0:
+            return None, None, rejections
+        return (*total_ct.result(), rejections)
+
+    def _mark_rejected(
+        self,
+        round_id: int,
+        phase: str,
+        outcomes: list[SiteOutcome],
+        rejections: list[tuple[str, str]],
+    ) -> list[SiteOutcome]:
+        """Replies that failed validation: dropped, recorded as *rejected* and audited by name."""
+        reasons = dict(rejections)
+        for site_id, reason in reasons.items():
+            logger.warning(
+                "round %d: rejected %s reply of %s: %s", round_id, phase, site_id, reason
+            )
+            self.registry.audit(
+                "update.rejected",
+                f"{phase} reply of {site_id} rejected: {reason}",
+                run_id=self.run_id,
+                site_id=site_id,
+            )
+        return [
+            replace(o, status="rejected", detail=reasons[o.site_id]) if o.site_id in reasons else o
+            for o in outcomes
+        ]
 
     def _all_nodes(self) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -360,6 +481,10 @@ class Coordinator:
 
     def expected_digest(self, arrays: ArrayRecord) -> str | None:
         """The model hash every site should report (None when the coordinator cannot know)."""
+        from fedcl.strategies.encrypted import is_encrypted
+
+        if is_encrypted(arrays):
+            return None  # only the sites can decrypt: their majority is the reference
         return state_sha256(arrays.to_torch_state_dict())
 
     def _check_agreement(

@@ -54,8 +54,34 @@ def default_run_id(experiment: ExperimentConfig) -> str:
     return f"{experiment.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
+def prepare_keys(experiment: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
+    """With HE on, make a key set for this simulation (unless the experiment names one).
+
+    The coordinator gets ``public.ctx`` through the experiment; every virtual site gets the
+    path of ``secret.ctx`` in its own site config, as a real site would from its admin.
+    """
+    if not experiment.he.enabled or experiment.he.public_context:
+        return experiment
+    from fedcl.privacy.ckks.keys import init_keys
+
+    keys_dir = out_dir / "keys"
+    if (keys_dir / "public.ctx").exists():
+        from fedcl.privacy.ckks.keys import describe_key_file
+
+        _, fp = describe_key_file(keys_dir / "public.ctx")
+    else:
+        fp = init_keys(keys_dir).fingerprint
+    he = experiment.he.model_copy(
+        update={"public_context": str((keys_dir / "public.ctx").resolve()), "fingerprint": fp}
+    )
+    return experiment.model_copy(update={"he": he})
+
+
 def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Path]:
     """One ``site-<i>.toml`` per virtual site, each with its shard of the built-in dataset."""
+    key_path = None
+    if experiment.he.enabled and experiment.he.public_context:
+        key_path = Path(experiment.he.public_context).with_name("secret.ctx")
     part = experiment.data.partition
     paths = []
     for i in range(experiment.simulation.num_sites):
@@ -73,6 +99,7 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
                     seed=part.seed,
                 ),
             ),
+            key_path=key_path,
         )
         paths.append(write_toml(site, sites_dir / f"site-{i}.toml"))
     return paths
@@ -99,9 +126,9 @@ def quiet_flower() -> None:
 
 def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     """Run the federation, then write ``results.json`` and ``accuracy_matrix.png`` to OUT."""
-    experiment = plan.experiment
-    preflight(experiment)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    experiment = plan.experiment = prepare_keys(plan.experiment, plan.out_dir)
+    preflight(experiment)
     write_site_configs(experiment, plan.sites_dir)
     (plan.out_dir / "experiment.json").write_text(
         json.dumps(experiment.model_dump(mode="json"), indent=2)
