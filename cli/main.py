@@ -15,7 +15,7 @@ from rich.console import Console
 
 from fedcl.config import FedclError
 
-from . import coordinator_cmd, simulate_cmd, site_cmd
+from . import coordinator_cmd, dashboard_cmd, keys_cmd, privacy_cmd, simulate_cmd, site_cmd
 
 console = Console(stderr=True)
 
@@ -29,6 +29,9 @@ app = typer.Typer(
 app.command("simulate")(simulate_cmd.simulate)
 app.add_typer(site_cmd.app, name="site")
 app.add_typer(coordinator_cmd.app, name="coordinator")
+app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(dashboard_cmd.app, name="dashboard")
+site_cmd.app.command("privacy")(privacy_cmd.privacy)
 
 
 def _version() -> str:

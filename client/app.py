@@ -69,6 +69,16 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
+        data = training_set(job)
+        privacy = None
+        if job.experiment.dp.enabled:
+            from .privacy_site import SitePrivacy  # Opacus loads only when DP is on
+
+            privacy = SitePrivacy(job)
+            decision = privacy.charge(privacy.training_release(len(data)))
+            if not decision.accepted:
+                return _refused(msg, job, privacy, decision)
+            hooks.insert(0, privacy.hook())  # first: the others add to the privatised gradient
         trainer = LocalTrainer(
             job.experiment.train,
             device=job.site.device,
@@ -76,17 +86,20 @@ def train(msg: Message, context: Context) -> Message:
             # (EWC's consolidation) shuffle exactly like the naive baseline they are compared to.
             seed=job.experiment.seed * 100_003 + job.task_index * 1_000 + job.round_in_task,
         )
-        result = trainer.fit(
-            model,
-            training_set(job),
-            output_mask=job.data.stream.train_mask(job.task_index),
-            hooks=hooks,
-        )
+        try:
+            result = trainer.fit(
+                model, data, output_mask=job.data.stream.train_mask(job.task_index), hooks=hooks
+            )
+        finally:
+            for hook in hooks:
+                getattr(hook, "close", lambda: None)()
         _check_finite(model, job.site.site_id)
     except FedclError as err:
         return _failure(msg, context, err)
     metrics = {P.TRAIN_LOSS: result.loss}
     metrics.update({k: float(v) for k, v in result.metrics.items()})
+    if privacy is not None:
+        metrics.update(privacy.metrics())
     extra = {P.MODEL_SHA256: received}
     if memory is not None:
         extra[P.EWC_DIGEST] = memory.digest()
@@ -118,6 +131,20 @@ def consolidate(msg: Message, context: Context) -> Message:
         job = SiteJob(msg, context)
         model = job.global_model()
         base = state_sha256(model.state_dict())
+        privacy = None
+        if job.experiment.dp.enabled:
+            from fedcl.privacy.ledger import DPRelease
+
+            from .privacy_site import SitePrivacy
+
+            privacy = SitePrivacy(job)
+            # The DP Fisher is a release like any other: paid before it is computed.
+            spec = job.experiment.continual
+            decision = privacy.charge(
+                DPRelease("fisher", 1.0, spec.fisher_noise_multiplier, 1, privacy.delta)
+            )
+            if not decision.accepted:
+                return _refused(msg, job, privacy, decision)
         fisher, n, _release = site_fisher(job, model)
         if job.experiment.he.enabled:
             records = _update_records(job, fisher, n, base, key=P.FISHER)
@@ -127,7 +154,10 @@ def consolidate(msg: Message, context: Context) -> Message:
             records = {P.FISHER: ArrayRecord(share), "stats": {P.NUM_EXAMPLES: n}}
     except FedclError as err:
         return _failure(msg, context, err)
-    records[P.METRICS] = MetricRecord(records.pop("stats"))
+    stats = records.pop("stats")
+    if privacy is not None:
+        stats.update(privacy.metrics())
+    records[P.METRICS] = MetricRecord(stats)
     return _reply(msg, job, records, **{P.MODEL_SHA256: base})
 
 
@@ -154,6 +184,19 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
     except FedclError as err:
         return _failure(msg, context, err)
     return _reply(msg, job, {P.METRICS: MetricRecord(metrics)})
+
+
+def _refused(msg: Message, job: SiteJob, privacy, decision) -> Message:
+    """Refuse the round (a status, not a crash) and say how much has been spent."""
+    reason = privacy.refusal(decision)
+    logger.warning("site %s refuses round %d: %s", job.site.site_id, job.server_round, reason)
+    return _reply(
+        msg,
+        job,
+        {P.METRICS: MetricRecord(privacy.metrics())},
+        status=P.STATUS_REFUSED,
+        detail=reason,
+    )
 
 
 def _check_finite(model: torch.nn.Module, site_id: str) -> None:

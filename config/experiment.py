@@ -166,6 +166,8 @@ class SimulationSpec(_Strict):
     """Virtual sites on one box (Flower's Ray simulation engine)."""
 
     num_sites: int = Field(5, ge=1)
+    #: Privacy budget each virtual site enforces (a real site sets its own in site.toml).
+    site_epsilon_budget: float | None = Field(None, gt=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
 

@@ -36,6 +36,12 @@ MODEL_SHA256 = "model-sha256"  # SHA-256 of the global model the site trained fr
 EWC_DIGEST = "ewc-digest"  # SHA-256 of the site's EWC memory (empty before the first task)
 TRAIN_LOSS = "train-loss"
 
+# Privacy a DP site reports having spent (it accounts; the coordinator only records).
+DP_EPSILON_RUN = "dp-epsilon-run"
+DP_EPSILON_LIFETIME = "dp-epsilon-lifetime"
+DP_DELTA = "dp-delta"
+DP_BUDGET = "dp-budget"
+
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_REFUSED = "refused"

@@ -209,8 +209,7 @@ class Coordinator:
                     continue
                 new_arrays = self._round(arrays, task_index, round_in_task, position + 1)
                 if new_arrays is None:
-                    status = "failed"
-                    reason = self._no_update_reason(position + 1)
+                    status, reason = self._end_without_update(position + 1)
                     break
                 arrays = new_arrays
         except BaseException as exc:
@@ -298,6 +297,7 @@ class Coordinator:
             round_id, "train", outcomes, getattr(self.strategy, "last_rejections", [])
         )
         self._record_participation(round_id, "train", outcomes, messages)
+        self._record_privacy(round_id, outcomes)
         self._check_agreement(round_id, outcomes, expected=self.expected_digest(arrays))
         bytes_up = sum(o.bytes_up for o in outcomes)
         if new_arrays is None:
@@ -391,6 +391,7 @@ class Coordinator:
         summed, meta, rejections = self.sum_fisher(good) if good else (None, None, [])
         outcomes = self._mark_rejected(round_id, "consolidate", outcomes, rejections)
         self._record_participation(round_id, "consolidate", outcomes, messages)
+        self._record_privacy(round_id, outcomes)
         if summed is None:
             self.registry.fail_round(round_id, self._no_update_reason(server_round))
             return False
@@ -447,6 +448,21 @@ class Coordinator:
         if total_ct.count == 0:
             return None, None, rejections
         return (*total_ct.result(), rejections)
+
+    def _record_privacy(self, round_id: int, outcomes: list[SiteOutcome]) -> None:
+        """ε each site reports having spent (it accounts; the coordinator only records)."""
+        for o in outcomes:
+            if P.DP_EPSILON_LIFETIME not in o.metrics:
+                continue
+            self.registry.record_privacy(
+                self.run_id,
+                round_id,
+                o.site_id,
+                epsilon_run=o.metrics.get(P.DP_EPSILON_RUN, 0.0),
+                epsilon_lifetime=o.metrics[P.DP_EPSILON_LIFETIME],
+                delta=o.metrics.get(P.DP_DELTA, 0.0),
+                budget=o.metrics.get(P.DP_BUDGET),
+            )
 
     def _mark_rejected(
         self,
@@ -572,6 +588,16 @@ class Coordinator:
                         status=P.STATUS_FAILED,
                         detail="no reply before the round timeout (site dropped?)",
                     )
+
+    def _end_without_update(self, server_round: int) -> tuple[str, str]:
+        """(status, reason) when a round got no usable update: all refused is a clean stop."""
+        outcomes = self.strategy.last_train_outcomes
+        if outcomes and all(o.status == P.STATUS_REFUSED for o in outcomes):
+            return "stopped", (
+                f"round {server_round}: every site refused (privacy budget spent): "
+                + "; ".join(f"{o.site_id}: {o.detail}" for o in outcomes)
+            )
+        return "failed", self._no_update_reason(server_round)
 
     def _no_update_reason(self, server_round: int) -> str:
         outcomes = self.strategy.last_train_outcomes

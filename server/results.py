@@ -52,7 +52,7 @@ def build_results(
     eval_tasks = _eval_task_names(run.tasks, config)
     matrix, baseline = accuracy_matrix(registry, run_id, num_eval_tasks=len(eval_tasks))
     summary = summarize(matrix, baseline)
-    if config.get("stream") == "joint":
+    if _is_joint(config):
         summary["bwt"] = summary["fwt"] = None  # a single training task has no transfer
 
     rounds = registry.list_rounds(run_id)
@@ -62,6 +62,14 @@ def build_results(
             federation_acc[m.server_round][m.task_index] = m.value
 
     participations = registry.list_participations(run_id)
+    privacy: dict[str, Any] = {}
+    for row in sorted(registry.list_privacy(run_id), key=lambda r: (r.server_round or 0, r.id)):
+        privacy[row.site_id] = {
+            "epsilon": row.epsilon_run,
+            "epsilon_lifetime": row.epsilon_lifetime,
+            "delta": row.delta,
+            "budget": row.budget,
+        }
     site_ids = sorted({p.site_id for p in participations})
     sites: dict[str, Any] = {}
     for site in site_ids:
@@ -79,6 +87,7 @@ def build_results(
             "errors": sorted({p.detail for p in mine if p.status == "failed" and p.detail}),
             "accuracy_matrix": site_matrix,
             **summarize(site_matrix, site_baseline),
+            **privacy.get(site, {"epsilon": None, "epsilon_lifetime": None, "delta": None}),
         }
 
     return {
@@ -117,7 +126,7 @@ def build_results(
 
 def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
     """Joint runs train on one task but report on every task of the sequence."""
-    if config.get("stream") != "joint":
+    if not _is_joint(config):
         return list(train_tasks)
     from fedcl.config import ExperimentConfig
     from fedcl.continual.tasks import experiment_stream
@@ -126,3 +135,7 @@ def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
     experiment = ExperimentConfig.model_validate(config)
     stream = experiment_stream(experiment, dataset_info(experiment.data, experiment.seed))
     return [t.name for t in stream.evaluation_tasks]
+
+
+def _is_joint(config: dict) -> bool:
+    return config.get("stream") == "joint" or config.get("continual", {}).get("method") == "joint"

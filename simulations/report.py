@@ -47,7 +47,7 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         console.print(f"[red]{results['reason']}[/]")
 
     sites = Table(title="Sites")
-    for col in ("site", "rounds trained", "failed", "refused", "examples", "ACC", "BWT"):
+    for col in ("site", "rounds trained", "failed", "refused", "examples", "ACC", "BWT", "ε"):
         sites.add_column(col, justify="right")
     for site, s in results["sites"].items():
         sites.add_row(
@@ -58,6 +58,7 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             str(s["examples"]),
             _fmt(s["avg_accuracy"]),
             _fmt(s["bwt"]),
+            _fmt(s.get("epsilon")),
         )
     console.print(sites)
     for site, s in results["sites"].items():

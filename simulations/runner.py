@@ -17,7 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedcl.config import ExperimentConfig, SiteConfig, SiteData, SitePartition, write_toml
+from fedcl.config import (
+    ExperimentConfig,
+    SiteConfig,
+    SiteData,
+    SitePartition,
+    SitePrivacy,
+    write_toml,
+)
 from fedcl.server.coordinator import Coordinator, CoordinatorOptions, initial_model
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
@@ -100,6 +107,10 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
                 ),
             ),
             key_path=key_path,
+            privacy=SitePrivacy(
+                epsilon_budget=experiment.simulation.site_epsilon_budget,
+                delta=experiment.dp.delta,
+            ),
         )
         paths.append(write_toml(site, sites_dir / f"site-{i}.toml"))
     return paths

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from federation_helpers import run_inprocess
 
 from fedcl.config import ConfigError
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
 from fedcl.server.results import build_results
 from fedcl.simulations.catalog import load_scenario
-
-from federation_helpers import run_inprocess
 
 
 def _results(tmp_path, scenario: str, *overrides: str, **kwargs) -> dict:

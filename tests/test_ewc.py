@@ -12,6 +12,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+
 from fedcl.config import ConfigError, FedclError
 from fedcl.continual import (
     EWCHook,
@@ -24,8 +27,6 @@ from fedcl.continual import (
     parameter_dict,
     summarize,
 )
-from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 # Opacus' expected chatter: no secure RNG in tests; full backward hooks on input-less layers.

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedcl.config import ConfigError, FedclError
 from fedcl.continual import (
     ReplayBuffer,
@@ -14,8 +17,6 @@ from fedcl.continual import (
     mixed_dataset,
     summarize,
 )
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
@@ -220,10 +221,11 @@ def test_mixed_dataset_sets_the_dp_sample_rate() -> None:
 
 
 def _class_il_run(replay_size: int, seed: int) -> dict:
-    from fedcl.client.trainer import LocalTrainer, evaluate
-    from fedcl.config.experiment import TrainSpec
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from fedcl.client.trainer import LocalTrainer, evaluate
+    from fedcl.config.experiment import TrainSpec
 
     digits = load_digits()
     x = torch.tensor(digits.data / 16.0, dtype=torch.float32)

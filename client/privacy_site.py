@@ -1,0 +1,90 @@
+"""The site's half of differential privacy: plan σ, pay from the ledger, or refuse.
+
+Every release a site makes under DP (DP-SGD training, the DP Fisher for EWC) is charged to its
+privacy ledger *before* it happens (``try_spend``), against the budget in the site's own
+``site.toml``; the coordinator cannot raise it. ε is composed over the site's whole history with
+Opacus' RDP accountant, across rounds, tasks and runs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from fedcl.config import protocol as P
+from fedcl.privacy.dp import DPHook, plan_noise, planned_release, sampling_plan
+from fedcl.privacy.ledger import DPRelease, PrivacyLedger, SpendDecision
+
+from .job import SiteJob
+
+
+class SitePrivacy:
+    """DP-SGD settings and accounting for one message at one site."""
+
+    def __init__(self, job: SiteJob):
+        self.job = job
+        self.spec = job.experiment.dp
+        self.delta = job.site.privacy.delta
+        self.budget = job.site.privacy.epsilon_budget
+        self.ledger = PrivacyLedger(job.site.state_dir)
+
+    @cached_property
+    def noise_multiplier(self) -> float:
+        """σ: given, or planned so the whole run's DP-SGD meets ``dp.epsilon`` at this site.
+
+        The plan covers every task's rounds at this site's own data sizes, at the largest sample
+        rate of any task (ε grows with the sample rate, so the plan is conservative).
+        """
+        if self.spec.noise_multiplier is not None:
+            return float(self.spec.noise_multiplier)
+        train = self.job.experiment.train
+        steps, rate = 0, 0.0
+        for k in range(self.job.data.stream.num_tasks):
+            n = len(self.job.data.train_set(k))
+            if n == 0:
+                continue
+            plan = sampling_plan(n, train.batch_size)
+            steps += train.rounds_per_task * train.local_epochs * plan.batches_per_epoch
+            rate = max(rate, plan.sample_rate)
+        return plan_noise(
+            epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps
+        )
+
+    def training_release(self, n_examples: int) -> DPRelease:
+        train = self.job.experiment.train
+        return planned_release(
+            n_examples, train.batch_size, train.local_epochs, self.noise_multiplier, self.delta
+        )
+
+    def hook(self) -> DPHook:
+        return DPHook(
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.spec.max_grad_norm,
+            delta=self.delta,
+        )
+
+    def charge(self, release: DPRelease) -> SpendDecision:
+        """Record ``release`` if the budget allows it (atomically), else refuse."""
+        return self.ledger.try_spend(
+            release,
+            budget=self.budget,
+            run_id=self.job.run_id,
+            task_index=self.job.task_index,
+            server_round=self.job.server_round,
+        )
+
+    def refusal(self, decision: SpendDecision) -> str:
+        return (
+            f"privacy budget: ε would reach {decision.epsilon_after:.3f} > budget "
+            f"{decision.budget} at δ={self.delta} (spent so far: {decision.epsilon_before:.3f})"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """ε spent so far, this run and over the site's lifetime (what the registry records)."""
+        out = {
+            P.DP_EPSILON_RUN: self.ledger.epsilon(self.delta, run_id=self.job.run_id),
+            P.DP_EPSILON_LIFETIME: self.ledger.epsilon(self.delta),
+            P.DP_DELTA: self.delta,
+        }
+        if self.budget is not None:
+            out[P.DP_BUDGET] = self.budget
+        return out

@@ -1,0 +1,282 @@
+"""Response models of the dashboard's JSON API, kept apart from the registry's ORM and snapshots.
+
+They are the API's published contract (they generate ``/openapi.json``): the registry's tables can
+evolve without breaking a script that reads the API, as long as these stay. Floats are
+``float | None`` wherever the registry may hold NaN (a diverged loss): JSON has no NaN, and the
+API sends ``null`` instead.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RunOut(_Out):
+    """A run as listed."""
+
+    id: str
+    name: str
+    scenario: str
+    status: str = Field(description="running, completed, failed or stopped")
+    reason: str | None
+    tasks: list[str] = Field(description="Continual-learning task names, in training order")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class RunPage(_Out):
+    """One page of runs, newest first; ``total`` counts every run matching the filter."""
+
+    items: list[RunOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class RunDetail(RunOut):
+    """A run with its configuration and a summary of its progress."""
+
+    config: dict[str, Any]
+    rounds_total: int
+    rounds_completed: int
+    rounds_failed: int
+    last_server_round: int | None
+    sites: list[str] = Field(description="Sites that took part (only your own for a site token)")
+    versions: dict[str, int] = Field(description="Number of model versions per status")
+    avg_accuracy: float | None = Field(description="Mean accuracy after the last task (ACC)")
+    bwt: float | None = Field(description="Backward transfer (negative = forgetting)")
+    fwt: float | None = Field(description="Forward transfer")
+
+
+class TaskOut(_Out):
+    """A continual-learning task of a run and the server rounds that trained it."""
+
+    index: int
+    name: str
+    rounds: int
+    first_server_round: int | None
+    last_server_round: int | None
+    consolidated: bool = Field(description="Whether a consolidation round ran for this task")
+
+
+class ParticipationOut(_Out):
+    """What one site did in one phase of a round."""
+
+    site_id: str
+    phase: str = Field(description="train, evaluate or consolidate")
+    status: str = Field(description="ok, failed, refused (e.g. privacy budget) or rejected")
+    num_examples: int
+    detail: str | None
+
+
+class RoundOut(_Out):
+    """One server round with its participations (a site token sees only its own)."""
+
+    id: int
+    server_round: int
+    task_index: int
+    round_in_task: int
+    kind: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    seconds: float
+    bytes_up: int = Field(description="Bytes the sites sent to the coordinator")
+    bytes_down: int = Field(description="Bytes the coordinator sent to the sites")
+    num_participants: int
+    num_failures: int
+    num_refusals: int
+    participations: list[ParticipationOut]
+
+
+class MetricOut(_Out):
+    """A metric value; ``site_id`` null is the federation aggregate."""
+
+    id: int
+    name: str
+    value: float | None = Field(description="null where the registry holds NaN")
+    site_id: str | None
+    task_index: int | None = Field(description="The task the metric is about")
+    server_round: int | None = Field(description="null for run-level metrics (e.g. baseline)")
+    round_task_index: int | None = Field(description="The task being trained in that round")
+    created_at: datetime
+
+
+class AccuracyMatrixOut(_Out):
+    """R[i][j]: accuracy on evaluation task j after the last round of training task i."""
+
+    run_id: str
+    site_id: str | None = Field(description="null: the federation's matrix")
+    tasks: list[str]
+    eval_tasks: list[str]
+    matrix: list[list[float | None]]
+    baseline: list[float | None] = Field(description="Accuracy of the untrained model per task")
+    avg_accuracy: float | None
+    bwt: float | None
+    fwt: float | None
+
+
+class PrivacyOut(_Out):
+    """Differential-privacy spend one site reported after a round."""
+
+    run_id: str
+    site_id: str
+    server_round: int | None
+    epsilon_run: float | None
+    epsilon_lifetime: float | None
+    delta: float | None
+    budget: float | None
+    created_at: datetime
+
+
+class HashAgreementOut(_Out):
+    """What the registry records about a site's model-hash agreement, if anything.
+
+    Sites report the SHA-256 of the model after applying an aggregate (DESIGN.md §4); the
+    dashboard shows whatever metric or audit event recorded the check, and nothing when none did.
+    """
+
+    metric: str | None = Field(description="Name of the latest hash-related metric, if any")
+    value: float | None
+    run_id: str | None
+    server_round: int | None
+    audit_events: int = Field(description="Hash-related audit events about this site")
+    last_event: str | None
+
+
+class SiteOut(_Out):
+    """A site, across all runs: when it was last seen, what it did, its reported privacy spend."""
+
+    id: str
+    first_seen: datetime
+    last_seen: datetime
+    runs: int
+    rounds_ok: int
+    rounds_failed: int
+    rounds_refused: int
+    last_run_id: str | None
+    last_server_round: int | None
+    epsilon_run: float | None = Field(description="Latest reported ε of its latest run")
+    epsilon_lifetime: float | None = Field(description="Latest reported lifetime ε")
+    budget: float | None = Field(description="ε budget the site reported with it")
+    budget_used: float | None = Field(description="epsilon_lifetime / budget, as reported")
+    hash_agreement: HashAgreementOut | None
+
+
+class SiteRunOut(_Out):
+    """One site's part in one run."""
+
+    run_id: str
+    rounds_ok: int
+    rounds_failed: int
+    rounds_refused: int
+    examples: int
+    last_server_round: int | None
+    errors: list[str]
+
+
+class SiteDetail(SiteOut):
+    """A site with its per-run participation and privacy history."""
+
+    per_run: list[SiteRunOut]
+    privacy: list[PrivacyOut]
+
+
+class VersionOut(_Out):
+    """A model version; ``encrypted`` ones can only be downloaded as the raw CKKS blob."""
+
+    id: int
+    run_id: str
+    round_id: int | None
+    task_index: int
+    server_round: int
+    sha256: str
+    size_bytes: int
+    encrypted: bool
+    format: str
+    status: str = Field(description="candidate, production, archived or rolled_back")
+    created_at: datetime
+    mean_accuracy: float | None = Field(
+        description="Mean federation accuracy measured in the version's round, if recorded"
+    )
+    download_url: str
+
+
+class VersionChangeOut(_Out):
+    """The result of promote/candidate/rollback: every version whose status changed."""
+
+    message: str
+    version: VersionOut
+    restored: VersionOut | None = Field(
+        default=None, description="Rollback only: the version restored to production"
+    )
+
+
+class CanaryOut(_Out):
+    """What the canary rule decided for a run."""
+
+    run_id: str
+    action: Literal["rolled_back", "kept", "skipped"]
+    message: str
+    max_drop: float
+    candidate_id: int | None
+    production_id: int | None
+    candidate_accuracy: float | None
+    production_accuracy: float | None
+
+
+class AuditOut(_Out):
+    """An audit log entry; ``actor`` is the token name for changes made through the dashboard."""
+
+    id: int
+    run_id: str | None
+    site_id: str | None
+    kind: str
+    message: str
+    actor: str
+    created_at: datetime
+
+
+class AccuracySeries(_Out):
+    """Federation accuracy on one evaluation task over server rounds (round 0 = baseline)."""
+
+    task_index: int
+    task: str
+    server_rounds: list[int]
+    values: list[float | None]
+
+
+class EpsilonSeries(_Out):
+    """One site's reported ε over server rounds."""
+
+    site_id: str
+    server_rounds: list[int | None]
+    epsilon_run: list[float | None]
+    budget: float | None
+
+
+class RunCharts(_Out):
+    """Everything the run page draws, in one response so the page can poll a single endpoint."""
+
+    run: RunOut
+    poll: bool = Field(description="True while the run is running: poll again for updates")
+    eval_tasks: list[str]
+    task_boundaries: list[int] = Field(description="First server round of each task after the 1st")
+    accuracy: list[AccuracySeries]
+    matrix: AccuracyMatrixOut
+    privacy: list[EpsilonSeries]
+    rounds: list[RoundOut]
+
+
+class Problem(_Out):
+    """Error body: FastAPI's usual ``{"detail": ...}``."""
+
+    detail: str

@@ -1,0 +1,242 @@
+"""The dashboard pages in a real browser: headless Chromium driven by Selenium.
+
+A uvicorn server runs the dashboard in a background thread over a registry filled like
+test_dashboard.py's (the same small real simulation plus a synthetic running DP/HE run). The test
+signs in, checks that Plotly drew every panel of a finished run (non-empty SVG in the chart
+divs), watches a running run's page update itself, and promotes and rolls back versions with the
+page's buttons. Screenshots go to ``test-artifacts/`` (override with FEDCL_TEST_ARTIFACTS).
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` (``.ci/dashboard-deps.sh``) and
+the ``selenium`` package; skipped, saying which is missing, otherwise. Selenium is pointed at
+/usr/bin/chromedriver, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from test_dashboard import DEMO_RUN, DP_RUN, Dash, build_demo_snapshot, populated_dashboard
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WAIT_S = 20
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+    pytest.skip(
+        f"needs {CHROMIUM} and {CHROMEDRIVER}: run .ci/dashboard-deps.sh "
+        "(apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _artifacts_dir() -> Path:
+    default = Path(__file__).resolve().parent.parent / "test-artifacts"
+    path = Path(os.environ.get("FEDCL_TEST_ARTIFACTS", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Dash]]:
+    """(base URL, dashboard) of a live uvicorn server in a background thread."""
+    import uvicorn
+
+    base = tmp_path_factory.mktemp("dashboard-browser")
+    snapshot = build_demo_snapshot(tmp_path_factory.mktemp("dashboard-demo"))
+    url = f"sqlite:///{base / 'registry.db'}"
+    with populated_dashboard(url, base / "artifacts", snapshot) as dash:
+        dash.app.state.poll_seconds = 1.0  # the running run's page polls every second
+        port = _free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(dash.app, host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}", dash
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    profile = tempfile.mkdtemp(prefix="fedcl-chromium-")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver: Any, condition: Any, what: str) -> Any:
+    waiter = WebDriverWait(
+        driver,
+        WAIT_S,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+    return waiter.until(condition, message=what)
+
+
+def _svg_children(driver: Any, chart_id: str) -> int:
+    """Drawn SVG elements inside a Plotly chart div (0 when Plotly drew nothing)."""
+    return int(
+        driver.execute_script(
+            "const svg = document.querySelector('#' + arguments[0] + ' svg.main-svg');"
+            "return svg ? svg.querySelectorAll('path, rect, image, text').length : 0;",
+            chart_id,
+        )
+    )
+
+
+def _browser_errors(driver: Any) -> list[str]:
+    try:
+        logs = driver.get_log("browser")
+    except Exception:
+        return []
+    return [entry["message"] for entry in logs if entry.get("level") == "SEVERE"]
+
+
+def _screenshot(driver: Any, name: str, height: int) -> Path:
+    driver.set_window_size(1400, height)
+    path = _artifacts_dir() / name
+    driver.save_screenshot(str(path))
+    return path
+
+
+def _sign_in(driver: Any, base: str, token: str) -> None:
+    driver.get(f"{base}/login")
+    driver.delete_all_cookies()
+    driver.get(f"{base}/runs")
+    _wait(driver, lambda d: "/login?next=/runs" in d.current_url, "redirect to the login page")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.ID, "sign-in").click()
+    _wait(driver, lambda d: urlsplit(d.current_url).path == "/runs", "on /runs after signing in")
+
+
+def test_run_page_draws_every_panel_and_updates_live(
+    served: tuple[str, Dash], browser: Any
+) -> None:
+    base, dash = served
+    _sign_in(browser, base, dash.tokens["admin"])
+    assert "alice (admin)" in browser.find_element(By.ID, "signed-in-as").text
+
+    browser.find_element(By.LINK_TEXT, DEMO_RUN).click()
+    _wait(browser, lambda d: d.execute_script("return document.body.dataset.rendered"), "draw")
+    for chart in ("chart-accuracy", "chart-matrix", "chart-rounds", "chart-bytes"):
+        _wait(browser, lambda d, c=chart: _svg_children(d, c) > 10, f"{chart} drawn")
+    traces = browser.find_elements(By.CSS_SELECTOR, "#chart-accuracy .scatterlayer .trace")
+    assert len(traces) == 2  # one line per task
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart-matrix .heatmaplayer image")
+    # The plaintext demo run has no privacy rows: its panel stays hidden.
+    assert not browser.find_element(By.ID, "panel-privacy").is_displayed()
+    assert _browser_errors(browser) == []
+    _screenshot(browser, "dashboard-run.png", 1050)
+
+    # A running run: the ε panel appears, and the page follows the registry without a reload.
+    browser.get(f"{base}/runs/{DP_RUN}")
+    _wait(browser, lambda d: _svg_children(d, "chart-privacy") > 10, "ε chart drawn")
+    assert browser.find_element(By.ID, "live").is_displayed()
+    incidents = browser.find_element(By.ID, "incidents").text
+    assert "site-2 refused" in incidents and "site-1 failed" in incidents
+    _screenshot(browser, "dashboard-running-run.png", 1500)
+    rendered = int(browser.execute_script("return document.body.dataset.rendered"))
+    dash.registry.set_run_status(DP_RUN, "completed")
+    _wait(
+        browser,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#run-status .badge").text == "completed",
+        "status badge updated by polling",
+    )
+    assert int(browser.execute_script("return document.body.dataset.rendered")) > rendered
+    assert not browser.find_element(By.ID, "live").is_displayed()
+
+
+def _click_version_action(driver: Any, version_id: int, action: str) -> None:
+    row = driver.find_element(By.ID, f"version-{version_id}")
+    row.find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]').click()
+
+
+def _status_of(driver: Any, version_id: int) -> str:
+    """A version row's status; read in one script call, so a page reload in between cannot leave
+    a stale element reference."""
+    return str(
+        driver.execute_script(
+            "const row = document.getElementById(arguments[0]);"
+            "return row ? row.dataset.status : '';",
+            f"version-{version_id}",
+        )
+    )
+
+
+def test_versions_page_promotes_and_rolls_back(served: tuple[str, Dash], browser: Any) -> None:
+    base, dash = served
+    _sign_in(browser, base, dash.tokens["admin"])
+    v1, v2, *_ = [v.id for v in dash.registry.list_model_versions(DEMO_RUN)]
+    browser.get(f"{base}/versions?run={DEMO_RUN}")
+
+    for version_id in (v1, v2):
+        _click_version_action(browser, version_id, "promote")
+        _wait(browser, lambda d, v=version_id: _status_of(d, v) == "production", "promoted")
+    assert _status_of(browser, v1) == "archived"
+
+    _click_version_action(browser, v2, "rollback")
+    _wait(browser, lambda d: _status_of(d, v2) == "rolled_back", "rolled back")
+    assert _status_of(browser, v1) == "production"
+    notice = browser.find_element(By.ID, "action-result")
+    assert f"restored version {v1}" in notice.text
+    statuses = {v.id: v.status for v in dash.registry.list_model_versions(DEMO_RUN)}
+    assert (statuses[v1], statuses[v2]) == ("production", "rolled_back")
+    actors = {e.actor for e in dash.registry.list_audit(run_id=DEMO_RUN) if "version" in e.kind}
+    assert actors == {"alice"}
+    assert _browser_errors(browser) == []
+    _screenshot(browser, "dashboard-versions.png", 900)
