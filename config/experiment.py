@@ -81,13 +81,33 @@ class TrainSpec(_Strict):
 
 
 class DPSpec(_Strict):
-    """DP-SGD at the sites (filled in by the privacy feature)."""
+    """DP-SGD at the sites (Opacus); each site also enforces its own budget (site.toml).
+
+    Setting ``epsilon`` or ``noise_multiplier`` turns DP on unless ``enabled`` says otherwise,
+    so ``--set dp.epsilon=8`` does what it reads like.
+    """
 
     enabled: bool = False
-    noise_multiplier: float | None = Field(None, ge=0)
+    noise_multiplier: float | None = Field(None, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_when_configured(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" not in data:
+            if data.get("epsilon") is not None or data.get("noise_multiplier") is not None:
+                data = {**data, "enabled": True}
+        return data
+
+    @model_validator(mode="after")
+    def _needs_noise(self) -> DPSpec:
+        if self.enabled and self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError(
+                "dp.enabled = true needs dp.epsilon (a target, e.g. 8) or dp.noise_multiplier"
+            )
+        return self
 
 
 class HESpec(_Strict):
