@@ -59,7 +59,9 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: user errors become one clear message and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns Exit codes in this mode
+        if isinstance(code, int):
+            return code
     except FedclError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2

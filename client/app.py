@@ -146,6 +146,7 @@ def consolidate(msg: Message, context: Context) -> Message:
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
         fisher, n, _release = site_fisher(job, model)
+        fisher = {name: fisher[name] for name in job.param_shapes()}  # the model's layout order
         if job.experiment.he.enabled:
             records = _update_records(job, fisher, n, base, key=P.FISHER)
         else:  # plaintext: the summed share F·n, its count riding along

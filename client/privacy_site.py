@@ -45,9 +45,52 @@ class SitePrivacy:
             plan = sampling_plan(n, train.batch_size)
             steps += train.rounds_per_task * train.local_epochs * plan.batches_per_epoch
             rate = max(rate, plan.sample_rate)
-        return plan_noise(
-            epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps
-        )
+        fisher = self.planned_fisher_releases()
+        if not fisher:
+            return plan_noise(
+                epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps
+            )
+        return self._plan_with_fisher(rate, steps, fisher)
+
+    def planned_fisher_releases(self) -> list[tuple[float, float, int]]:
+        """EWC's DP Fisher: one full-data Gaussian release per consolidated task."""
+        exp = self.job.experiment
+        if not exp.continual.uses_ewc or exp.is_joint:
+            return []
+        sigma = exp.continual.fisher_noise_multiplier
+        return [(sigma, 1.0, 1)] * (self.job.data.stream.num_tasks - 1)
+
+    def _plan_with_fisher(
+        self, rate: float, steps: int, fisher: list[tuple[float, float, int]]
+    ) -> float:
+        """σ of DP-SGD so that DP-SGD *and* the Fisher releases together meet ``dp.epsilon``.
+
+        Opacus' ``get_noise_multiplier`` plans one homogeneous mechanism; with the Fisher
+        releases in the history we search σ the same way (bisection) over Opacus' accountant.
+        """
+        from fedcl.privacy.dp import DPConfigError
+        from fedcl.privacy.ledger import compose_epsilon
+
+        target = float(self.spec.epsilon)
+
+        def eps(sigma: float) -> float:
+            return compose_epsilon([(sigma, rate, steps), *fisher], self.delta, "rdp")
+
+        if compose_epsilon(fisher, self.delta, "rdp") >= target:
+            raise DPConfigError(
+                f"site {self.job.site.site_id}: the EWC Fisher releases alone spend "
+                f"ε = {compose_epsilon(fisher, self.delta, 'rdp'):.2f} ≥ dp.epsilon = {target}; "
+                "raise continual.fisher_noise_multiplier"
+            )
+        low, high = 0.3, 1.0
+        while eps(high) > target:
+            low, high = high, high * 2
+            if high > 1e4:
+                raise DPConfigError(f"dp.epsilon = {target} cannot be met with {steps} steps")
+        for _ in range(30):
+            mid = (low + high) / 2
+            low, high = (mid, high) if eps(mid) > target else (low, mid)
+        return high
 
     def training_release(self, n_examples: int) -> DPRelease:
         train = self.job.experiment.train

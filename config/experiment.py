@@ -96,9 +96,11 @@ class DPSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _on_when_configured(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "enabled" not in data:
-            if data.get("epsilon") is not None or data.get("noise_multiplier") is not None:
-                data = {**data, "enabled": True}
+        configured = isinstance(data, dict) and (
+            data.get("epsilon") is not None or data.get("noise_multiplier") is not None
+        )
+        if configured and "enabled" not in data:
+            data = {**data, "enabled": True}
         return data
 
     @model_validator(mode="after")
@@ -168,7 +170,7 @@ class ContinualSpec(_Strict):
     ewc_lambda: float = Field(100.0, ge=0)
     ewc_gamma: float = Field(1.0, gt=0, le=1)
     fisher_clip_norm: float = Field(0.3, gt=0)
-    fisher_noise_multiplier: float = Field(1.0, ge=0)
+    fisher_noise_multiplier: float = Field(3.0, gt=0)
     fisher_batch_size: int = Field(64, ge=1)
     replay_size: int = Field(100, ge=1)
     replay_policy: Literal["reservoir", "class-balanced"] = "class-balanced"

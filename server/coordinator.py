@@ -390,6 +390,7 @@ class Coordinator:
         good = [o for o in outcomes if o.ok and o.message is not None]
         summed, meta, rejections = self.sum_fisher(good) if good else (None, None, [])
         outcomes = self._mark_rejected(round_id, "consolidate", outcomes, rejections)
+        self.strategy.last_train_outcomes = outcomes  # so a failure names the rejections
         self._record_participation(round_id, "consolidate", outcomes, messages)
         self._record_privacy(round_id, outcomes)
         if summed is None:

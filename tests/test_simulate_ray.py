@@ -81,3 +81,37 @@ def test_version_and_help() -> None:
     assert fedcl("--version").stdout.startswith("fedcl ")
     helptext = fedcl("--help").stdout
     assert "simulate" in helptext and "site" in helptext and "coordinator" in helptext
+
+
+def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
+    """Every capability at once through the Ray engine: DP-SGD, CKKS aggregation, EWC."""
+    out = tmp_path / "out"
+    proc = fedcl(
+        "simulate",
+        "digits-domain-il",
+        "--set", "train.rounds_per_task=1",
+        "--set", "simulation.num_sites=3",
+        "--set", "dp.epsilon=8",
+        "--set", "he.enabled=true",
+        "--set", 'continual.method="ewc"',
+        "--out", str(out),
+        "--run-id", "everything",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    kinds = [r["kind"] for r in results["rounds"]]
+    assert kinds.count("train") == 5 and kinds.count("consolidate") == 4
+    assert all(r["participants"] == 3 for r in results["rounds"])
+    for site in results["sites"].values():
+        assert 0 < site["epsilon"] <= 8.0 + 1e-6
+    from fedcl.server.registry import Registry
+
+    with Registry.open(f"sqlite:///{out / 'registry.db'}") as reg:
+        versions = reg.list_model_versions("everything")
+        agreement = reg.list_metrics("everything", name="model-sha256-agreement")
+    assert versions and all(v.encrypted for v in versions)  # the coordinator holds ciphertexts
+    assert {v.format for v in versions} == {"ckks", "fisher-ckks"}
+    assert agreement and all(m.value == 1.0 for m in agreement)  # every site decrypted alike
+    assert (out / "keys" / "secret.ctx").stat().st_mode & 0o077 == 0
