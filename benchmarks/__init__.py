@@ -1,0 +1,1 @@
+"""Performance and learning-quality benchmarks: each prints a table and writes JSON."""
