@@ -202,6 +202,9 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     stream: Literal["sequential", "joint"] = "sequential"
     min_sites: int | None = Field(None, ge=1)
+    #: Canary rule: when a round's candidate version is evaluated, roll it back if its mean
+    #: accuracy is more than this below the version promoted to production (dashboard §versions).
+    canary_max_drop: float | None = Field(None, ge=0, le=1)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)

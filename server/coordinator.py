@@ -322,6 +322,15 @@ class Coordinator:
         if train_metrics is not None:
             rows.append(MetricRow("train_loss", float(train_metrics[P.TRAIN_LOSS])))
         self.registry.record_metrics(self.run_id, round_id, rows)
+        if self.experiment.canary_max_drop is not None:
+            from fedcl.server.dashboard.canary import evaluate_canary
+
+            verdict = evaluate_canary(
+                self.registry, self.run_id, max_drop=self.experiment.canary_max_drop
+            )
+            if verdict:
+                logger.warning("canary: %s; the next round starts from production", verdict)
+                new_arrays = self._production_arrays() or new_arrays
         seconds = time.perf_counter() - start
         self.registry.complete_round(
             round_id, seconds=seconds, bytes_up=bytes_up, bytes_down=bytes_down
@@ -531,6 +540,20 @@ class Coordinator:
                     run_id=self.run_id,
                     site_id=site,
                 )
+
+    def _production_arrays(self) -> ArrayRecord | None:
+        """The model promoted to production (what a canary rollback returns to)."""
+        production = [
+            v
+            for v in self.registry.list_model_versions(self.run_id)
+            if v.status == "production" and not v.format.startswith(FISHER_FORMAT)
+        ]
+        if not production:
+            return None
+        arrays, meta = self.restore_arrays(self.registry.load_artifact(production[-1]))
+        if meta is not None:
+            self.strategy.global_meta = meta
+        return arrays
 
     def _evaluate(
         self, arrays: ArrayRecord, task_index: int, round_in_task: int, server_round: int
