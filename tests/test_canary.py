@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
+from federation_helpers import run_inprocess, small_experiment
 from flwr.app import ArrayRecord
 
 from fedcl.client.app import app as client_app
 from fedcl.config import protocol as P
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
-
-from federation_helpers import run_inprocess, small_experiment
 
 
 def test_a_bad_candidate_is_rolled_back_against_production(tmp_path) -> None:
