@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -27,6 +28,10 @@ def simulate(
     engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess."),
     list_: bool = typer.Option(False, "--list", help="List the built-in scenarios and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    dashboard: bool = typer.Option(
+        False, "--dashboard", help="Serve the dashboard during and after the run."
+    ),
+    dashboard_port: int = typer.Option(8765, help="Port of --dashboard (127.0.0.1 only)."),
 ) -> None:
     """Run SCENARIO on virtual sites and write results.json, accuracy_matrix.png, registry.db."""
     if list_:
@@ -48,13 +53,39 @@ def simulate(
         f"{experiment.data.num_tasks} tasks × {experiment.train.rounds_per_task} rounds, "
         f"engine {engine} → {out_dir}"
     )
-    results = run_plan(
-        SimulationPlan(experiment, label, out_dir, rid, engine=engine, observers=observers)
-    )
+    plan = SimulationPlan(experiment, label, out_dir, rid, engine=engine, observers=observers)
+    server = _start_dashboard(plan.registry_url, dashboard_port) if dashboard else None
+    results = run_plan(plan)
     print_report(results, console)
     console.print(f"results: {out_dir / 'results.json'}  plot: {out_dir / 'accuracy_matrix.png'}")
+    if server is not None:
+        console.print("[bold]dashboard still serving[/]: Ctrl-C to stop")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.join()
     if results["status"] != "completed":
         raise typer.Exit(1)
+
+
+def _start_dashboard(registry_url: str, port: int):
+    """Serve the dashboard over the simulation's registry in a background thread."""
+    import threading
+
+    import uvicorn
+
+    from fedcl.server.dashboard import create_app
+    from fedcl.server.registry import Registry
+
+    with Registry.open(registry_url) as registry:  # create and migrate it before serving
+        token = registry.create_token("simulate", "admin")
+    app = create_app(registry_url)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="fedcl-dashboard")
+    thread.start()
+    console.print(
+        f"[bold]dashboard[/]: http://127.0.0.1:{port}/  (log in with the admin token {token})",
+        soft_wrap=True,
+    )
+    return thread
 
 
 def _list() -> None:
