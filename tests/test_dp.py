@@ -247,7 +247,12 @@ def test_plan_noise_lands_the_run_at_the_target(tmp_path) -> None:
         DPSpec(enabled=True, epsilon=target), sample_rate=q, planned_steps=1000
     ) == pytest.approx(sigma)
     with pytest.raises(DPConfigError, match="noise_multiplier .* or a target dp.epsilon"):
-        noise_from_spec(DPSpec(enabled=True), sample_rate=q, planned_steps=10)
+        # (the experiment schema already refuses this; the planner refuses it on its own too)
+        noise_from_spec(DPSpec.model_construct(enabled=True), sample_rate=q, planned_steps=10)
+    from fedcl.config import ConfigError, ExperimentConfig, validate_mapping
+
+    with pytest.raises(ConfigError, match="dp.epsilon"):
+        validate_mapping(ExperimentConfig, {"dp": {"enabled": True}}, "exp.toml")
 
 
 def test_grad_sample_mode_choice() -> None:
