@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -284,11 +285,73 @@ def render(rows: list[dict]) -> None:
             )
 
 
+def bench_rounds(seeds: int) -> dict:
+    """Whole rounds of the default scenario (same apps, in-process), HE off vs on, per seed.
+
+    The seeds alternate off/on so load on a shared machine hits both alike; accuracy is
+    reported too: HE's quantisation is the only difference, so the two should agree.
+    """
+    from fedcl.simulations.catalog import load_scenario
+    from fedcl.simulations.runner import SimulationPlan, run_plan
+
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(seeds):
+            for he in (False, True):
+                label, exp = load_scenario(
+                    "digits-domain-il", [f"seed={seed}", f"he.enabled={str(he).lower()}"]
+                )
+                res = run_plan(
+                    SimulationPlan(exp, label, Path(tmp) / f"{seed}-{he}", "r", "inprocess")
+                )
+                train = [r for r in res["rounds"] if r["kind"] == "train"]
+                runs.append(
+                    {
+                        "seed": seed,
+                        "he": he,
+                        "seconds_per_round": sum(r["seconds"] for r in train) / len(train),
+                        "bytes_up_per_round": sum(r["bytes_up"] for r in train) / len(train),
+                        "avg_accuracy": res["avg_accuracy"],
+                    }
+                )
+
+    def mean(he: bool, key: str) -> float:
+        vals = [r[key] for r in runs if r["he"] == he]
+        return sum(vals) / len(vals)
+
+    summary = {
+        "runs": runs,
+        "seconds_per_round_off": mean(False, "seconds_per_round"),
+        "seconds_per_round_on": mean(True, "seconds_per_round"),
+        "round_time_ratio": mean(True, "seconds_per_round") / mean(False, "seconds_per_round"),
+        "bytes_up_ratio": mean(True, "bytes_up_per_round") / mean(False, "bytes_up_per_round"),
+        "accuracy_off": mean(False, "avg_accuracy"),
+        "accuracy_on": mean(True, "avg_accuracy"),
+    }
+    from rich.console import Console
+
+    Console().print(
+        f"default scenario (digits-domain-il, 5 sites, {seeds} seed(s)): "
+        f"{summary['seconds_per_round_off']:.2f} s/round HE off, "
+        f"{summary['seconds_per_round_on']:.2f} s/round HE on → "
+        f"{summary['round_time_ratio']:.2f}x; bytes up {summary['bytes_up_ratio']:.2f}x; "
+        f"ACC {summary['accuracy_off']:.4f} off vs {summary['accuracy_on']:.4f} on",
+        highlight=False,
+    )
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="ResNet-18-GN on a ~2M prefix")
     parser.add_argument("--sites", type=int, default=10, help="replies summed at the coordinator")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--round-seeds",
+        type=int,
+        default=1,
+        help="seeds of the default scenario run with HE off and on (0 skips the round timing)",
+    )
     args = parser.parse_args(argv)
 
     import tempfile
@@ -329,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['aggregate_vs_plaintext']:.0f}x numpy, "
             f"{r['aggregate_vs_tenseal_default']:.2f}x TenSEAL default"
         )
+    round_report = bench_rounds(args.round_seeds) if args.round_seeds else None
     try:
         load = os.getloadavg()
     except OSError:
@@ -345,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
         "ratios": ratios,
+        "rounds": round_report,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
