@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from federation_helpers import run_inprocess, small_experiment
+
 from fedcl.config import protocol as P
 from fedcl.server.registry import Registry
 from fedcl.server.results import build_results
-
-from federation_helpers import run_inprocess, small_experiment
 
 
 def _acc(tmp_path, *overrides, **kwargs) -> tuple[dict, str]:
