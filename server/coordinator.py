@@ -267,6 +267,27 @@ class Coordinator:
             return aggregate_to_bytes(arrays, meta), True, "ckks"
         return arrays_to_bytes(arrays), False, "safetensors"
 
+    def _save_version(
+        self,
+        round_id: int,
+        task_index: int,
+        server_round: int,
+        arrays: ArrayRecord,
+        meta: ConfigRecord | None,
+        kind: str = "",
+    ) -> None:
+        """Store a round's output (a model, or with ``kind`` a summed Fisher) in the registry."""
+        payload, encrypted, fmt = self.store_arrays(arrays, meta)
+        self.registry.save_model_version(
+            self.run_id,
+            round_id,
+            task_index=task_index,
+            server_round=server_round,
+            payload=payload,
+            encrypted=encrypted,
+            format=f"{kind}-{fmt}" if kind else fmt,
+        )
+
     def _baseline_evaluation(self, arrays: ArrayRecord) -> None:
         """Accuracy of the untrained model on every task: the b_j of forward transfer."""
         totals, outcomes = self._evaluate(arrays, 0, 0, 0)
@@ -306,16 +327,7 @@ class Coordinator:
         if self.encryption is not None:
             self.strategy.expected_base = None  # later rounds: the sites' majority
         meta = getattr(self.strategy, "last_aggregate_meta", None) if self.encryption else None
-        payload, encrypted, fmt = self.store_arrays(new_arrays, meta)
-        self.registry.save_model_version(
-            self.run_id,
-            round_id,
-            task_index=task_index,
-            server_round=server_round,
-            payload=payload,
-            encrypted=encrypted,
-            format=fmt,
-        )
+        self._save_version(round_id, task_index, server_round, new_arrays, meta)
         totals, eval_outcomes = self._evaluate(new_arrays, task_index, round_in_task, server_round)
         self._record_participation(round_id, "evaluate", eval_outcomes, None)
         rows = self._accuracy_rows(totals, eval_outcomes, name="accuracy")
@@ -405,16 +417,7 @@ class Coordinator:
         if summed is None:
             self.registry.fail_round(round_id, self._no_update_reason(server_round))
             return False
-        payload, encrypted, fmt = self.store_arrays(summed, meta)
-        self.registry.save_model_version(
-            self.run_id,
-            round_id,
-            task_index=task_index,
-            server_round=server_round,
-            payload=payload,
-            encrypted=encrypted,
-            format=f"{FISHER_FORMAT}-{fmt}",
-        )
+        self._save_version(round_id, task_index, server_round, summed, meta, FISHER_FORMAT)
         self.fisher.append((summed, meta))
         self.anchor = (arrays, self.strategy.global_meta if self.encryption else None)
         self.registry.complete_round(

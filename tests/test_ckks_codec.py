@@ -19,7 +19,7 @@ from fedcl.privacy.ckks.codec import (
 from fedcl.privacy.ckks.errors import CKKSConfigError, UpdateError
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
 from fedcl.privacy.ckks.params import CKKSParams
-from fedcl.privacy.ckks.settings import HESettings
+from fedcl.config.experiment import HESpec
 from fedcl.privacy.ckks.wire import (
     EncryptedSum,
     ExpectedReply,
@@ -109,11 +109,11 @@ def test_too_many_sites_for_the_packing_is_a_config_error() -> None:
         Packing(bits=15, values_per_slot=3, max_sites=20).scale_bits(params)
     assert Packing(bits=8, values_per_slot=3, max_sites=20).scale_bits(params) >= 18
     with pytest.raises(ValueError, match="max_sites"):
-        HESettings(enabled=True, max_sites=1000)
-    assert HESettings(enabled=False, max_sites=1000).max_sites == 1000  # only checked when on
-    assert HESettings(enabled=True).packing() == Packing()
+        HESpec(enabled=True, max_sites=1000)
+    assert HESpec(enabled=False, max_sites=1000).max_sites == 1000  # only checked when on
+    assert HESpec(enabled=True, clip=0.5).packing() == Packing()
     with pytest.raises(ValueError, match="fingerprint"):
-        HESettings(fingerprint="not-a-sha256")
+        HESpec(fingerprint="not-a-sha256")
 
 
 def test_nan_or_inf_is_refused_before_encryption(contexts, monkeypatch) -> None:

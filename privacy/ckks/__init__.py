@@ -9,7 +9,7 @@ the sum. Modules:
 * :mod:`.codec`    layout, stochastic quantisation, packing with headroom, model hashing
 * :mod:`.parallel` encryption/decryption in worker processes (TenSEAL holds the GIL)
 * :mod:`.wire`     ArrayRecord/ConfigRecord format, reply validation, block-wise sums, decoding
-* :mod:`.settings` the ``[he]`` experiment settings (``HESettings``)
+* the ``[he]`` experiment settings are ``fedcl.config.experiment.HESpec``
 
 Names are imported lazily (PEP 562) so a spawned worker that imports ``._worker`` pulls in only
 numpy and TenSEAL, not Flower or pydantic.
@@ -50,7 +50,6 @@ _EXPORTS = {
     "encrypt_update": "wire",
     "sum_blocks": "wire",
     "validate_reply": "wire",
-    "HESettings": "settings",
 }
 
 __all__ = sorted(_EXPORTS)
