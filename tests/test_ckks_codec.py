@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedcl.config.experiment import HESpec
 from fedcl.privacy.ckks import codec, parallel
 from fedcl.privacy.ckks.codec import (
     HEADER_SLOTS,
@@ -19,7 +20,6 @@ from fedcl.privacy.ckks.codec import (
 from fedcl.privacy.ckks.errors import CKKSConfigError, UpdateError
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
 from fedcl.privacy.ckks.params import CKKSParams
-from fedcl.config.experiment import HESpec
 from fedcl.privacy.ckks.wire import (
     EncryptedSum,
     ExpectedReply,

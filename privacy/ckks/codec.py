@@ -158,7 +158,7 @@ class Layout:
 # --- packing ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Packing:
-    """Quantisation and packing settings (the part of the experiment's ``HESpec`` the codec needs)."""
+    """Quantisation and packing settings (what the codec needs of the experiment's HESpec)."""
 
     bits: int = 15
     values_per_slot: int = 2
