@@ -136,7 +136,9 @@ def run_one(config: Config, overrides: list[str], out_dir: Path, engine: str) ->
         epsilon_by_site={k: s.get("epsilon") for k, s in sites.items()},
         failed_site_rounds=sum(len(s["failed_rounds"]) for s in sites.values()),
         refused_site_rounds=sum(len(s["refused_rounds"]) for s in sites.values()),
-        site_errors=sorted({e for s in sites.values() for e in s.get("errors", [])}),
+        site_errors=sorted(
+            {f"site {k}: {_strip_site(e)}" for k, s in sites.items() for e in s.get("errors", [])}
+        ),
         rounds=sum(r["status"] == "completed" for r in results.get("rounds", [])),
         wall_seconds=results.get("wall_seconds"),
         total_seconds=time.perf_counter() - start,
@@ -270,22 +272,32 @@ def render(rows: list[dict[str, Any]], title: str) -> None:
         )
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    # One line per distinct error, then where it happened (a failed site round is skipped: the
+    # run goes on with the other sites).
+    where: dict[str, list[str]] = {}
     for row in rows:
         dp = f"DP ε={row['epsilon_target']:g}" if row["dp"] else "no DP"
         for err, sites in _site_errors(row["site_errors"]).items():
-            console.print(
-                f"  [dim]{row['scenario']} · {row['method']} · {dp} · {', '.join(sites)}:[/] "
-                f"{escape(err)}",
-                highlight=False,
+            where.setdefault(err, []).append(
+                f"{row['scenario']} · {row['method']} · {dp} ({', '.join(sites)})"
             )
+    if where:
+        console.print("[bold]Site errors[/] (those site rounds were left out of the aggregate):")
+    for err, places in where.items():
+        console.print(f"  [red]•[/] {escape(err)}", highlight=False)
+        console.print(f"    [dim]{escape('; '.join(places))}[/]", highlight=False)
+
+
+def _strip_site(err: str) -> str:
+    return re.sub(r"^site \S+: ", "", err)
 
 
 def _site_errors(errors: list[str]) -> dict[str, list[str]]:
-    """Site errors with the ``site site-N:`` prefix folded: message -> the sites that hit it."""
+    """``site <id>: <message>`` strings folded: message -> the sites that hit it."""
     out: dict[str, list[str]] = {}
     for err in errors:
         match = re.match(r"site (\S+): (.*)", err, re.S)
-        site, text = (match.group(1), match.group(2)) if match else ("a site", err)
+        site, text = (match.group(1), match.group(2)) if match else ("site ?", err)
         out.setdefault(text, [])
         if site not in out[text]:
             out[text].append(site)

@@ -65,7 +65,9 @@ def train(msg: Message, context: Context) -> Message:
         if memory is not None and not memory.is_empty:
             from fedcl.continual.ewc import EWCHook
 
-            hooks.append(EWCHook(memory, spec.ewc_lambda))
+            train_spec = job.experiment.train
+            cap = 1.0 / train_spec.lr if train_spec.optimizer == "sgd" else None
+            hooks.append(EWCHook(memory, spec.ewc_lambda, max_curvature=cap))
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
@@ -87,9 +89,11 @@ def train(msg: Message, context: Context) -> Message:
             seed=job.experiment.seed * 100_003 + job.task_index * 1_000 + job.round_in_task,
         )
         try:
-            result = trainer.fit(
-                model, data, output_mask=job.data.stream.train_mask(job.task_index), hooks=hooks
-            )
+            # Replayed examples belong to earlier tasks: a task-IL mask of the current task
+            # would make their loss infinite, so replay trains the full head (masks still apply
+            # at evaluation, where the task identity is known).
+            mask = None if spec.uses_replay else job.data.stream.train_mask(job.task_index)
+            result = trainer.fit(model, data, output_mask=mask, hooks=hooks)
         finally:
             for hook in hooks:
                 getattr(hook, "close", lambda: None)()

@@ -37,13 +37,16 @@ class SitePrivacy:
         if self.spec.noise_multiplier is not None:
             return float(self.spec.noise_multiplier)
         train = self.job.experiment.train
+        rounds = train.rounds_per_task
+        if self.job.experiment.is_joint:  # one task, as many rounds as the whole sequence
+            rounds *= len(self.job.data.stream.evaluation_tasks)
         steps, rate = 0, 0.0
         for k in range(self.job.data.stream.num_tasks):
             n = len(self.job.data.train_set(k))
             if n == 0:
                 continue
             plan = sampling_plan(n, train.batch_size)
-            steps += train.rounds_per_task * train.local_epochs * plan.batches_per_epoch
+            steps += rounds * train.local_epochs * plan.batches_per_epoch
             rate = max(rate, plan.sample_rate)
         fisher = self.planned_fisher_releases()
         if not fisher:
