@@ -2,7 +2,7 @@
 
     python benchmarks/continual.py [--quick] [--scenarios a,b] [--methods a,b] [--no-dp | --dp-only]
         [--no-he] [--epsilon 8] [--seeds 0,1,2] [--engine inprocess|ray] [--set KEY=VALUE ...]
-        [--out FILE] [--keep] [--verbose]
+        [--out FILE] [--resume] [--keep] [--verbose]
 
 For each built-in scenario (``digits-class-il``, ``digits-domain-il``, ``digits-task-il``,
 ``defects-domain-il``; 5 non-IID sites, their default) every ``continual.method`` runs (naive,
@@ -18,10 +18,10 @@ that did not complete are shown with their reason, site rounds that failed or we
 counted. Written next to each other: JSON (``benchmarks/results/continual.json``: one row per
 configuration with its per-seed runs, the overrides used, machine info, timestamp) and a grid of
 accuracy-matrix heatmaps (``continual.png``: one row per scenario and DP setting, one column per
-method).
+method). The JSON is rewritten after every run, so a benchmark that is stopped keeps what it
+measured; ``--resume`` then reuses those runs (same configuration and overrides) and runs the rest.
 
-``--quick`` trains 2 rounds per task on the digits scenarios and 1 round of 1 local epoch per task
-on ``defects-domain-il``. Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``.
+``--quick`` trains 2 rounds per task (``defects-domain-il``: 2 rounds of 1 local epoch, not 4 of 3). Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``.
 Heavy imports live inside functions: the CKKS worker processes re-import this script.
 """
 
@@ -72,9 +72,9 @@ class Config:
 
 
 def quick_overrides(scenario: str) -> list[str]:
-    """``--quick``: fewer rounds (the defects CNN also trains one local epoch)."""
-    if scenario.startswith("defects"):
-        return ["train.rounds_per_task=1", "train.local_epochs=1"]
+    """``--quick``: 2 rounds per task (the defects CNN also trains one local epoch, not 3)."""
+    if Path(scenario).stem.startswith("defects"):
+        return ["train.rounds_per_task=2", "train.local_epochs=1"]
     return ["train.rounds_per_task=2"]
 
 
@@ -447,6 +447,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep every run's folder under <out dir>/<out stem>-runs/ instead of a temp dir",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs already in --out whose configuration and overrides match",
+    )
     parser.add_argument("--verbose", action="store_true", help="show fedcl's logs and warnings")
     args = parser.parse_args(argv)
 
@@ -506,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     machine = machine_info()
     console = Console()
+    he = "HE on" if args.he else "HE off"
+    seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"{len(args.seeds)} seeds"
+    title = f"Continual methods · 5-site scenarios · {he} · {seeds}" + (
+        " · quick" if args.quick else ""
+    )
+    previous = _previous_runs(args.out) if args.resume else {}
     runs_root = args.out.parent / f"{args.out.stem}-runs"
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="fedcl-continual-")
     base = runs_root if args.keep else Path(tmp.name)
@@ -524,12 +535,17 @@ def main(argv: list[str] | None = None) -> int:
             bar = progress.add_task("configurations", total=len(configs))
             for config in configs:
                 progress.update(bar, description=config.slug)
-                out_dir = base / config.slug
-                if args.keep and out_dir.exists():
-                    shutil.rmtree(out_dir)  # a stale registry would hold an older run
-                record = run_one(config, overrides_for(config, args), out_dir, args.engine)
-                if args.keep:
-                    record["out_dir"] = str(out_dir)
+                overrides = overrides_for(config, args)
+                record = previous.get((config.slug, tuple(overrides)))
+                if record is not None:
+                    record = {**record, "resumed": True}
+                else:
+                    out_dir = base / config.slug
+                    if args.keep and out_dir.exists():
+                        shutil.rmtree(out_dir)  # a stale registry would hold an older run
+                    record = run_one(config, overrides, out_dir, args.engine)
+                    if args.keep:
+                        record["out_dir"] = str(out_dir)
                 runs.append(record)
                 acc = record.get("avg_accuracy")
                 eps = record.get("epsilon_max")
@@ -537,9 +553,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{config.slug}: {record['status']}"
                     + (f" ACC {acc:.3f}" if acc is not None else "")
                     + (f" ε {eps:.2f}" if eps is not None else "")
-                    + f" ({record['total_seconds']:.1f} s)",
+                    + f" ({record['total_seconds']:.1f} s)"
+                    + (" (from the previous JSON)" if record.get("resumed") else ""),
                     highlight=False,
                 )
+                # Saved after every run: a killed benchmark keeps what it measured (--resume).
+                save(args, argv, machine, runs, time.perf_counter() - start, complete=False)
                 progress.advance(bar)
     finally:
         if tmp is not None:
@@ -549,26 +568,52 @@ def main(argv: list[str] | None = None) -> int:
 
             parallel.shutdown()
     total = time.perf_counter() - start
+    report = save(args, argv, machine, runs, total, complete=True)
+    render(report["rows"], title)
+    console.print(f"{len(runs)} runs in {total:.0f} s", highlight=False)
+    png = plot(report["rows"], args.methods, args.out.with_suffix(".png"), title)
+    console.print(f"wrote {args.out} and {png}", highlight=False)
+    return 0
 
+
+def _previous_runs(path: Path) -> dict[tuple[str, tuple[str, ...]], dict[str, Any]]:
+    """(slug, overrides) -> run record from an earlier JSON at ``path`` (``--resume``)."""
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for row in report.get("rows", []):
+        for run in row.get("runs", []):
+            config = Config(run["scenario"], run["method"], run["dp"], run["seed"])
+            out[(config.slug, tuple(run["overrides"]))] = run
+    return out
+
+
+def save(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    machine: dict[str, Any],
+    runs: list[dict[str, Any]],
+    total: float,
+    *,
+    complete: bool,
+) -> dict[str, Any]:
+    """Write the JSON report (rows aggregated over seeds) and return it."""
     grouped: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
     for record in runs:
         key = (record["scenario"], record["method"], record["dp"])
         grouped.setdefault(key, []).append(record)
     rows = [aggregate(group, args.epsilon) for group in grouped.values()]
-
-    he = "HE on" if args.he else "HE off"
-    seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"{len(args.seeds)} seeds"
-    title = f"Continual methods · 5-site scenarios · {he} · {seeds}" + (
-        " · quick" if args.quick else ""
-    )
-    render(rows, title)
-    console.print(f"{len(runs)} runs in {total:.0f} s", highlight=False)
-
+    machine = dict(machine)
     with contextlib.suppress(OSError):
         machine["load_average_end"] = list(os.getloadavg())
     report = {
         "benchmark": "continual",
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "complete": complete,
         "command": [Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
         "quick": args.quick,
         "engine": args.engine,
@@ -591,10 +636,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    png = plot(rows, args.methods, args.out.with_suffix(".png"), title)
-    console.print(f"wrote {args.out} and {png}", highlight=False)
-    return 0
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out)
+    return report
 
 
 if __name__ == "__main__":

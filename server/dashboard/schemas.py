@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # from_attributes: the registry's frozen info dataclasses validate straight into these.
+    model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
 class RunOut(_Out):

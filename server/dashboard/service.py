@@ -193,13 +193,7 @@ def task_list(registry: Registry, run: RunInfo) -> list[TaskOut]:
 
 
 def _participation_out(p: ParticipationInfo) -> ParticipationOut:
-    return ParticipationOut(
-        site_id=p.site_id,
-        phase=p.phase,
-        status=p.status,
-        num_examples=p.num_examples,
-        detail=p.detail,
-    )
+    return ParticipationOut.model_validate(p)
 
 
 def _round_out(r: RoundInfo, parts: Iterable[ParticipationInfo]) -> RoundOut:
@@ -490,15 +484,7 @@ def one_version(registry: Registry, v: ModelVersionInfo) -> VersionOut:
 
 
 def _audit_out(a: AuditInfo) -> AuditOut:
-    return AuditOut(
-        id=a.id,
-        run_id=a.run_id,
-        site_id=a.site_id,
-        kind=a.kind,
-        message=a.message,
-        actor=a.actor,
-        created_at=a.created_at,
-    )
+    return AuditOut.model_validate(a)
 
 
 def audit_list(
