@@ -115,3 +115,50 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert {v.format for v in versions} == {"ckks", "fisher-ckks"}
     assert agreement and all(m.value == 1.0 for m in agreement)  # every site decrypted alike
     assert (out / "keys" / "secret.ctx").stat().st_mode & 0o077 == 0
+
+
+def test_simulate_serves_the_dashboard_during_and_after_the_run(tmp_path) -> None:
+    import re
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedcl.cli.main", "simulate", "digits-domain-il",
+         "--engine", "inprocess", "--set", "train.rounds_per_task=1",
+         "--set", "simulation.num_sites=2", "--out", str(tmp_path / "out"),
+         "--run-id", "watched", "--no-progress", "--dashboard", "--dashboard-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        token = None
+        for line in proc.stdout:
+            m = re.search(r"admin token (\S+)\)", line)
+            if m:
+                token = m.group(1)
+                break
+        assert token, "no dashboard token printed"
+        seen: set[str] = set()
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/runs/watched",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    seen.add(json.loads(resp.read())["status"])
+            except OSError:
+                pass  # not up yet, or the run is not registered yet
+            if "completed" in seen:
+                break
+            time.sleep(0.5)
+        assert "completed" in seen  # and the server is still up after the run
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
