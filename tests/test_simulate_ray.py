@@ -84,7 +84,7 @@ def test_version_and_help() -> None:
 
 
 def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
-    """Every capability at once through the Ray engine: DP-SGD, CKKS aggregation, EWC."""
+    """Every capability at once through the Ray engine: DP-SGD, CKKS, EWC and replay."""
     out = tmp_path / "out"
     proc = fedcl(
         "simulate",
@@ -93,7 +93,7 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
         "--set", "simulation.num_sites=3",
         "--set", "dp.epsilon=8",
         "--set", "he.enabled=true",
-        "--set", 'continual.method="ewc"',
+        "--set", 'continual.method="ewc+replay"',
         "--out", str(out),
         "--run-id", "everything",
         "--no-progress",
@@ -115,6 +115,8 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert {v.format for v in versions} == {"ckks", "fisher-ckks"}
     assert agreement and all(m.value == 1.0 for m in agreement)  # every site decrypted alike
     assert (out / "keys" / "secret.ctx").stat().st_mode & 0o077 == 0
+    buffers = list((out / "sites").glob("site-*/runs/everything/replay.safetensors"))
+    assert len(buffers) == 3  # each site kept its own replay buffer on its own disk
 
 
 def test_simulate_serves_the_dashboard_during_and_after_the_run(tmp_path) -> None:
