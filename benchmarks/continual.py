@@ -21,7 +21,8 @@ accuracy-matrix heatmaps (``continual.png``: one row per scenario and DP setting
 method). The JSON is rewritten after every run, so a benchmark that is stopped keeps what it
 measured; ``--resume`` then reuses those runs (same configuration and overrides) and runs the rest.
 
-``--quick`` trains 2 rounds per task (``defects-domain-il``: 2 rounds of 1 local epoch, not 4 of 3). Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``.
+``--quick`` trains 2 rounds per task (``defects-domain-il``: 2 rounds of 1 local epoch, not 4 of
+3). Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``.
 Heavy imports live inside functions: the CKKS worker processes re-import this script.
 """
 
