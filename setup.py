@@ -1,4 +1,4 @@
-"""Maps every top-level code folder into the ``fedcl`` namespace (DESIGN.md §1).
+"""Maps every top-level code folder into the ``fedcl`` namespace (docs/DESIGN.md §1).
 
 ``fedcl.server`` lives in ``server/``, ``fedcl.client`` in ``client/``, and so on. Listing the
 packages here (rather than by hand in pyproject.toml) keeps new subpackages from being forgotten.

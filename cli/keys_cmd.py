@@ -1,4 +1,4 @@
-"""``fedcl keys``: create and inspect the federation's CKKS key set (DESIGN.md §4).
+"""``fedcl keys``: create and inspect the federation's CKKS key set (docs/DESIGN.md §4).
 
 ``init`` is run once, by whoever administers the federation's keys: ``secret.ctx`` goes to every
 site out of band (file mode 0600), ``public.ctx`` to the coordinator. ``show`` lets a site admin

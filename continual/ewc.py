@@ -1,4 +1,4 @@
-"""Online elastic weight consolidation (EWC) at the sites (DESIGN.md §3 step 4, §7).
+"""Online elastic weight consolidation (EWC) at the sites (docs/DESIGN.md §3 step 4, §7).
 
 EWC (Kirkpatrick et al., 2017) keeps earlier tasks by pulling each parameter back towards the
 value it had after those tasks, in proportion to how much the loss cared about it: the penalty
@@ -9,7 +9,7 @@ so memory and cost stay constant however long the stream: ``F ← γ·F + F_t``,
 Why the penalty is a hook and not a loss term: Opacus computes per-sample gradients of the data
 loss only; a penalty added to the loss is silently dropped in "hooks" and "functorch" modes and,
 in "ghost" mode, kept but scaled by the mean clipping coefficient (opacus#249, measured in
-``notes/measurements.md``). :class:`EWCHook` therefore adds the penalty's gradient
+``docs/notes/measurements.md``, "Opacus 1.6"). :class:`EWCHook` thus adds the penalty's gradient
 ``λ·F·(θ − θ*)`` to ``p.grad`` *after* clipping and noising, which the site trainer does through
 ``add_gradients``. This costs no privacy: ``F`` is the federated DP Fisher and ``θ*`` the global
 model, both already released, so the penalty gradient is post-processing. (With DP on, never
@@ -17,7 +17,7 @@ feed a *non-private* Fisher of the site's data to the hook: that would bypass th
 
 Every site must hold the same memory — the anchor is the *global* model at the task's end and
 the Fisher is the federated sum — so :meth:`EWCMemory.digest` gives a SHA-256 that the sites
-report and the coordinator compares, just as it compares model digests (DESIGN.md §4).
+report and the coordinator compares, just as it compares model digests (docs/DESIGN.md §4).
 
 This module must not import ``fedcl.client`` (layering: client → continual); the hook is
 duck-typed to the trainer's ``TrainHook`` protocol.

@@ -1,4 +1,4 @@
-"""Forgetting metrics over an accuracy matrix (Lopez-Paz & Ranzato, 2017; DESIGN.md §7).
+"""Forgetting metrics over an accuracy matrix (Lopez-Paz & Ranzato, 2017; docs/DESIGN.md §7).
 
 ``R[i][j]`` is the accuracy on task ``j`` after training on task ``i``; ``baseline[j]`` is the
 accuracy of the initial model on task ``j`` (needed for forward transfer).

@@ -1,4 +1,4 @@
-"""Site-local experience replay (DESIGN.md §7): a bounded memory of earlier tasks' examples.
+"""Site-local experience replay (docs/DESIGN.md §7): a bounded memory of earlier tasks' examples.
 
 EWC alone does not solve class-incremental learning (Hsu et al., 2018; our Split-Digits
 baseline: ~0.2 average accuracy, like fine-tuning), because nothing in a task's data asks the

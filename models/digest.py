@@ -1,6 +1,6 @@
 """One SHA-256 for a set of weights, computed the same way at every site and the coordinator.
 
-Sites report it after applying an aggregate (DESIGN.md §4): when the coordinator cannot decrypt,
+Sites report it after applying an aggregate (docs/DESIGN.md §4): if the coordinator cannot decrypt,
 agreeing digests are its only evidence that every site holds the same global model.
 """
 

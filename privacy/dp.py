@@ -47,7 +47,7 @@ MECHANISM_DP_SGD = "dp-sgd"
 #: Grad-sample modes that work with :class:`fedcl.client.trainer.LocalTrainer`. "ghost" is
 #: excluded: it needs Opacus' own loss wrapper for its double backward pass (the trainer owns
 #: its criterion), and it scales a penalty added to the loss by the mean clip factor, which
-#: breaks the sensitivity argument (notes/measurements.md).
+#: breaks the sensitivity argument (docs/notes/measurements.md, "Opacus 1.6").
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 SMALL_EXPECTED_BATCH = 8.0

@@ -1,7 +1,7 @@
 """The site's privacy ledger: every release of information about the site's data, forever.
 
 A site's privacy loss accumulates over *all* runs and tasks it ever takes part in, so the
-ledger lives in the site state directory (DESIGN.md §6), not in Flower's per-run
+ledger lives in the site state directory (docs/DESIGN.md §6), not in Flower's per-run
 ``context.state``. It stores the raw mechanism parameters of each release — noise multiplier,
 sample rate and step count of a (Poisson-subsampled) Gaussian mechanism — and never a per-round
 ε: ε values do not add up (summing them overstates the loss by an order of magnitude, and a

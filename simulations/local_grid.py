@@ -1,6 +1,6 @@
 """An in-process Flower ``Grid``: the same ServerApp and ClientApp, no network, no Ray.
 
-It stands in for the transport only (a test double for the network, DESIGN.md §2): messages are
+It stands in for the transport only (a test double for the network, docs/DESIGN.md §2): messages are
 real Flower ``Message``s, each virtual site has its own ``Context`` with ``partition-id`` like in
 Flower's simulation engine, and a ClientApp exception becomes an error reply exactly as the real
 runtimes report it. Used by the fast tests and by ``fedcl simulate --engine inprocess``.

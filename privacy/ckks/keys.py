@@ -1,7 +1,7 @@
 """CKKS key custody: one secret context for the sites, one public context for the coordinator.
 
 TenSEAL has no threshold or multi-key CKKS, so every site holds the same secret key and the
-coordinator holds only the public part (DESIGN.md §4). What this module guarantees:
+coordinator holds only the public part (docs/DESIGN.md §4). What this module guarantees:
 
 * ``init_keys`` writes ``secret.ctx`` (parameters, public key and secret key; file mode 0600,
   for the sites, handed over out of band) and ``public.ctx`` (parameters and public key only: no

@@ -2,7 +2,7 @@
 
 ``create_app`` opens the registry once and wires routers, templates, static files, Prometheus
 and error handling. The dashboard is its own process over the coordinator's registry database
-(DESIGN.md §2): it reads and, for model-version decisions only, writes through the registry
+(docs/DESIGN.md §2): it reads and, for model-version decisions only, writes through the registry
 facade, and holds no state of its own.
 """
 

@@ -1,6 +1,6 @@
 """Dashboard roles and who a request is acting as.
 
-Three roles (DESIGN.md §4): ``admin`` is the coordinator operator and may do everything;
+Three roles (docs/DESIGN.md §4): ``admin`` is the coordinator operator and may do everything;
 ``viewer`` may read everything and change nothing; ``site:<id>`` is a site administrator, who may
 read federation-level data (runs, aggregates, model versions) plus the detail rows of its own site
 only — participations, per-site metrics and privacy spend of other sites stay hidden, because a

@@ -1,7 +1,7 @@
 """Prometheus metrics computed from the registry at scrape time.
 
 A custom collector rather than counters updated in-process: the dashboard is a separate process
-from the coordinator (DESIGN.md §2), so the registry is the only place that knows how many rounds
+from the coordinator (docs/DESIGN.md §2): the registry is the only place that knows how many rounds
 ran. Every scrape reads it afresh; values are therefore exactly what the registry says, survive
 dashboard restarts, and several dashboards over one registry agree.
 

@@ -141,7 +141,7 @@ class PrivacyOut(_Out):
 class HashAgreementOut(_Out):
     """What the registry records about a site's model-hash agreement, if anything.
 
-    Sites report the SHA-256 of the model after applying an aggregate (DESIGN.md §4); the
+    Sites report the SHA-256 of the model after applying an aggregate (docs/DESIGN.md §4); the
     dashboard shows whatever metric or audit event recorded the check, and nothing when none did.
     """
 

@@ -76,7 +76,7 @@ def get_version(version_id: VersionId, registry: RegistryDep, _: Reader) -> Vers
     description=(
         "Plaintext versions (format `safetensors`) download as a safetensors file. Encrypted "
         "versions (format `ckks`) download only as the raw encrypted blob the coordinator "
-        "stored: the coordinator holds no CKKS secret key (DESIGN.md §4), so it cannot decrypt "
+        "stored: the coordinator holds no CKKS secret key (docs/DESIGN.md §4): it cannot decrypt "
         "them; a site decrypts with its secret context. The `X-Fedcl-Encrypted` and "
         "`X-Fedcl-Sha256` headers say which it is and what the bytes hash to."
     ),
