@@ -9,25 +9,17 @@ ledger, replay buffer).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from functools import cached_property
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 
 from fedcl.config import ExperimentConfig, SiteConfig
 from fedcl.config import protocol as P
-from fedcl.datasets.info import dataset_info
-from fedcl.models import build_model
+from fedcl.continual.plan import RunPlan
 
+from .codec import UpdateCodec, codec_for
 from .site import SiteData, load_site_data, resolve_site_config
-
-
-def split_count(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Separate the example-count array from a summed record (Fisher shares carry one)."""
-    tensors = {k: v for k, v in state.items() if k != P.COUNT_ARRAY}
-    count = int(round(float(state[P.COUNT_ARRAY].reshape(-1)[0]))) if P.COUNT_ARRAY in state else 0
-    return tensors, count
 
 
 class SiteJob:
@@ -58,48 +50,22 @@ class SiteJob:
 
     # --- decoding what the coordinator sent ----------------------------------------------------
     @cached_property
-    def crypto(self):
-        """This site's CKKS keys (only when the experiment encrypts)."""
-        from .encryption import SiteCrypto
+    def plan(self) -> RunPlan:
+        """The run's schedule and model, as the coordinator computes them."""
+        return RunPlan.of(self.experiment)
 
-        return SiteCrypto(self.experiment, self.site)
-
-    def is_encrypted(self, key: str) -> bool:
-        from .encryption import meta_key
-
-        return meta_key(key) in self.msg.content.config_records
-
-    def decode_state(
-        self, key: str, like: dict[str, torch.Tensor] | None = None, *, fisher: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """A state dict the coordinator sent under ``key``: plaintext, or decrypted here.
-
-        An encrypted record decrypts to the example-weighted *mean* over the sites that
-        contributed (the count never leaves the ciphertext); ``like`` gives names and shapes.
-        """
-        record: ArrayRecord = self.msg.content[key]
-        if not self.is_encrypted(key):
-            return record.to_torch_state_dict()
-        from .encryption import meta_key
-
-        assert like is not None, "decrypting needs the expected names and shapes"
-        meta = self.msg.content.config_records[meta_key(key)]
-        return self.crypto.decrypt(record, meta, like, fisher=fisher)
+    @cached_property
+    def codec(self) -> UpdateCodec:
+        """Plaintext or CKKS, chosen once for this job (the only ``he.enabled`` branch)."""
+        return codec_for(self.experiment, self.site)
 
     def new_model(self) -> torch.nn.Module:
-        info = dataset_info(self.experiment.data, self.experiment.seed)
-        return build_model(
-            self.experiment.model.name,
-            in_channels=info.channels,
-            image_size=info.image_size,
-            num_classes=self.data.stream.num_outputs,
-            **self.experiment.model.options,
-        )
+        return self.plan.build_model()
 
     def global_model(self) -> torch.nn.Module:
         """The coordinator's current model, rebuilt from the experiment and its weights."""
         model = self.new_model()
-        model.load_state_dict(self.decode_state(P.ARRAYS, like=model.state_dict()))
+        model.load_state_dict(self.codec.decode(self.msg.content, P.ARRAYS, model.state_dict()))
         return model
 
     def param_shapes(self) -> dict[str, torch.Tensor]:
@@ -110,11 +76,9 @@ class SiteJob:
         """The federated Fisher of a consolidated task (clamped at 0: DP noise can go below)."""
         from fedcl.continual.fisher import fisher_from_sum
 
-        key = P.fisher_key(task)
-        if self.is_encrypted(key):
-            mean = self.decode_state(key, like=self.param_shapes(), fisher=True)
-            return fisher_from_sum(mean, 1)
-        summed, count = split_count(self.decode_state(key))
+        summed, count = self.codec.decode_sum(
+            self.msg.content, P.fisher_key(task), self.param_shapes()
+        )
         return fisher_from_sum(summed, count)
 
     def ewc_memory(self):
@@ -126,7 +90,7 @@ class SiteJob:
         if tasks == 0:
             return memory
         model = self.new_model()
-        anchor = self.decode_state(P.ANCHOR, like=model.state_dict())
+        anchor = self.codec.decode(self.msg.content, P.ANCHOR, model.state_dict())
         params = self.param_shapes()
         anchor = {n: t for n, t in anchor.items() if n in params}
         for k in range(tasks):

@@ -3,6 +3,8 @@
 Both sides import these constants so a renamed key is a one-line change, not a silent mismatch.
 """
 
+from .vocabulary import SiteStatus
+
 ARRAYS = "arrays"  # ArrayRecord: model weights (plaintext) or ciphertext blocks
 CONFIG = "config"  # ConfigRecord: instructions from the coordinator
 METRICS = "metrics"  # MetricRecord: numbers a site reports
@@ -42,9 +44,10 @@ DP_EPSILON_LIFETIME = "dp-epsilon-lifetime"
 DP_DELTA = "dp-delta"
 DP_BUDGET = "dp-budget"
 
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
-STATUS_REFUSED = "refused"
+# What a site may say of its own reply (``rejected`` is the coordinator's word, not a site's).
+STATUS_OK = SiteStatus.OK
+STATUS_FAILED = SiteStatus.FAILED
+STATUS_REFUSED = SiteStatus.REFUSED
 STATUSES = (STATUS_OK, STATUS_FAILED, STATUS_REFUSED)
 
 
@@ -56,3 +59,8 @@ def eval_key(kind: str, task: int) -> str:
 def fisher_key(task: int) -> str:
     """Record key of task ``task``'s summed Fisher in a coordinator message."""
     return f"{FISHER}-{task}"
+
+
+def meta_key(record_key: str) -> str:
+    """Where the CKKS metadata of an encrypted record travels (``ckks`` for the model)."""
+    return HE_META if record_key == ARRAYS else f"{HE_META}:{record_key}"

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from fedcl.config import (
+    DataSource,
     ExperimentConfig,
+    PrivacyPolicy,
     SiteConfig,
-    SiteData,
     SitePartition,
-    SitePrivacy,
     write_toml,
 )
-from fedcl.server.coordinator import Coordinator, CoordinatorOptions, initial_model
+from fedcl.server.coordinator import Coordinator, CoordinatorOptions
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
 from fedcl.server.results import build_results
@@ -95,7 +95,7 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
         site = SiteConfig(
             site_id=f"site-{i}",
             state_dir=(sites_dir / f"site-{i}").resolve(),
-            data=SiteData(
+            data=DataSource(
                 source="builtin",
                 name=experiment.data.dataset,
                 partition=SitePartition(
@@ -107,7 +107,7 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
                 ),
             ),
             key_path=key_path,
-            privacy=SitePrivacy(
+            privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
                 delta=experiment.dp.delta,
             ),
@@ -118,11 +118,15 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
 
 def preflight(experiment: ExperimentConfig) -> None:
     """Fail fast, before Ray starts, on anything the coordinator would reject later."""
-    from fedcl.continual.tasks import experiment_stream
-    from fedcl.datasets.info import dataset_info
+    if experiment.he.enabled:
+        from fedcl.privacy.ckks import check_packing
 
-    stream = experiment_stream(experiment, dataset_info(experiment.data, experiment.seed))
-    initial_model(experiment, stream)
+        check_packing(experiment.he)  # a packing that cannot sum he.max_sites sites exactly
+    from fedcl.continual.plan import RunPlan
+    from fedcl.strategies.table import strategy_entry
+
+    strategy_entry(experiment.strategy.name)
+    RunPlan.of(experiment).initial_model()  # the model, its options and the stream build
 
 
 def quiet_flower() -> None:
@@ -138,8 +142,8 @@ def quiet_flower() -> None:
 def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     """Run the federation, then write ``results.json`` and ``accuracy_matrix.png`` to OUT."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    preflight(plan.experiment)  # before anything is written: keys, site configs
     experiment = plan.experiment = prepare_keys(plan.experiment, plan.out_dir)
-    preflight(experiment)
     write_site_configs(experiment, plan.sites_dir)
     (plan.out_dir / "experiment.json").write_text(
         json.dumps(experiment.model_dump(mode="json"), indent=2)

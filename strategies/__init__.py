@@ -1,13 +1,26 @@
-"""Aggregation of site updates: subclasses of Flower's message-API strategies."""
+"""Aggregation of site updates: any Flower strategy made site-aware, and encryption as a wrapper.
 
-from .fedavg import SiteAwareMixin, SiteFedAvg, SiteFedProx
+* :mod:`.contract`  what a round hands a strategy and gets back (typed results, no side channels)
+* :mod:`.sites`     :class:`SiteStrategy`: a Flower strategy whose replies are sorted by site
+* :mod:`.encrypted` :class:`Encrypted`: CKKS validation and a ciphertext sum around a summable one
+* :mod:`.table`     strategies by name (``strategy.name``), and :func:`build_strategy`
+* :mod:`.outcomes`  one :class:`SiteOutcome` per reply
+"""
+
+from .contract import Aggregate, Evaluation, GlobalModel, RoundStrategy
 from .outcomes import SiteDirectory, SiteOutcome, record_bytes
+from .sites import SiteStrategy
+from .table import STRATEGIES, build_strategy
 
 __all__ = [
-    "SiteAwareMixin",
+    "STRATEGIES",
+    "Aggregate",
+    "Evaluation",
+    "GlobalModel",
+    "RoundStrategy",
     "SiteDirectory",
-    "SiteFedAvg",
-    "SiteFedProx",
     "SiteOutcome",
+    "SiteStrategy",
+    "build_strategy",
     "record_bytes",
 ]

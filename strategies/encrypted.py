@@ -1,12 +1,14 @@
-"""FedAvg and FedProx over CKKS ciphertexts: the coordinator adds, it never decrypts.
+"""Encrypted aggregation as a wrapper around any summable strategy (docs/DESIGN.md §4–§5).
 
-Sites reply with their example-weighted, quantised update encrypted under the federation's key
-(:mod:`fedcl.privacy.ckks`). This strategy holds only the *public* context (it refuses a secret
-one), validates every reply against what this round expects (key fingerprint, model layout,
-packing, block count and sizes, ciphertexts that deserialize under the public context, the model
-the site trained from) and drops a bad reply with a logged reason instead of failing the round.
-The rest are summed block-wise; the encrypted sum (with the example counts still inside it) is
-the new "global model", which the coordinator stores and sends to the sites with its metadata.
+Like Flower's DP wrappers, :class:`Encrypted` wraps another strategy and changes one thing: the
+aggregation. Sites reply with their example-weighted, quantised update encrypted under the
+federation's key (:mod:`fedcl.privacy.ckks`); the wrapper holds only the *public* context (it
+refuses a secret one), validates every reply against what the round expects (key fingerprint,
+model layout, packing, block count and sizes, ciphertexts that deserialize under the public
+context, the model the site trained from), drops a bad reply as *rejected* with its reason, and
+sums the rest block-wise. The encrypted sum, with the example counts still inside it, is the new
+global model, which the sites decrypt. Only a strategy whose aggregation is a weighted sum
+(``summable``) can be wrapped: a server-side optimiser or a median cannot run on ciphertexts.
 
 What the coordinator learns: which sites took part and their plaintext metrics (train loss).
 Not their updates, not their example counts (so the train loss is a plain mean over sites).
@@ -17,29 +19,26 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedcl.config import ConfigError, ExperimentConfig
 from fedcl.config import protocol as P
+from fedcl.config.vocabulary import SiteStatus
 from fedcl.privacy.ckks.codec import Layout, Packing
 from fedcl.privacy.ckks.errors import CKKSKeyError, ReplyRejected
-from fedcl.privacy.ckks.wire import (
-    BLOCK_PREFIX,
-    BLOCK_STYPE,
-    META_KEY,
-    EncryptedSum,
-    ExpectedReply,
-    WireMeta,
-)
+from fedcl.privacy.ckks.wire import BLOCK_PREFIX, BLOCK_STYPE, EncryptedSum, ExpectedReply, WireMeta
 
-from .fedavg import SiteFedAvg, SiteFedProx
+from .contract import Aggregate, Evaluation, GlobalModel
 from .outcomes import SiteOutcome
+from .sites import SiteStrategy
 
 logger = logging.getLogger("fedcl.strategies")
 
-CONTRIBUTORS = "contributors"  # MetricRecord key: sites whose ciphertexts were summed
+CONTRIBUTORS = "contributors"  # metric: how many sites' ciphertexts were summed
 
 
 def is_encrypted(arrays: ArrayRecord | None) -> bool:
@@ -50,185 +49,195 @@ def is_encrypted(arrays: ArrayRecord | None) -> bool:
     return first.startswith(BLOCK_PREFIX) and arrays[first].stype == BLOCK_STYPE
 
 
-class EncryptedMixin:
-    """Replaces the plaintext average by validation and a ciphertext sum (mixed in first)."""
+class Encrypted:
+    """Validation and a ciphertext sum in place of ``strategy``'s plaintext average."""
 
-    arrayrecord_key: str
-
-    def _init_encryption(
+    def __init__(
         self,
+        strategy: SiteStrategy,
+        *,
         public_context: Any,
         packing: Packing,
         layout: Layout,
-        *,
-        expected_base: str | None = None,
+        share_packing: Packing | None = None,
+        share_layout: Layout | None = None,
     ) -> None:
+        if not strategy.summable:
+            raise ConfigError(
+                f"field 'he.enabled': {type(strategy.flower).__name__} does not aggregate by a "
+                "weighted sum, so it cannot run on ciphertexts; use fedavg or fedprox"
+            )
         if public_context.is_private():
             raise CKKSKeyError(
                 "the coordinator was given a SECRET CKKS context; it must load public.ctx "
                 "(fedcl.privacy.ckks.load_public_context) and never hold the secret key"
             )
+        self.inner = strategy
+        self.sites = strategy.sites
         self.public_context = public_context
         self.expected = ExpectedReply.build(public_context, packing, layout)
-        #: SHA-256 of this round's model, when the coordinator knows it (e.g. the plaintext
-        #: initial model, or what the sites agreed on); otherwise the replies' majority.
-        self.expected_base: str | None = expected_base
-        #: (site id, reason) of every reply dropped in the last aggregation: audit these.
-        self.last_rejections: list[tuple[str, str]] = []
-        #: Metadata of the last encrypted aggregate (store it with the arrays; send both).
-        self.last_aggregate_meta: ConfigRecord | None = None
-        #: Metadata attached to encrypted arrays sent by ``configure_train/evaluate``; set
-        #: automatically after each aggregation, and by the coordinator when it resumes.
-        self.global_meta: ConfigRecord | None = None
-        self._rejected_outcomes: list[SiteOutcome] = []
+        self.expected_share = (
+            ExpectedReply.build(public_context, share_packing, share_layout)
+            if share_packing is not None and share_layout is not None
+            else None
+        )
+
+    @classmethod
+    def for_experiment(
+        cls, strategy: SiteStrategy, experiment: ExperimentConfig, model: Any
+    ) -> Encrypted:
+        """The coordinator's CKKS custody for ``experiment``: public key, layouts, packings."""
+        from fedcl.privacy.ckks import check_packing, packing_for
+        from fedcl.privacy.ckks.keys import load_public_context
+
+        he = experiment.he
+        if not he.public_context:
+            raise ConfigError(
+                "field 'he.public_context': he.enabled needs the coordinator's public.ctx "
+                "(from `fedcl keys init`); the coordinator never loads secret.ctx"
+            )
+        check_packing(he)
+        params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        return cls(
+            strategy,
+            public_context=load_public_context(he.public_context, he.fingerprint),
+            packing=packing_for(he),
+            layout=Layout.from_state_dict(model.state_dict()),
+            share_packing=packing_for(he, fisher=True),
+            share_layout=Layout.from_state_dict(params),
+        )
+
+    @property
+    def min_available_nodes(self) -> int:
+        return self.inner.min_available_nodes
 
     # --- sending ----------------------------------------------------------------------------
-    def _attach_meta(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
-        messages = list(messages)
-        if not is_encrypted(arrays):
-            return messages  # the plaintext initial model of round 1
-        if self.global_meta is None:
-            raise ValueError(
-                "encrypted arrays without metadata: set strategy.global_meta to the aggregate's "
-                "ConfigRecord (stored with the model version) before sending it"
-            )
-        meta = WireMeta.from_record(self.global_meta)
-        if -(-meta.num_blocks // meta.per_array) != len(arrays):  # blocks are grouped per Array
-            raise ValueError("strategy.global_meta does not describe these encrypted arrays")
-        for msg in messages:
-            msg.content[META_KEY] = self.global_meta
+    def configure_train(
+        self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        messages = self.inner.configure_train(server_round, model, config, grid)
+        self.attach_meta(messages, P.ARRAYS, model)
         return messages
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._attach_meta(messages, arrays)
-
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._attach_meta(messages, arrays)
+        self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        messages = self.inner.configure_evaluate(server_round, model, config, grid)
+        self.attach_meta(messages, P.ARRAYS, model)
+        return messages
+
+    def attach(self, messages: list[Message], key: str, model: GlobalModel) -> None:
+        self.inner.attach(messages, key, model)
+        self.attach_meta(messages, key, model)
+
+    @staticmethod
+    def attach_meta(messages: list[Message], key: str, model: GlobalModel) -> None:
+        """Send an encrypted model's metadata beside it (a plaintext model needs none)."""
+        if not is_encrypted(model.arrays):
+            return  # the plaintext initial model of round 1
+        if model.meta is None:
+            raise ValueError(
+                "encrypted arrays without metadata: a GlobalModel holding CKKS blocks needs the "
+                "aggregate's ConfigRecord (stored with the model version)"
+            )
+        meta = WireMeta.from_record(model.meta)
+        if -(-meta.num_blocks // meta.per_array) != len(model.arrays):  # blocks grouped per Array
+            raise ValueError("the GlobalModel's metadata does not describe its encrypted arrays")
+        for msg in messages:
+            msg.content[P.meta_key(key)] = model.meta
 
     # --- receiving --------------------------------------------------------------------------
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Like the plaintext version, but no reply carries an example count to filter on."""
-        outcomes = self.sites.sort(replies)  # type: ignore[attr-defined]
-        self.last_train_outcomes = outcomes
-        self.last_rejections = []
-        for o in outcomes:
-            if not o.ok:
-                logger.warning(
-                    "round %d: site %s %s: %s", server_round, o.site_id, o.status, o.detail
-                )
+        self, server_round: int, replies: Iterable[Message], *, base: str | None = None
+    ) -> Aggregate:
+        """Validate and sum; ``base`` is the hash of the round's model when it is known.
+
+        No reply carries an example count in clear, so none is filtered on one. Without a known
+        ``base`` (the coordinator cannot decrypt the model it sent), the replies' majority is
+        the reference.
+        """
+        outcomes = self.inner.sort(server_round, replies)
         good = [o for o in outcomes if o.ok]
         if not good:
-            return None, None
-        arrays = self.aggregate_updates(server_round, good)
-        if arrays is None:
-            return None, None
-        rejected = {id(o) for o in self._rejected_outcomes}
-        summed = [o for o in good if id(o) not in rejected]
+            return Aggregate(None, outcomes)
+        expected = self.expected.with_base(base or majority_base(good))
+        model, outcomes = self._sum(server_round, expected, P.ARRAYS, outcomes)
+        summed = [o for o in outcomes if o.ok]
         losses = [o.metrics[P.TRAIN_LOSS] for o in summed if P.TRAIN_LOSS in o.metrics]
-        metrics: dict[str, float | int] = {CONTRIBUTORS: len(summed)}
+        metrics: dict[str, float] = {CONTRIBUTORS: float(len(summed))}
         if losses:
             metrics[P.TRAIN_LOSS] = sum(losses) / len(losses)
-        return arrays, MetricRecord(metrics)
+        return Aggregate(model, outcomes, metrics if model is not None else {})
 
-    def aggregate_updates(self, server_round: int, good: list[SiteOutcome]) -> ArrayRecord | None:
-        """Validate each reply and add the valid ones' ciphertexts block-wise."""
-        self.last_rejections = []
-        self._rejected_outcomes = []
-        expected = self.expected.with_base(self._round_base(good))
+    def sum_shares(self, key: str, outcomes: list[SiteOutcome]) -> Aggregate:
+        """Sum the sites' encrypted shares under ``key`` (EWC's Fisher), validated like updates."""
+        if self.expected_share is None:
+            raise ValueError("this Encrypted strategy was built without a share layout")
+        model, outcomes = self._sum(0, self.expected_share, key, outcomes)
+        return Aggregate(model, outcomes)
+
+    def _sum(
+        self, server_round: int, expected: ExpectedReply, key: str, outcomes: list[SiteOutcome]
+    ) -> tuple[GlobalModel | None, list[SiteOutcome]]:
+        """Add every valid reply's ciphertexts block-wise; mark the others *rejected*."""
         total = EncryptedSum(expected)
-        for o in good:
-            content = o.message.content if o.message is not None else None
+        marked = []
+        for o in outcomes:
+            if not o.ok:
+                marked.append(o)
+                continue
             try:
-                if content is None:
+                if o.message is None:
                     raise ReplyRejected("no message content")
+                content = o.message.content
                 total.add(
-                    content.array_records.get(self.arrayrecord_key),
-                    content.config_records.get(META_KEY),
+                    content.array_records.get(key), content.config_records.get(P.meta_key(key))
                 )
+                marked.append(o)
             except ReplyRejected as exc:
                 logger.warning(
-                    "round %d: rejected the update of site %s: %s",
+                    "round %d: rejected the %s of site %s: %s",
                     server_round,
+                    key,
                     o.site_id,
                     exc.reason,
                 )
-                self.last_rejections.append((o.site_id, exc.reason))
-                self._rejected_outcomes.append(o)
+                marked.append(replace(o, status=SiteStatus.REJECTED, detail=exc.reason))
         if total.count == 0:
-            self.last_aggregate_meta = None
-            return None
+            return None, marked
         arrays, meta = total.result()
-        self.last_aggregate_meta = meta
-        self.global_meta = meta
         logger.info(
-            "round %d: summed %d encrypted updates (%d rejected)",
+            "round %d: summed %d encrypted %s records (%d rejected)",
             server_round,
             total.count,
-            len(self.last_rejections),
+            key,
+            sum(o.status == SiteStatus.REJECTED for o in marked),
         )
-        return arrays
+        return GlobalModel(arrays, meta), marked
 
-    def _round_base(self, good: list[SiteOutcome]) -> str | None:
-        """The model this round's updates must start from: known, or the replies' majority."""
-        if self.expected_base:
-            return self.expected_base
-        bases: Counter[str] = Counter()
-        for o in good:
-            meta = o.message.content.config_records.get(META_KEY) if o.message else None
-            try:
-                base = WireMeta.from_record(meta).base_sha256
-            except ValueError:
-                continue
-            if base:
-                bases[base] += 1
-        if not bases:
-            return None
-        (base, votes), *rest = bases.most_common()
-        if rest:
-            logger.warning(
-                "sites trained from %d different models; summing the %d that agree on %s…",
-                len(bases),
-                votes,
-                base[:16],
-            )
-        return base
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluation:
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
-class EncryptedFedAvg(EncryptedMixin, SiteFedAvg):
-    """FedAvg whose average is computed by the sites from an encrypted sum."""
-
-    def __init__(
-        self,
-        *,
-        public_context: Any,
-        packing: Packing,
-        layout: Layout,
-        expected_base: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        SiteFedAvg.__init__(self, **kwargs)
-        self._init_encryption(public_context, packing, layout, expected_base=expected_base)
-
-
-class EncryptedFedProx(EncryptedMixin, SiteFedProx):
-    """FedProx (sends ``proximal-mu``) with the encrypted sum of :class:`EncryptedFedAvg`."""
-
-    def __init__(
-        self,
-        *,
-        public_context: Any,
-        packing: Packing,
-        layout: Layout,
-        expected_base: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        SiteFedProx.__init__(self, **kwargs)
-        self._init_encryption(public_context, packing, layout, expected_base=expected_base)
+def majority_base(good: list[SiteOutcome]) -> str | None:
+    """The model most replies say they trained from (their CKKS metadata's ``base``)."""
+    bases: Counter[str] = Counter()
+    for o in good:
+        meta = o.message.content.config_records.get(P.HE_META) if o.message else None
+        try:
+            base = WireMeta.from_record(meta).base_sha256
+        except ValueError:
+            continue
+        if base:
+            bases[base] += 1
+    if not bases:
+        return None
+    (base, votes), *rest = bases.most_common()
+    if rest:
+        logger.warning(
+            "sites trained from %d different models; summing the %d that agree on %s…",
+            len(bases),
+            votes,
+            base[:16],
+        )
+    return base

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, status
 
 from .. import service
-from ..canary import assess_canary
+from fedcl.server.canary import assess_canary
 from ..deps import (
     MAX_DB_INT,
     TEXT_PATTERN,

@@ -7,8 +7,10 @@ round with the one measured in the production version's round, and marks the can
 or diverged round, a forgotten task) can never be promoted by accident, and a resumed run does
 not restart from it (``Registry.latest_model_version`` skips rolled-back versions).
 
-The coordinator calls :func:`evaluate_canary` after it records a round's evaluation metrics; the
-dashboard exposes the same function as ``POST /api/runs/{id}/canary?max_drop=0.05`` (admin).
+This is model-version policy, so it lives with the coordinator (``server/``), not in the web
+package: the coordinator calls :func:`evaluate_canary` after it records a round's evaluation
+metrics without loading the dashboard, and the dashboard exposes the same rule as
+``POST /api/runs/{id}/canary?max_drop=0.05`` (admin).
 Accuracies are compared on the evaluation tasks both rounds measured, so a candidate evaluated
 on more tasks (later in a continual run) is not penalised for tasks production never saw.
 """
@@ -19,9 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fedcl.server.registry import ModelVersionInfo, Registry, RegistryError
+from fedcl.config.vocabulary import VersionState
 
-from .service import federation_accuracy_by_round
+from .registry import ModelVersionInfo, Registry, RegistryError
 
 CanaryAction = Literal["rolled_back", "kept", "skipped"]
 
@@ -44,9 +46,11 @@ def _pick(
     versions: list[ModelVersionInfo],
 ) -> tuple[ModelVersionInfo | None, ModelVersionInfo | None]:
     """(production, newest candidate newer than production)."""
-    production = next((v for v in reversed(versions) if v.status == "production"), None)
+    production = next((v for v in reversed(versions) if v.status == VersionState.PRODUCTION), None)
     floor = production.server_round if production is not None else -1
-    candidates = [v for v in versions if v.status == "candidate" and v.server_round > floor]
+    candidates = [
+        v for v in versions if v.status == VersionState.CANDIDATE and v.server_round > floor
+    ]
     return production, (candidates[-1] if candidates else None)
 
 
@@ -74,7 +78,7 @@ def assess_canary(
             f"run {run_id!r} has no candidate newer than production version {production.id} "
             f"(server round {production.server_round})"
         )
-    accuracy = federation_accuracy_by_round(registry, run_id)
+    accuracy = registry.federation_accuracy_by_round(run_id)
     cand_acc = accuracy.get(candidate.server_round, {})
     prod_acc = accuracy.get(production.server_round, {})
     shared = sorted(set(cand_acc) & set(prod_acc))
@@ -104,7 +108,7 @@ def assess_canary(
             cand_mean,
             prod_mean,
         )
-    rolled = registry.set_version_status(candidate.id, "rolled_back", actor=actor)
+    rolled = registry.set_version_status(candidate.id, VersionState.ROLLED_BACK, actor=actor)
     message = f"rolled back: {summary}"
     registry.audit("canary.rolled_back", message, run_id=run_id, actor=actor)
     return CanaryDecision(

@@ -1,0 +1,173 @@
+"""The site's update codec: how state arrives from the coordinator and how updates leave.
+
+One codec is chosen per job (:func:`codec_for`), plaintext or CKKS, and everything else at the
+site — training, consolidation, evaluation — calls it without knowing which. The CKKS codec
+holds the site's secret context (``key_path`` in ``site.toml``; the coordinator never has it).
+A site encrypts its example-weighted *weights*, so every aggregate decrypts to a whole model and
+a site that missed rounds is current again after one message.
+
+Stochastic rounding in the CKKS quantiser is seeded from the experiment seed, the site and the
+server round, so a configuration reruns bit-identically.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedcl.config import ConfigError, ExperimentConfig, SiteConfig
+from fedcl.config import protocol as P
+
+Records = dict[str, object]  # record key -> ArrayRecord / ConfigRecord for the reply
+Stats = dict[str, float]  # site-side numbers that go into the reply's MetricRecord
+
+
+def split_count(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Separate the example-count array from a summed record (plaintext shares carry one)."""
+    tensors = {k: v for k, v in state.items() if k != P.COUNT_ARRAY}
+    count = int(round(float(state[P.COUNT_ARRAY].reshape(-1)[0]))) if P.COUNT_ARRAY in state else 0
+    return tensors, count
+
+
+class UpdateCodec(Protocol):
+    def decode(
+        self, content: RecordDict, key: str, like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """A model the coordinator sent under ``key``, named and shaped like ``like``."""
+        ...
+
+    def decode_sum(
+        self, content: RecordDict, key: str, like: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """A summed share as (Σ, n), so that Σ / n is the federation's weighted mean."""
+        ...
+
+    def encode_update(
+        self, state: dict[str, torch.Tensor], num_examples: int, base: str, server_round: int
+    ) -> tuple[Records, Stats]:
+        """The reply records of a trained model, weighted by ``num_examples``."""
+        ...
+
+    def encode_share(
+        self,
+        key: str,
+        state: dict[str, torch.Tensor],
+        num_examples: int,
+        base: str,
+        server_round: int,
+    ) -> tuple[Records, Stats]:
+        """The reply records of ``num_examples``·``state``, to be summed over sites."""
+        ...
+
+
+class PlainCodec:
+    """Weights in clear; Flower's FedAvg weights them by the reported example count."""
+
+    def decode(self, content, key, like):
+        return content[key].to_torch_state_dict()
+
+    def decode_sum(self, content, key, like):
+        return split_count(content[key].to_torch_state_dict())
+
+    def encode_update(self, state, num_examples, base, server_round):
+        return {P.ARRAYS: ArrayRecord(state)}, {P.NUM_EXAMPLES: num_examples}
+
+    def encode_share(self, key, state, num_examples, base, server_round):
+        n = float(num_examples)
+        share = {k: v.detach().to("cpu", torch.float32) * n for k, v in state.items()}
+        share[P.COUNT_ARRAY] = torch.tensor([float(num_examples)])
+        return {key: ArrayRecord(share)}, {P.NUM_EXAMPLES: num_examples}
+
+
+@lru_cache(maxsize=4)
+def _secret_context(path: str, mtime: float, fingerprint: str | None):
+    from fedcl.privacy.ckks.keys import load_secret_context
+
+    return load_secret_context(path, expected_fingerprint=fingerprint)
+
+
+class CKKSCodec:
+    """Encrypts and decrypts under this site's secret context; the count stays in the ciphertext."""
+
+    def __init__(self, experiment: ExperimentConfig, site: SiteConfig):
+        if site.key_path is None:
+            raise ConfigError(
+                f"site {site.site_id}: the experiment encrypts updates (he.enabled) but site.toml "
+                "has no key_path; set key_path = '/etc/fedcl/keys/secret.ctx' (from `fedcl keys "
+                "init`, copied to the site out of band)"
+            )
+        path = Path(site.key_path)
+        if not path.is_file():
+            raise ConfigError(f"site {site.site_id}: key_path {path} does not exist")
+        self.he = experiment.he
+        self.seed = experiment.seed
+        self.site_id = site.site_id
+        self.ctx = _secret_context(str(path), path.stat().st_mtime, self.he.fingerprint)
+
+    def _packing(self, key: str):
+        from fedcl.privacy.ckks import packing_for
+
+        # Models are clipped at he.clip; shares (EWC's Fisher, its anchor's kin) at fisher_clip.
+        fisher = key == P.FISHER or key.startswith(f"{P.FISHER}-")
+        return packing_for(self.he, fisher=fisher)
+
+    def _rng(self, key: str, server_round: int) -> np.random.Generator:
+        site = zlib.crc32(self.site_id.encode())
+        return np.random.default_rng([self.seed, site, server_round, zlib.crc32(key.encode())])
+
+    def decode(self, content, key, like):
+        meta = content.config_records.get(P.meta_key(key))
+        if meta is None:  # round 1 of an encrypted run starts from the plaintext initial model
+            return content[key].to_torch_state_dict()
+        return self._decrypt(content[key], meta, key, like)
+
+    def decode_sum(self, content, key, like):
+        meta = content.config_records.get(P.meta_key(key))
+        if meta is None:
+            return split_count(content[key].to_torch_state_dict())
+        return self._decrypt(content[key], meta, key, like), 1  # decrypts to the mean
+
+    def _decrypt(self, record, meta, key, like):
+        from fedcl.privacy.ckks.codec import Layout
+        from fedcl.privacy.ckks.wire import decode_aggregate
+
+        mean, _total, _sites = decode_aggregate(
+            record, meta, self.ctx, layout=Layout.from_state_dict(like), packing=self._packing(key)
+        )
+        return {
+            k: torch.from_numpy(np.asarray(mean[k])).to(like[k].dtype).reshape(like[k].shape)
+            for k in like
+        }
+
+    def _encrypt(self, key, state, num_examples, base, server_round):
+        from fedcl.privacy.ckks.codec import Layout
+        from fedcl.privacy.ckks.wire import encrypt_update
+
+        enc = encrypt_update(
+            state,
+            num_examples,
+            self.ctx,
+            self._packing(key),
+            layout=Layout.from_state_dict(state),
+            base_sha256=base,
+            rng=self._rng(key, server_round),
+        )
+        stats = {k: float(v) for k, v in enc.stats.metrics().items()}
+        return {key: enc.arrays, P.meta_key(key): enc.meta}, stats
+
+    def encode_update(self, state, num_examples, base, server_round):
+        return self._encrypt(P.ARRAYS, state, num_examples, base, server_round)
+
+    def encode_share(self, key, state, num_examples, base, server_round):
+        return self._encrypt(key, state, num_examples, base, server_round)
+
+
+def codec_for(experiment: ExperimentConfig, site: SiteConfig) -> UpdateCodec:
+    """The one place a site decides between clear and encrypted updates."""
+    return CKKSCodec(experiment, site) if experiment.he.enabled else PlainCodec()

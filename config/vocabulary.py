@@ -1,0 +1,72 @@
+"""The words both sides and the registry agree on: statuses, round kinds, version states, metrics.
+
+Each is a :class:`enum.StrEnum`, so a member *is* its string (``SiteStatus.OK == "ok"``): the
+wire, the database and the dashboard keep the plain strings, while code names the member and a
+typo is an ``AttributeError`` instead of a silent mismatch. This module is the one owner of these
+words; ``protocol`` re-exports the site statuses under their historical names.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class SiteStatus(StrEnum):
+    """How one site's reply to one round went (what ``participations.status`` records)."""
+
+    OK = "ok"
+    FAILED = "failed"  # the site could not do the round (bad data, crash, no reply in time)
+    REFUSED = "refused"  # the site would not (its privacy budget or policy)
+    REJECTED = "rejected"  # the coordinator dropped the reply (failed validation)
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class RoundKind(StrEnum):
+    """What a server round does: train the model, or consolidate a task (EWC's Fisher)."""
+
+    TRAIN = "train"
+    CONSOLIDATE = "consolidate"
+
+
+class RoundStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Phase(StrEnum):
+    """Which message of a round a participation answers."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    CONSOLIDATE = "consolidate"
+
+
+class VersionState(StrEnum):
+    """A model version's place in its rollout."""
+
+    CANDIDATE = "candidate"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+    ROLLED_BACK = "rolled_back"
+
+
+class Metric(StrEnum):
+    """Names of the metrics the coordinator records per round (and per task / site)."""
+
+    ACCURACY = "accuracy"
+    LOSS = "loss"
+    BASELINE_ACCURACY = "baseline_accuracy"
+    BASELINE_LOSS = "baseline_loss"
+    TRAIN_LOSS = "train_loss"
+
+
+def values(enum: type[StrEnum]) -> tuple[str, ...]:
+    """The plain strings of an enum, in declaration order (for checks and database enums)."""
+    return tuple(member.value for member in enum)

@@ -1,0 +1,157 @@
+"""What the coordinator writes down about a round: who took part, what they spent, what it scored.
+
+Everything a round's :class:`~fedcl.strategies.Aggregate` or
+:class:`~fedcl.strategies.Evaluation` says goes to the registry here, before the next round
+starts: participations (including sites that never answered), rejected replies (audited by
+name), the ε each site reports, the agreement of the sites' model and EWC hashes, and the
+accuracy rows of the federation and of each site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from flwr.app import Message
+
+from fedcl.config import protocol as P
+from fedcl.config.vocabulary import Metric, Phase, SiteStatus
+from fedcl.strategies import Aggregate, Evaluation, SiteDirectory, SiteOutcome
+
+from .registry import MetricRow, Registry
+
+logger = logging.getLogger("fedcl.server")
+
+NO_REPLY = "no reply before the round timeout (site dropped?)"
+
+
+class RunRecorder:
+    """Writes one run's rounds into the registry."""
+
+    def __init__(self, registry: Registry, run_id: str, num_eval_tasks: int) -> None:
+        self.registry = registry
+        self.run_id = run_id
+        self.num_eval_tasks = num_eval_tasks
+
+    def replies(
+        self,
+        round_id: int,
+        phase: Phase,
+        result: Aggregate,
+        sent: list[Message],
+        sites: SiteDirectory,
+        *,
+        expected_digest: str | None = None,
+    ) -> None:
+        """Rejections, participation, privacy and hash agreement of a train/consolidate round."""
+        self.rejections(round_id, phase, result.rejections)
+        self.participation(round_id, phase, result.outcomes, sent, sites)
+        self.privacy(round_id, result.outcomes)
+        if phase == Phase.TRAIN:
+            self.agreement(round_id, result.outcomes, expected=expected_digest)
+
+    def rejections(self, round_id: int, phase: Phase, rejections: list[tuple[str, str]]) -> None:
+        """Replies that failed validation were dropped: audit each by name."""
+        for site_id, reason in dict(rejections).items():
+            logger.warning(
+                "round %d: rejected %s reply of %s: %s", round_id, phase, site_id, reason
+            )
+            self.registry.audit(
+                "update.rejected",
+                f"{phase} reply of {site_id} rejected: {reason}",
+                run_id=self.run_id,
+                site_id=site_id,
+            )
+
+    def participation(
+        self,
+        round_id: int,
+        phase: Phase,
+        outcomes: list[SiteOutcome],
+        sent: list[Message] | None,
+        sites: SiteDirectory,
+    ) -> None:
+        for o in outcomes:
+            self.registry.record_participation(
+                round_id,
+                o.site_id,
+                phase=phase,
+                status=o.status,
+                num_examples=o.num_examples,
+                detail=o.detail or None,
+            )
+        if sent is None:
+            return
+        answered = {o.node_id for o in outcomes}
+        for msg in sent:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                self.registry.record_participation(
+                    round_id, sites.name(node), phase=phase, status=SiteStatus.FAILED,
+                    detail=NO_REPLY,
+                )  # fmt: skip
+
+    def privacy(self, round_id: int, outcomes: list[SiteOutcome]) -> None:
+        """ε each site reports having spent (it accounts; the coordinator only records)."""
+        for o in outcomes:
+            if P.DP_EPSILON_LIFETIME not in o.metrics:
+                continue
+            self.registry.record_privacy(
+                self.run_id,
+                round_id,
+                o.site_id,
+                epsilon_run=o.metrics.get(P.DP_EPSILON_RUN, 0.0),
+                epsilon_lifetime=o.metrics[P.DP_EPSILON_LIFETIME],
+                delta=o.metrics.get(P.DP_DELTA, 0.0),
+                budget=o.metrics.get(P.DP_BUDGET),
+            )
+
+    def agreement(
+        self, round_id: int, outcomes: list[SiteOutcome], *, expected: str | None
+    ) -> None:
+        """Flag sites whose global model or EWC memory differs from the rest (docs/DESIGN.md §4)."""
+        for key, kind in ((P.MODEL_SHA256, "model_hash.mismatch"), (P.EWC_DIGEST, "ewc.mismatch")):
+            values = {o.site_id: o.extras[key] for o in outcomes if o.ok and key in o.extras}
+            if not values:
+                continue
+            reference = expected if key == P.MODEL_SHA256 and expected else None
+            if reference is None:
+                counts = Counter(values.values())
+                reference = max(counts, key=lambda v: counts[v])
+            odd = sorted(s for s, v in values.items() if v != reference)
+            self.registry.record_metrics(
+                self.run_id, round_id, [MetricRow(f"{key}-agreement", float(not odd))]
+            )
+            for site in odd:
+                logger.warning("round %d: site %s disagrees on %s", round_id, site, key)
+                self.registry.audit(
+                    kind,
+                    f"site {site} reports {key} {values[site][:12]}… but the federation holds "
+                    f"{reference[:12]}…",
+                    run_id=self.run_id,
+                    site_id=site,
+                )
+
+    def accuracy_rows(self, evaluation: Evaluation, *, baseline: bool = False) -> list[MetricRow]:
+        """Federation accuracy and loss per task, and each site's own accuracy."""
+        acc = Metric.BASELINE_ACCURACY if baseline else Metric.ACCURACY
+        loss = Metric.BASELINE_LOSS if baseline else Metric.LOSS
+        totals, rows = evaluation.totals, []
+        for j in range(self.num_eval_tasks):
+            count = totals.get(P.eval_key("count", j), 0.0)
+            if count:
+                rows.append(MetricRow(acc, totals[P.eval_key("correct", j)] / count, task_index=j))
+                rows.append(MetricRow(loss, totals[P.eval_key("loss", j)] / count, task_index=j))
+            for o in evaluation.outcomes:
+                n = o.metrics.get(P.eval_key("count", j), 0.0)
+                if o.ok and n:
+                    value = o.metrics[P.eval_key("correct", j)] / n
+                    rows.append(MetricRow(acc, value, site_id=o.site_id, task_index=j))
+        return rows
+
+    @staticmethod
+    def no_update_reason(server_round: int, outcomes: list[SiteOutcome]) -> str:
+        if not outcomes:
+            return f"round {server_round}: no site replied"
+        parts = [f"{o.site_id} {o.status}: {o.detail}" for o in outcomes]
+        return f"round {server_round}: no site returned an update (" + "; ".join(parts) + ")"

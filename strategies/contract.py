@@ -1,0 +1,93 @@
+"""The round's one contract: what a strategy is given and what its aggregation returns.
+
+The coordinator never reads or writes a strategy's attributes: it hands a strategy the
+:class:`GlobalModel` a round starts from and gets back an :class:`Aggregate` (the new model,
+its metrics and one :class:`~fedcl.strategies.outcomes.SiteOutcome` per reply, rejected replies
+marked as such) or an :class:`Evaluation`. Plain and encrypted aggregation return the same types,
+so nothing above this package branches on encryption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedcl.config.vocabulary import SiteStatus
+
+from .outcomes import SiteDirectory, SiteOutcome
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A model as the coordinator holds it: plaintext arrays, or CKKS blocks and their metadata.
+
+    The metadata belongs to the arrays (it says how to decrypt them), so the two travel and are
+    stored together; ``meta`` is None for plaintext weights.
+    """
+
+    arrays: ArrayRecord
+    meta: ConfigRecord | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.meta is not None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What one aggregation produced: the new model (None if none was usable), and who took part."""
+
+    model: GlobalModel | None
+    outcomes: list[SiteOutcome]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rejections(self) -> list[tuple[str, str]]:
+        """(site id, reason) of every reply the strategy dropped after validation."""
+        return [(o.site_id, o.detail) for o in self.outcomes if o.status == SiteStatus.REJECTED]
+
+    @property
+    def contributors(self) -> list[SiteOutcome]:
+        return [o for o in self.outcomes if o.ok]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-task counters pooled over sites (``correct-tJ``, ``count-tJ``, ``loss-tJ``)."""
+
+    totals: dict[str, float]
+    outcomes: list[SiteOutcome]
+
+
+class RoundStrategy(Protocol):
+    """What the coordinator needs of a strategy (:class:`~fedcl.strategies.sites.SiteStrategy`
+    and wrappers around it such as :class:`~fedcl.strategies.encrypted.Encrypted`)."""
+
+    sites: SiteDirectory
+    min_available_nodes: int
+
+    def configure_train(
+        self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
+    ) -> list[Message]: ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message], *, base: str | None
+    ) -> Aggregate: ...
+
+    def configure_evaluate(
+        self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
+    ) -> list[Message]: ...
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluation: ...
+
+    def sum_shares(self, key: str, outcomes: list[SiteOutcome]) -> Aggregate:
+        """Sum a record every site sent under ``key`` (EWC's Fisher share), plain or encrypted."""
+        ...
+
+    def attach(self, messages: list[Message], key: str, model: GlobalModel) -> None:
+        """Add ``model`` to every message under ``key`` (with its metadata when encrypted)."""
+        ...
