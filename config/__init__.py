@@ -7,7 +7,7 @@ not import each other.
 from .errors import ConfigError, FedclError
 from .experiment import ExperimentConfig
 from .loading import apply_overrides, load_toml, read_toml, to_json, validate_mapping
-from .site import SiteConfig, SiteData, SitePartition, SitePrivacy
+from .site import DataSource, PrivacyPolicy, SiteConfig, SitePartition
 from .writing import write_toml
 
 __all__ = [
@@ -15,9 +15,9 @@ __all__ = [
     "ExperimentConfig",
     "FedclError",
     "SiteConfig",
-    "SiteData",
+    "DataSource",
     "SitePartition",
-    "SitePrivacy",
+    "PrivacyPolicy",
     "apply_overrides",
     "load_toml",
     "read_toml",

@@ -32,8 +32,9 @@ class SitePartition(_Strict):
         return self
 
 
-class SiteData(_Strict):
-    """Where the site's examples come from: a built-in dataset shard, or a folder / manifest."""
+class DataSource(_Strict):
+    """``[data]`` of site.toml: where the site's examples come from (a built-in dataset shard, or
+    a folder / manifest). The loaded examples are ``fedcl.client.site.SiteData``."""
 
     source: Literal["builtin", "folder"] = "builtin"
     name: str | None = None
@@ -41,14 +42,15 @@ class SiteData(_Strict):
     partition: SitePartition | None = None
 
     @model_validator(mode="after")
-    def _source_fields(self) -> SiteData:
+    def _source_fields(self) -> DataSource:
         if self.source == "folder" and self.path is None:
             raise ValueError("source = 'folder' needs path = '/data/site' (a folder or CSV)")
         return self
 
 
-class SitePrivacy(_Strict):
-    """The site's own privacy budget; the site refuses a round that would exceed it."""
+class PrivacyPolicy(_Strict):
+    """``[privacy]`` of site.toml: the site's own privacy budget; the site refuses a round that
+    would exceed it (enforced by ``fedcl.client.privacy_site.SitePrivacy``)."""
 
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -60,6 +62,6 @@ class SiteConfig(_Strict):
     site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     state_dir: Path
     device: str = "cpu"
-    data: SiteData = Field(default_factory=SiteData)
-    privacy: SitePrivacy = Field(default_factory=SitePrivacy)
+    data: DataSource = Field(default_factory=DataSource)
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
     key_path: Path | None = None

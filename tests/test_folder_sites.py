@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from fedcl.client.app import app as client_app
-from fedcl.config import ExperimentConfig, SiteConfig, SiteData, validate_mapping, write_toml
+from fedcl.config import DataSource, ExperimentConfig, SiteConfig, validate_mapping, write_toml
 from fedcl.datasets import load_builtin
 from fedcl.server.coordinator import Coordinator, CoordinatorOptions
 from fedcl.server.registry import Registry
@@ -38,7 +38,7 @@ def test_folder_sites_train_and_a_corrupt_image_fails_only_its_site(tmp_path) ->
         site = SiteConfig(
             site_id=f"plant-{s}",
             state_dir=tmp_path / f"state-{s}",
-            data=SiteData(source="folder", path=data_dir),
+            data=DataSource(source="folder", path=data_dir),
         )
         node_configs.append({"site-config": str(write_toml(site, tmp_path / f"site-{s}.toml"))})
     corrupt = tmp_path / "data-2" / "three" / "broken.png"
