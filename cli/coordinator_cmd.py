@@ -11,6 +11,8 @@ from rich.table import Table
 
 from fedcl.config import ExperimentConfig, load_toml, to_json
 
+from .checks import check_experiment
+
 app = typer.Typer(help="Coordinator: write the Flower app for `flwr run`, inspect runs.")
 console = Console()
 
@@ -69,7 +71,7 @@ def app_cmd(
     run_id: str | None = typer.Option(None, help="Run id (default: the experiment's name)."),
 ) -> None:
     """Write the Flower app folder that `flwr run FOLDER FEDERATION` starts."""
-    exp = load_toml(ExperimentConfig, experiment)
+    exp = check_experiment(load_toml(ExperimentConfig, experiment), str(experiment))
     if registry.startswith("sqlite:///") and not registry.startswith("sqlite:////"):
         # The ServerApp runs in another working directory: make relative SQLite paths absolute.
         registry = "sqlite:///" + str(Path(registry.removeprefix("sqlite:///")).resolve())

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from fedcl.simulations.catalog import DEFAULT_SCENARIO, builtin_scenarios, load_scenario
 
+from .checks import check_experiment
+
 console = Console()
 
 
@@ -37,6 +39,9 @@ def simulate(
     if list_:
         _list()
         return
+    label, experiment = load_scenario(scenario, set_)
+    check_experiment(experiment, label)  # before torch, keys, Ray or the dashboard start
+
     from fedcl.config import ConfigError
     from fedcl.simulations.progress import ProgressObserver
     from fedcl.simulations.report import print_report
@@ -44,7 +49,6 @@ def simulate(
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
-    label, experiment = load_scenario(scenario, set_)
     rid = run_id or default_run_id(experiment)
     out_dir = out or Path("runs") / rid
     observers = [] if no_progress else [ProgressObserver(console, experiment.data.num_tasks)]

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from fedcl.config import ConfigError, ExperimentConfig, SiteConfig, load_toml
 
+from .checks import check_experiment
+
 app = typer.Typer(help="Site agent: check a site's config and data, start its SuperNode.")
 console = Console()
 
@@ -28,7 +30,7 @@ def check(
     from fedcl.client.site import load_site_data
 
     site = load_toml(SiteConfig, site_config)
-    exp = load_toml(ExperimentConfig, experiment)
+    exp = check_experiment(load_toml(ExperimentConfig, experiment), str(experiment))
     data = load_site_data(exp, site)
     table = Table(title=f"site {site.site_id}: {len(data.train)} train / {len(data.test)} test")
     table.add_column("task")

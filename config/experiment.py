@@ -117,6 +117,10 @@ class HESpec(_Strict):
 
     Sites encrypt their example-weighted *weights* (not deltas), so every aggregate is a whole
     model: a site that was offline or restarted decrypts the latest one and is current again.
+
+    Only syntax and ranges are checked here. Whether the packing can sum ``max_sites``
+    ciphertexts exactly is CKKS arithmetic: ``fedcl.privacy.ckks.check_packing`` decides it, and
+    ``packing_for`` turns these settings into the codec's ``Packing``.
     """
 
     enabled: bool = False
@@ -136,31 +140,6 @@ class HESpec(_Strict):
     fisher_clip: float = Field(4.0, gt=0)
     #: Weight unit: a site's weight is min(n, max_examples) / max_examples.
     max_examples: int = Field(10_000, ge=1)
-
-    @model_validator(mode="after")
-    def _packing_is_exact(self) -> HESpec:
-        if self.enabled:
-            self.packing()  # raises for a packing that cannot sum max_sites exactly
-        return self
-
-    def packing(self, *, fisher: bool = False):
-        """The codec's :class:`~fedcl.privacy.ckks.codec.Packing` for weights or Fisher."""
-        from fedcl.privacy.ckks.codec import Packing
-        from fedcl.privacy.ckks.errors import CKKSConfigError
-        from fedcl.privacy.ckks.params import CKKSParams
-
-        try:
-            packing = Packing(
-                bits=self.bits,
-                values_per_slot=self.values_per_slot,
-                max_sites=self.max_sites,
-                clip=self.fisher_clip if fisher else self.clip,
-                max_examples=self.max_examples,
-            )
-            packing.scale_bits(CKKSParams())
-        except CKKSConfigError as exc:  # pydantic turns ValueErrors into field errors
-            raise ValueError(str(exc)) from None
-        return packing
 
 
 class ContinualSpec(_Strict):

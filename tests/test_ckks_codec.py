@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedcl.config import ConfigError
 from fedcl.config.experiment import HESpec
-from fedcl.privacy.ckks import codec, parallel
-from fedcl.privacy.ckks.codec import (
-    HEADER_SLOTS,
-    Layout,
-    Packing,
-    apply_delta,
-    quantise,
-    state_delta,
-    state_sha256,
-)
+from fedcl.models import state_sha256
+from fedcl.privacy.ckks import check_packing, codec, packing_for, parallel
+from fedcl.privacy.ckks.codec import HEADER_SLOTS, Layout, Packing, quantise
 from fedcl.privacy.ckks.errors import CKKSConfigError, UpdateError
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
 from fedcl.privacy.ckks.params import CKKSParams
@@ -108,10 +102,10 @@ def test_too_many_sites_for_the_packing_is_a_config_error() -> None:
     with pytest.raises(CKKSConfigError, match="he.max_sites"):
         Packing(bits=15, values_per_slot=3, max_sites=20).scale_bits(params)
     assert Packing(bits=8, values_per_slot=3, max_sites=20).scale_bits(params) >= 18
-    with pytest.raises(ValueError, match="max_sites"):
-        HESpec(enabled=True, max_sites=1000)
+    with pytest.raises(ConfigError, match="max_sites"):
+        check_packing(HESpec(enabled=True, max_sites=1000))
     assert HESpec(enabled=False, max_sites=1000).max_sites == 1000  # only checked when on
-    assert HESpec(enabled=True, clip=0.5).packing() == Packing()
+    assert packing_for(HESpec(enabled=True, clip=0.5)) == Packing()
     with pytest.raises(ValueError, match="fingerprint"):
         HESpec(fingerprint="not-a-sha256")
 
@@ -172,17 +166,30 @@ def test_layout_hash_depends_on_names_shapes_dtypes_and_order() -> None:
         Layout.from_state_dict(a).flatten({"w": torch.zeros(3, 2), "b": torch.zeros(3)})
 
 
-def test_apply_delta_is_deterministic_and_hash_agrees() -> None:
+def test_decoding_is_deterministic_and_hash_agrees(contexts) -> None:
+    """Every site decodes the same aggregate to bit-identical weights, so their digests agree."""
+    secret, public = contexts
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    new = {k: v + 0.1 if v.is_floating_point() else v + 1 for k, v in base.items()}
-    delta = state_delta(new, base)
-    one, two = apply_delta(base, delta), apply_delta(base, delta)
-    assert state_sha256(one) == state_sha256(two) != state_sha256(base)
-    assert one["1.num_batches_tracked"].dtype == torch.int64
-    assert int(one["1.num_batches_tracked"]) == int(base["1.num_batches_tracked"]) + 1
-    assert torch.allclose(one["0.weight"], new["0.weight"])
+    models = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)) for _ in range(2)]
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    layout = Layout.from_state_dict(states[0])
+    packing = Packing(clip=1.0)  # covers Linear's initial weights (|w| <= 1/sqrt(fan_in))
+    total = EncryptedSum(ExpectedReply.build(public, packing, layout))
+    for i, (state, n) in enumerate(zip(states, (30, 10), strict=True)):
+        enc = encrypt_update(state, n, secret, packing, layout=layout, rng=np.random.default_rng(i))
+        total.add(enc.arrays, enc.meta)
+    arrays, meta = total.result()
+
+    def apply(like):  # what a site does with a decoded aggregate: the mean, cast like its model
+        mean, _, _ = decode_aggregate(arrays, meta, secret, layout=layout, packing=packing)
+        return {k: torch.from_numpy(np.asarray(mean[k])).to(v.dtype) for k, v in like.items()}
+
+    one, two = apply(states[0]), apply(states[1])
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert state_sha256(one) == state_sha256(two) != state_sha256(states[0])
+    exact = {k: (30 * states[0][k] + 10 * states[1][k]) / 40 for k in one}
+    bound = packing.error_bound(2, 40) + 1e-6  # float32 cast
+    assert all(torch.allclose(one[k], exact[k], atol=bound, rtol=0) for k in one)
 
 
 def test_worker_processes_give_the_same_result(contexts, monkeypatch) -> None:

@@ -20,10 +20,8 @@ from fedcl.privacy.ckks.wire import (
     blocks_to_record,
     decode_aggregate,
     decode_aggregate_full,
-    encode_update,
+    encrypt_update,
     record_blocks,
-    sum_blocks,
-    validate_reply,
 )
 
 COUNT = 1237  # an example count that must never appear in clear
@@ -38,6 +36,17 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     layout = Layout.from_state_dict(delta)
     expected = ExpectedReply.build(public, Packing(), layout)
     return secret, public, delta, layout, expected
+
+
+def site_reply(delta, num_examples, ctx, packing, **kwargs) -> tuple[ArrayRecord, ConfigRecord]:
+    """(blocks, metadata) of a site's reply, as the site sends them."""
+    enc = encrypt_update(delta, num_examples, ctx, packing, **kwargs)
+    return enc.arrays, enc.meta
+
+
+def validate(arrays, meta, expected: ExpectedReply) -> None:
+    """What the coordinator does with a reply: validate it fully before adding it to a sum."""
+    EncryptedSum(expected).add(arrays, meta)
 
 
 def _blocks(arrays: ArrayRecord, meta: ConfigRecord) -> list[bytes]:
@@ -57,7 +66,7 @@ def _swap_block(arrays: ArrayRecord, meta: ConfigRecord, index: int, data: bytes
 
 def test_example_counts_never_appear_in_clear(setup) -> None:
     secret, _, delta, layout, expected = setup
-    arrays, meta = encode_update(delta, COUNT, secret, Packing(), layout=layout)
+    arrays, meta = site_reply(delta, COUNT, secret, Packing(), layout=layout)
     assert all(k.startswith("ckks-") and k[5:].isdigit() for k in arrays)
     assert all(arrays[k].stype == "ckks" and arrays[k].dtype == "uint8" for k in arrays)
     for key, value in meta.items():
@@ -73,19 +82,19 @@ def test_example_counts_never_appear_in_clear(setup) -> None:
 
 def test_each_kind_of_bad_reply_is_rejected_with_its_reason(setup, tmp_path) -> None:
     secret, _, delta, layout, expected = setup
-    arrays, meta = encode_update(delta, 10, secret, Packing(), layout=layout)
-    validate_reply(arrays, meta, expected)  # the good one passes
+    arrays, meta = site_reply(delta, 10, secret, Packing(), layout=layout)
+    validate(arrays, meta, expected)  # the good one passes
 
     def rejected(a, m) -> str:
         with pytest.raises(ReplyRejected) as err:
-            validate_reply(a, m, expected)
+            validate(a, m, expected)
         return err.value.reason
 
     other = load_secret_context(init_keys(tmp_path / "other").secret)
-    assert "fingerprint" in rejected(*encode_update(delta, 10, other, Packing(), layout=layout))
+    assert "fingerprint" in rejected(*site_reply(delta, 10, other, Packing(), layout=layout))
     wrong_layout = {"a": delta["a"], "c": delta["b"]}
-    assert "layout" in rejected(*encode_update(wrong_layout, 10, secret, Packing()))
-    assert "packing" in rejected(*encode_update(delta, 10, secret, Packing(clip=1.0)))
+    assert "layout" in rejected(*site_reply(wrong_layout, 10, secret, Packing()))
+    assert "packing" in rejected(*site_reply(delta, 10, secret, Packing(clip=1.0)))
     assert "metadata" in rejected(arrays, None)
     blocks = _blocks(arrays, meta)
     assert len(blocks) == 2 and len(arrays) == 1  # two ciphertexts framed in one Array
@@ -107,27 +116,27 @@ def test_each_kind_of_bad_reply_is_rejected_with_its_reason(setup, tmp_path) -> 
     assert "blocks" in rejected(arrays, bad_count)
     wrong_base = expected.with_base("f" * 64)
     with pytest.raises(ReplyRejected, match="trained from model"):
-        validate_reply(arrays, meta, wrong_base)
+        validate(arrays, meta, wrong_base)
 
 
 def test_sum_is_capped_at_max_sites(setup) -> None:
     secret, public, delta, layout, _ = setup
     packing = Packing(max_sites=2)
     total = EncryptedSum(ExpectedReply.build(public, packing, layout))
-    reply = encode_update(delta, 10, secret, packing, layout=layout)
+    reply = site_reply(delta, 10, secret, packing, layout=layout)
     total.add(*reply)
     with pytest.raises(ReplyRejected, match="replay"):
         total.add(*reply)  # identical ciphertexts would add their noise linearly
-    total.add(*encode_update(delta, 10, secret, packing, layout=layout))
+    total.add(*site_reply(delta, 10, secret, packing, layout=layout))
     with pytest.raises(ReplyRejected, match="max_sites"):
-        total.add(*encode_update(delta, 10, secret, packing, layout=layout))
+        total.add(*site_reply(delta, 10, secret, packing, layout=layout))
 
 
 def test_site_refuses_a_corrupt_or_tampered_aggregate(setup) -> None:
     secret, public, delta, layout, expected = setup
     total = EncryptedSum(expected)
     for n in (10, 20):
-        total.add(*encode_update(delta, n, secret, Packing(), layout=layout))
+        total.add(*site_reply(delta, n, secret, Packing(), layout=layout))
     arrays, meta = total.result()
     mean, n, k = decode_aggregate(arrays, meta, secret, layout=layout)
     assert (n, k) == (30, 2)
@@ -147,7 +156,7 @@ def test_site_refuses_a_corrupt_or_tampered_aggregate(setup) -> None:
         decode_aggregate(arrays, meta, secret, layout=other_layout)
     with pytest.raises(AggregateError, match="packing"):
         decode_aggregate(arrays, meta, secret, layout=layout, packing=Packing(bits=14))
-    reply_arrays, reply_meta = encode_update(delta, 10, secret, Packing(), layout=layout)
+    reply_arrays, reply_meta = site_reply(delta, 10, secret, Packing(), layout=layout)
     with pytest.raises(AggregateError, match="aggregate"):
         decode_aggregate(reply_arrays, reply_meta, secret, layout=layout)
 
@@ -155,7 +164,7 @@ def test_site_refuses_a_corrupt_or_tampered_aggregate(setup) -> None:
 def test_stored_model_version_round_trips(setup) -> None:
     secret, public, delta, layout, expected = setup
     total = EncryptedSum(expected.with_base("a" * 64))
-    total.add(*encode_update(delta, 7, secret, Packing(), layout=layout, base_sha256="a" * 64))
+    total.add(*site_reply(delta, 7, secret, Packing(), layout=layout, base_sha256="a" * 64))
     arrays, meta = total.result()
     payload = aggregate_to_bytes(arrays, meta)
     arrays2, meta2 = aggregate_from_bytes(payload)
@@ -167,14 +176,18 @@ def test_stored_model_version_round_trips(setup) -> None:
     assert dec.contributors == 1 and dec.total_count == 7
 
 
-def test_sum_blocks_matches_the_validating_sum(setup) -> None:
-    secret, public, delta, layout, expected = setup
-    replies = [encode_update(delta, n, secret, Packing(), layout=layout) for n in (3, 4)]
-    plain_sum = sum_blocks([a for a, _ in replies], public, expected.num_blocks)
+def test_encrypted_sum_adds_block_wise(setup) -> None:
+    """The sum of two replies decodes to the sum of what each one decodes to, exactly."""
+    secret, _, delta, layout, expected = setup
+    replies = [site_reply(delta, n, secret, Packing(), layout=layout) for n in (3, 4)]
+    singles = []
+    for reply in replies:
+        one = EncryptedSum(expected)
+        one.add(*reply)
+        singles.append(decode_aggregate_full(*one.result(), secret, layout=layout))
     total = EncryptedSum(expected)
     for reply in replies:
         total.add(*reply)
-    arrays, meta = total.result()
-    a = decode_aggregate_full(plain_sum, meta, secret, layout=layout)
-    b = decode_aggregate_full(arrays, meta, secret, layout=layout)
-    assert np.array_equal(a.field_sums, b.field_sums) and a.total_count == 7
+    both = decode_aggregate_full(*total.result(), secret, layout=layout)
+    assert np.array_equal(both.field_sums, singles[0].field_sums + singles[1].field_sums)
+    assert both.total_count == 7 and both.contributors == 2

@@ -6,13 +6,15 @@ the sum. Modules:
 
 * :mod:`.keys`     key files, fingerprints, refusing a secret key at the coordinator
 * :mod:`.params`   secure parameters (N = 4096, [60, 49]) and the noise model behind exactness
-* :mod:`.codec`    layout, stochastic quantisation, packing with headroom, model hashing
+* :mod:`.codec`    layout, stochastic quantisation, packing with headroom, and the packing of
+                   an experiment's ``[he]`` settings (:func:`packing_for`, :func:`check_packing`)
 * :mod:`.parallel` encryption/decryption in worker processes (TenSEAL holds the GIL)
 * :mod:`.wire`     ArrayRecord/ConfigRecord format, reply validation, block-wise sums, decoding
-* the ``[he]`` experiment settings are ``fedcl.config.experiment.HESpec``
+* the ``[he]`` experiment settings are ``fedcl.config.experiment.HESpec`` (syntax and ranges
+  only; ``fedcl.config`` imports no other fedcl package)
 
-Names are imported lazily (PEP 562) so a spawned worker that imports ``._worker`` pulls in only
-numpy and TenSEAL, not Flower or pydantic.
+Names are imported lazily (PEP 562), as in ``fedcl.privacy`` above, so a spawned worker that
+imports ``._worker`` pulls in only numpy and TenSEAL: not torch, Flower or pydantic.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ _EXPORTS = {
     "load_secret_context": "keys",
     "Layout": "codec",
     "Packing": "codec",
-    "apply_delta": "codec",
-    "state_delta": "codec",
-    "state_sha256": "codec",
+    "check_packing": "codec",
+    "packing_for": "codec",
     "EncryptedSum": "wire",
     "ExpectedReply": "wire",
     "META_KEY": "wire",
@@ -46,10 +47,7 @@ _EXPORTS = {
     "aggregate_from_bytes": "wire",
     "aggregate_to_bytes": "wire",
     "decode_aggregate": "wire",
-    "encode_update": "wire",
     "encrypt_update": "wire",
-    "sum_blocks": "wire",
-    "validate_reply": "wire",
 }
 
 __all__ = sorted(_EXPORTS)

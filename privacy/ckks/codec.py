@@ -44,12 +44,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedcl.config.errors import ConfigError
+
 from .errors import AggregateError, CKKSConfigError, UpdateError
 from .params import MAX_EXACT_FLOAT_BITS, CKKSParams, max_scale_bits, min_scale_bits
+
+if TYPE_CHECKING:
+    from fedcl.config.experiment import HESpec
 
 logger = logging.getLogger("fedcl.privacy.ckks")
 
@@ -279,6 +284,34 @@ class Packing:
         return [min(params.slots, total - i * params.slots) for i in range(n)]
 
 
+def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
+    """The codec's :class:`Packing` for an experiment's ``[he]`` weights (or Fisher diagonals).
+
+    Builds the packing only; :func:`check_packing` says whether it can sum ``he.max_sites``
+    ciphertexts exactly (``Packing.scale_bits`` refuses it again when encrypting or summing).
+    """
+    return Packing(
+        bits=he.bits,
+        values_per_slot=he.values_per_slot,
+        max_sites=he.max_sites,
+        clip=he.fisher_clip if fisher else he.clip,
+        max_examples=he.max_examples,
+    )
+
+
+def check_packing(he: HESpec) -> None:
+    """Refuse ``[he]`` settings whose weight packing cannot sum ``he.max_sites`` sites exactly.
+
+    Checked under the default parameters of ``fedcl keys init`` (:class:`CKKSParams`), whatever
+    ``he.enabled`` says: callers check only when HE is on. Raises a
+    :class:`~fedcl.config.ConfigError` naming the ``he.*`` field and what would be valid.
+    """
+    try:
+        packing_for(he).scale_bits(CKKSParams())
+    except CKKSConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def quantise(
     flat: np.ndarray, weight: float, packing: Packing, rng: np.random.Generator
 ) -> tuple[np.ndarray, int]:
@@ -486,49 +519,3 @@ def decode_blocks(
     rows, _ = decrypt_blocks(blocks, ctx, workers=workers, min_blocks=parallel_min_blocks)
     values = np.concatenate(rows) if rows else np.empty(0)
     return decode_slots(values, packing, layout, expected_contributors=expected_contributors)
-
-
-# --- applying and hashing models at the sites ----------------------------------------------------
-def state_delta(new: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Δ = θ_new - θ_base per tensor, in float64 (what a site encrypts)."""
-    return {k: _as_float64(new[k]) - _as_float64(base[k]) for k in base}
-
-
-def apply_delta(base: Mapping[str, Any], delta: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """θ_base + Δ in float64, cast back to each tensor's dtype (integers rounded).
-
-    Deterministic, so every site that applies the same aggregate to the same base gets
-    bit-identical weights and the same :func:`state_sha256`.
-    """
-    out: dict[str, Any] = {}
-    for name, tensor in base.items():
-        value = np.asarray(_as_float64(tensor) + np.asarray(delta[name], dtype=np.float64))
-        if hasattr(tensor, "detach"):
-            import torch
-
-            target = torch.from_numpy(value)
-            if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
-                target = torch.round(target)
-            out[name] = target.to(tensor.dtype)
-        else:
-            dtype = np.asarray(tensor).dtype
-            out[name] = (value if np.issubdtype(dtype, np.floating) else np.rint(value)).astype(
-                dtype
-            )
-    return out
-
-
-def state_sha256(state: Mapping[str, Any], layout: Layout | None = None) -> str:
-    """SHA-256 of a model's weights in layout order (what sites report after each aggregate)."""
-    layout = layout or Layout.from_state_dict(state)
-    h = hashlib.sha256(layout.hash.encode())
-    for e in layout.entries:
-        tensor = state[e.name]
-        if hasattr(tensor, "detach"):
-            import torch
-
-            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        else:
-            raw = np.ascontiguousarray(tensor)
-        h.update(raw.tobytes())
-    return h.hexdigest()

@@ -256,14 +256,6 @@ def encrypt_update(
     return EncryptedUpdate(arrays, meta.to_record(), enc.stats)
 
 
-def encode_update(
-    delta: Mapping[str, Any], num_examples: int, ctx, packing: Packing, **kwargs: Any
-) -> tuple[ArrayRecord, ConfigRecord]:
-    """(blocks, metadata) of a site's update; see :func:`encrypt_update` for the options."""
-    enc = encrypt_update(delta, num_examples, ctx, packing, **kwargs)
-    return enc.arrays, enc.meta
-
-
 # --- coordinator side: validate and add ---------------------------------------------------------
 @dataclass(frozen=True)
 class ExpectedReply:
@@ -356,16 +348,14 @@ def check_meta(meta: Mapping[str, Any] | None, expected: ExpectedReply) -> WireM
     return m
 
 
-def load_reply(
-    arrays: ArrayRecord | None, meta: Mapping[str, Any] | None, expected: ExpectedReply
-) -> list:
-    """Validate a reply and return its deserialized ciphertexts (under the PUBLIC context)."""
-    return _load_reply(arrays, meta, expected)[0]
-
-
 def _load_reply(
     arrays: ArrayRecord | None, meta: Mapping[str, Any] | None, expected: ExpectedReply
 ) -> tuple[list, bytes]:
+    """Validate a reply completely; its ciphertexts (under the PUBLIC context) and first block.
+
+    Raises :class:`ReplyRejected` with the reason to audit; the first block's bytes let
+    :class:`EncryptedSum` refuse a replayed update.
+    """
     import tenseal as ts
 
     check_meta(meta, expected)
@@ -409,13 +399,6 @@ def _load_reply(
             )
         vectors.append(vec)
     return vectors, blocks[0]
-
-
-def validate_reply(
-    arrays: ArrayRecord | None, meta: Mapping[str, Any] | None, expected: ExpectedReply
-) -> None:
-    """Raise :class:`ReplyRejected` (with the reason to audit) unless the reply can be summed."""
-    load_reply(arrays, meta, expected)
 
 
 class EncryptedSum:
@@ -470,20 +453,6 @@ class EncryptedSum:
         )
         blocks = [v.serialize() for v in self._acc]
         return blocks_to_record(blocks, e.per_array), meta.to_record()
-
-
-def sum_blocks(records: list[ArrayRecord], public_ctx, num_blocks: int) -> ArrayRecord:
-    """Block-wise sum of already validated records of ``num_blocks`` ciphertexts each."""
-    import tenseal as ts
-
-    if not records:
-        raise ValueError("nothing to sum")
-    per = blocks_per_array(params_of(public_ctx))
-    acc = [ts.ckks_vector_from(public_ctx, b) for b in record_blocks(records[0], num_blocks, per)]
-    for rec in records[1:]:
-        for a, b in zip(acc, record_blocks(rec, num_blocks, per), strict=True):
-            a.add_(ts.ckks_vector_from(public_ctx, b))
-    return blocks_to_record([a.serialize() for a in acc], per)
 
 
 # --- site side: decode ------------------------------------------------------------------------
