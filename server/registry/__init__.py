@@ -5,6 +5,7 @@ deployments; the schema is owned by the Alembic migrations in ``migrations/`` an
 :meth:`Registry.open`.
 """
 
+from .engine import default_sqlite_url
 from .errors import RegistryError
 from .info import (
     AuditInfo,
@@ -18,15 +19,14 @@ from .info import (
     SiteInfo,
     TokenInfo,
 )
-from .store import (
+from .store import Registry
+from .validation import (
     PARTICIPATION_STATUSES,
     PHASES,
     ROUND_KINDS,
     ROUND_STATUSES,
     RUN_STATUSES,
     VERSION_STATUSES,
-    Registry,
-    default_sqlite_url,
 )
 
 __all__ = [

@@ -1,0 +1,78 @@
+"""What every part of the registry facade shares: one short transaction per call, row lookups.
+
+Short transactions matter on SQLite: the coordinator is the only writer, and a CLI or dashboard
+reading the same file (WAL mode) must never wait on a transaction the coordinator left open
+across a Flower round. The lookups turn a missing or mismatched id into a
+:class:`RegistryError` that names it, the same way for every aggregate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .engine import error_reason
+from .errors import RegistryError
+from .models import Round, Run, Site, utcnow
+from .validation import check_site_id
+
+
+class RegistryCore:
+    """The engine, its sessions and the artifacts folder; the aggregates' mixins build on it."""
+
+    def __init__(self, engine: Engine, *, url: str, artifacts_dir: Path) -> None:
+        """Use :meth:`Registry.open`; this only wires an already-migrated engine."""
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._closed = False
+        self.url = url
+        self.artifacts_dir = artifacts_dir
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Session]:
+        """One short transaction; database outages surface as :class:`RegistryError`."""
+        if self._closed:
+            raise RegistryError(f"registry at {self.url} is closed")
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            reason = error_reason(exc, self._engine.url.password)
+            raise RegistryError(f"registry at {self.url}: {reason}") from exc
+
+
+def get_run(session: Session, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RegistryError(f"unknown run {run_id!r}")
+    return run
+
+
+def get_round(session: Session, round_id: int, run_id: str | None = None) -> Round:
+    """The round, checked to belong to ``run_id`` when one is given."""
+    rnd = session.get(Round, round_id)
+    if rnd is None:
+        raise RegistryError(f"unknown round id {round_id}")
+    if run_id is not None and rnd.run_id != run_id:
+        raise RegistryError(
+            f"round id {round_id} belongs to run {rnd.run_id!r}, not to run {run_id!r}"
+        )
+    return rnd
+
+
+def touch_site(session: Session, site_id: str) -> None:
+    """Create the site on first contact and bump ``last_seen`` (the coordinator is the only
+    writer, so select-then-insert cannot race)."""
+    check_site_id(site_id)
+    now = utcnow()
+    site = session.get(Site, site_id)
+    if site is None:
+        session.add(Site(id=site_id, first_seen=now, last_seen=now))
+        session.flush()
+    else:
+        site.last_seen = now

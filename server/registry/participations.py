@@ -1,0 +1,78 @@
+"""Sites and what each did in each round: the rows a round's counts are derived from.
+
+Sites are never registered up front: the coordinator creates one on first contact (any
+participation, metric or privacy report naming it), so the site list is simply who was heard.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from .core import RegistryCore, get_round, touch_site
+from .errors import RegistryError
+from .info import ParticipationInfo, SiteInfo
+from .models import Participation, Round, Site, utcnow
+from .validation import PARTICIPATION_STATUSES, PHASES, check_value
+
+
+class Participations(RegistryCore):
+    """Recording and reading participations, and the sites they introduced."""
+
+    def record_participation(
+        self,
+        round_id: int,
+        site_id: str,
+        *,
+        phase: str,
+        status: str,
+        num_examples: int = 0,
+        detail: str | None = None,
+    ) -> None:
+        """Record (or overwrite, on retry) what a site did in one phase of a round."""
+        check_value("participation phase", phase, PHASES)
+        check_value("participation status", status, PARTICIPATION_STATUSES)
+        if num_examples < 0:
+            raise RegistryError(f"num_examples must be >= 0, got {num_examples}")
+        with self._tx() as s:
+            get_round(s, round_id)
+            touch_site(s, site_id)
+            row = s.scalar(
+                select(Participation).where(
+                    Participation.round_id == round_id,
+                    Participation.site_id == site_id,
+                    Participation.phase == phase,
+                )
+            )
+            if row is None:
+                row = Participation(round_id=round_id, site_id=site_id, phase=phase)
+                s.add(row)
+            row.status = status
+            row.num_examples = int(num_examples)
+            row.detail = detail
+            row.created_at = utcnow()
+
+    def list_participations(
+        self, run_id: str, *, round_id: int | None = None, site_id: str | None = None
+    ) -> list[ParticipationInfo]:
+        """Participations of a run, optionally for one round and/or one site."""
+        with self._tx() as s:
+            # Each result row carries the participation's columns plus its round's run and
+            # server round: exactly the snapshot's fields.
+            query = (
+                select(*Participation.__table__.c, Round.run_id, Round.server_round)
+                .join(Round, Participation.round_id == Round.id)
+                .where(Round.run_id == run_id)
+            )
+            if round_id is not None:
+                query = query.where(Participation.round_id == round_id)
+            if site_id is not None:
+                query = query.where(Participation.site_id == site_id)
+            query = query.order_by(Round.server_round, Participation.site_id, Participation.id)
+            return [ParticipationInfo.model_validate(row) for row in s.execute(query)]
+
+    def list_sites(self) -> list[SiteInfo]:
+        """Every site ever seen, by id."""
+        with self._tx() as s:
+            return [
+                SiteInfo.model_validate(site) for site in s.scalars(select(Site).order_by(Site.id))
+            ]
