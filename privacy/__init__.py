@@ -1,43 +1,46 @@
-"""Privacy at the sites: DP-SGD (Opacus), the site privacy ledger, and CKKS (TenSEAL) keys and codec."""  # noqa: E501
+"""Privacy at the sites: DP-SGD (Opacus), the site privacy ledger, and CKKS (TenSEAL) aggregation.
 
-from .dp import (
-    GRAD_SAMPLE_MODES,
-    DPConfigError,
-    DPHook,
-    SamplingPlan,
-    check_sample_rate,
-    choose_grad_sample_mode,
-    noise_from_spec,
-    plan_noise,
-    planned_release,
-    sampling_plan,
-)
-from .ledger import (
-    DPRelease,
-    LedgerEntry,
-    LedgerError,
-    LedgerSummary,
-    PrivacyLedger,
-    SpendDecision,
-    compose_epsilon,
-)
+* :mod:`.dp`     DP-SGD with Opacus: noise plans, sampling plans, the training hook
+* :mod:`.ledger` the site's append-only record of every release, and ε over all of them
+* :mod:`.ckks`   CKKS-encrypted aggregation (keys, packing, wire format)
 
-__all__ = [
-    "GRAD_SAMPLE_MODES",
-    "DPConfigError",
-    "DPHook",
-    "DPRelease",
-    "LedgerEntry",
-    "LedgerError",
-    "LedgerSummary",
-    "PrivacyLedger",
-    "SamplingPlan",
-    "SpendDecision",
-    "check_sample_rate",
-    "choose_grad_sample_mode",
-    "compose_epsilon",
-    "noise_from_spec",
-    "plan_noise",
-    "planned_release",
-    "sampling_plan",
-]
+Names are imported lazily (PEP 562): importing ``fedcl.privacy`` or ``fedcl.privacy.ckks``
+loads neither torch nor Opacus, so a spawned CKKS worker and ``fedcl --help`` stay light. Only
+the names of :mod:`.dp` pull torch in, when first used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "GRAD_SAMPLE_MODES": "dp",
+    "DPConfigError": "dp",
+    "DPHook": "dp",
+    "SamplingPlan": "dp",
+    "check_sample_rate": "dp",
+    "choose_grad_sample_mode": "dp",
+    "noise_from_spec": "dp",
+    "plan_noise": "dp",
+    "planned_release": "dp",
+    "sampling_plan": "dp",
+    "DPRelease": "ledger",
+    "LedgerEntry": "ledger",
+    "LedgerError": "ledger",
+    "LedgerSummary": "ledger",
+    "PrivacyLedger": "ledger",
+    "SpendDecision": "ledger",
+    "compose_epsilon": "ledger",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -4,7 +4,9 @@ TenSEAL's CKKSVector operations are single-threaded and hold the GIL (measured),
 not help; worker *processes* do (two processes ran ~2x on two cores). Each pool is created once
 per process and key set, with the context handed to its workers once through the initializer,
 and reused for every later update. Workers are *spawned*, not forked: the parent may hold torch
-and SEAL thread pools that a fork would copy in a broken state.
+and SEAL thread pools that a fork would copy in a broken state. A spawned worker imports just
+``fedcl.privacy.ckks._worker`` (unpickling its initializer); the package faces above it are lazy
+(PEP 562), so it loads numpy and TenSEAL, never torch or Opacus (2-3 s more per worker).
 
 Small updates stay in-process: starting workers costs about a second, more than encrypting a
 small model. ``FEDCL_CKKS_WORKERS`` overrides the worker count (``1`` disables the pool).
@@ -31,27 +33,6 @@ ENV_WORKERS = "FEDCL_CKKS_WORKERS"
 DEFAULT_MIN_BLOCKS = 48
 MAX_WORKERS = 8
 CHUNKS_PER_WORKER = 4
-
-# A spawned worker needs only numpy, TenSEAL and ``_worker``. Importing ``fedcl.privacy.ckks``
-# normally would first run ``privacy/__init__.py``, which loads torch and Opacus (~2-3 s per
-# worker); the worker registers a bare package object for ``fedcl.privacy`` instead (same path,
-# same spec), so only ``privacy/ckks/`` code runs. It is the pool initializer, run by ``exec`` so
-# that unpickling the initializer itself imports nothing of fedcl.
-_BOOTSTRAP = """
-import importlib.util, sys, types
-if "fedcl.privacy" not in sys.modules:
-    try:
-        spec = importlib.util.find_spec("fedcl.privacy")
-        stub = types.ModuleType("fedcl.privacy", "bare package: a CKKS worker needs no torch")
-        stub.__spec__ = spec
-        stub.__path__ = list(spec.submodule_search_locations)
-        stub.__package__ = "fedcl.privacy"
-        sys.modules["fedcl.privacy"] = stub
-    except Exception:
-        pass
-from fedcl.privacy.ckks import _worker
-_worker.init(context_bytes)
-"""
 
 _POOLS: dict[str, ProcessPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -86,8 +67,8 @@ def _pool(ctx, workers: int) -> ProcessPoolExecutor:
             pool = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=exec,
-                initargs=(_BOOTSTRAP, {"context_bytes": data}),
+                initializer=_worker.init,
+                initargs=(data,),
             )
             _POOLS[key] = pool
         return pool
