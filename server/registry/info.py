@@ -1,19 +1,31 @@
-"""Plain, frozen snapshots of registry rows.
+"""Frozen snapshots of registry rows: what every facade method returns instead of ORM objects.
 
-The registry hands these out instead of ORM objects: every facade method is its own short
-transaction, so an ORM object would be detached (and lazily-loaded attributes would fail) the
-moment the method returns. Snapshots are also safe to pass between threads and to the dashboard.
+Every facade method is its own short transaction, so an ORM object would be detached (and its
+lazily-loaded attributes would fail) the moment the method returns. Snapshots are also safe to
+pass between threads and to the dashboard.
+
+They are pydantic models validated once, straight from the ORM row or query row
+(``from_attributes``), and the dashboard's response models validate straight from them the same
+way: a field is named in the table, here and in the API schema, and never copied by hand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, field_validator
 
-@dataclass(frozen=True)
-class RunInfo:
+
+class Record(BaseModel):
+    """Base of the snapshots: immutable, and built from any object with the right attributes."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+class RunInfo(Record):
     """One federated run; ``tasks`` are the continual-learning task names in task-index order."""
 
     id: str
@@ -27,9 +39,14 @@ class RunInfo:
     updated_at: datetime
     finished_at: datetime | None
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, tasks: list[Any]) -> list[Any]:
+        # The ORM row holds Task rows (ordered by index); the snapshot keeps only their names.
+        return [getattr(task, "name", task) for task in tasks]
 
-@dataclass(frozen=True)
-class RoundInfo:
+
+class RoundInfo(Record):
     """One server round; the counts are derived from its train/consolidate participations."""
 
     id: int
@@ -49,8 +66,7 @@ class RoundInfo:
     num_refusals: int
 
 
-@dataclass(frozen=True)
-class ParticipationInfo:
+class ParticipationInfo(Record):
     """What one site did in one phase of one round."""
 
     id: int
@@ -65,8 +81,7 @@ class ParticipationInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class SiteInfo:
+class SiteInfo(Record):
     """A site the coordinator has heard from, across all runs."""
 
     id: str
@@ -76,7 +91,7 @@ class SiteInfo:
 
 @dataclass(frozen=True)
 class MetricRow:
-    """A metric to record; ``site_id=None`` is the federation aggregate.
+    """A metric to record (an input, not a snapshot); ``site_id=None`` is the federation aggregate.
 
     ``task_index`` is the task the metric is *about* (accuracy on task j after training task i),
     which differs from the task of the round it was measured in.
@@ -88,8 +103,7 @@ class MetricRow:
     task_index: int | None = None
 
 
-@dataclass(frozen=True)
-class MetricInfo:
+class MetricInfo(Record):
     """A recorded metric joined with its round.
 
     ``round_task_index`` is the task being trained in that round; ``task_index`` is the task the
@@ -107,9 +121,14 @@ class MetricInfo:
     value: float
     created_at: datetime
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _nan_from_null(cls, value: float | None) -> float:
+        # SQLite stores NaN as NULL, so the column is nullable; a diverged loss reads back as NaN.
+        return math.nan if value is None else value
 
-@dataclass(frozen=True)
-class ModelVersionInfo:
+
+class ModelVersionInfo(Record):
     """A global model saved by the coordinator; ``path`` is relative to the artifacts folder."""
 
     id: int
@@ -126,8 +145,7 @@ class ModelVersionInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class PrivacyInfo:
+class PrivacyInfo(Record):
     """Differential-privacy spend a site reported (epsilon for this run and over its lifetime)."""
 
     id: int
@@ -142,8 +160,7 @@ class PrivacyInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class AuditInfo:
+class AuditInfo(Record):
     """An append-only audit log entry."""
 
     id: int
@@ -155,12 +172,11 @@ class AuditInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True)
-class TokenInfo:
+class TokenInfo(Record):
     """An API token's metadata; the plaintext token is never stored, so it is not here either."""
 
     id: int
     name: str
     role: str
     created_at: datetime
-    revoked_at: datetime | None = field(default=None)
+    revoked_at: datetime | None = None

@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from fedcl.config.vocabulary import VersionState
+
 # Deterministic constraint names: Alembic needs names to drop or alter constraints later, and
 # SQLite batch migrations cannot reflect unnamed ones.
 NAMING_CONVENTION = {
@@ -207,7 +209,9 @@ class ModelVersion(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     encrypted: Mapped[bool] = mapped_column(Boolean)
     format: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="candidate", server_default="candidate")
+    status: Mapped[str] = mapped_column(
+        String(16), default=VersionState.CANDIDATE, server_default=VersionState.CANDIDATE
+    )
     created_at: Mapped[datetime] = _created_at()
 
 
