@@ -1,4 +1,4 @@
-"""EncryptedFedAvg/FedProx: the coordinator validates and adds ciphertexts, public key only."""
+"""Encrypted(FedAvg/FedProx): the coordinator validates and adds ciphertexts, public key only."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl.config import protocol as P
@@ -23,12 +24,10 @@ from fedcl.privacy.ckks.wire import (
     record_blocks,
 )
 from fedcl.simulations.local_grid import LocalGrid
-from fedcl.strategies.encrypted import (
-    CONTRIBUTORS,
-    EncryptedFedAvg,
-    EncryptedFedProx,
-    is_encrypted,
-)
+from fedcl.config import ConfigError
+from fedcl.models import state_sha256
+from fedcl.strategies import GlobalModel, SiteStrategy
+from fedcl.strategies.encrypted import CONTRIBUTORS, Encrypted, is_encrypted
 
 SHAPES = {"w": (40, 30), "b": (30,)}
 BASE = "b" * 64
@@ -71,16 +70,17 @@ def reply(site: str, node: int, arrays: ArrayRecord, meta: ConfigRecord | None, 
     return Message(content, reply_to=incoming)
 
 
-def strategy(files, cls=EncryptedFedAvg, **kwargs):
+def strategy(files, cls=FedAvg, **kwargs):
     layout = Layout.from_state_dict(deltas(1)[0])
-    return cls(
+    inner = SiteStrategy(
+        cls(min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1, **kwargs),
+        summable=True,
+    )
+    return Encrypted(
+        inner,
         public_context=load_public_context(files.public),
         packing=Packing(max_sites=8),
         layout=layout,
-        min_available_nodes=1,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        **kwargs,
     )
 
 
@@ -113,8 +113,9 @@ def test_bad_replies_are_dropped_and_the_others_summed(keys) -> None:
         reply("site-model", 5, wrong_layout.arrays, wrong_layout.meta, 9.0),
         reply("site-plain", 6, ArrayRecord({"w": Array(np.zeros(3))}), None, 9.0),
     ]
-    arrays, metrics = s.aggregate_train(1, replies)
-    reasons = dict(s.last_rejections)
+    result = s.aggregate_train(1, replies, base=None)
+    arrays, metrics = result.model.arrays, result.metrics
+    reasons = dict(result.rejections)
     assert set(reasons) == {"site-corrupt", "site-otherkey", "site-model", "site-plain"}
     assert "deserialize" in reasons["site-corrupt"]
     assert "fingerprint" in reasons["site-otherkey"]
@@ -122,12 +123,13 @@ def test_bad_replies_are_dropped_and_the_others_summed(keys) -> None:
     assert "metadata" in reasons["site-plain"]
     assert metrics[CONTRIBUTORS] == 2 and metrics[P.TRAIN_LOSS] == pytest.approx(0.6)
     assert P.NUM_EXAMPLES not in metrics
-    assert is_encrypted(arrays) and s.last_aggregate_meta is s.global_meta
+    assert is_encrypted(arrays) and result.model.encrypted
+    assert {o.site_id for o in result.contributors} == {"site-a", "site-b"}
 
     # The sum of the two good sites is intact: decrypting (at a site) gives their FedAvg.
     lay = Layout.from_state_dict(ups[0])
     assert lay.hash == layout
-    dec = decode_aggregate_full(arrays, s.last_aggregate_meta, secret, layout=lay)
+    dec = decode_aggregate_full(arrays, result.model.meta, secret, layout=lay)
     assert (dec.contributors, dec.total_count) == (2, 400)
     exact = (100 * lay.flatten(ups[0]) + 300 * lay.flatten(ups[1])) / 400
     got = np.concatenate([dec.mean[k].reshape(-1) for k in lay.names])
@@ -142,51 +144,66 @@ def test_replies_from_another_model_are_rejected_by_majority(keys) -> None:
     for i, base in enumerate((BASE, "c" * 64, BASE)):  # site-1 trained from another model
         enc = encrypt_update(ups[i], 10, secret, s.expected.packing, base_sha256=base)
         replies.append(reply(f"site-{i}", i + 1, enc.arrays, enc.meta, 0.1))
-    arrays, _ = s.aggregate_train(2, replies)
-    assert [site for site, _ in s.last_rejections] == ["site-1"]
-    assert "trained from model" in s.last_rejections[0][1]
-    assert s.last_aggregate_meta["ckks-base"] == BASE and s.last_aggregate_meta["ckks-summed"] == 2
-    s.expected_base = "d" * 64  # the coordinator knows the round's model: all three disagree
-    assert s.aggregate_train(3, replies) == (None, None)
-    assert len(s.last_rejections) == 3
+    result = s.aggregate_train(2, replies, base=None)  # no known base: the majority decides
+    assert [site for site, _ in result.rejections] == ["site-1"]
+    assert "trained from model" in result.rejections[0][1]
+    meta = result.model.meta
+    assert meta["ckks-base"] == BASE and meta["ckks-summed"] == 2
+    # The coordinator knows the round's model: all three disagree with it.
+    result = s.aggregate_train(3, replies, base="d" * 64)
+    assert result.model is None and result.metrics == {}
+    assert len(result.rejections) == 3
 
 
 def test_the_coordinator_refuses_a_secret_context(keys) -> None:
     files, secret, _ = keys
     with pytest.raises(CKKSKeyError, match="SECRET"):
-        EncryptedFedAvg(
-            public_context=secret, packing=Packing(), layout=Layout.from_state_dict(deltas(1)[0])
+        Encrypted(
+            SiteStrategy(FedAvg(), summable=True),
+            public_context=secret,
+            packing=Packing(),
+            layout=Layout.from_state_dict(deltas(1)[0]),
+        )
+
+
+def test_only_a_summable_strategy_can_be_encrypted(keys) -> None:
+    files, _, _ = keys
+    with pytest.raises(ConfigError, match="weighted sum"):
+        Encrypted(
+            SiteStrategy(FedAvg(), summable=False),
+            public_context=load_public_context(files.public),
+            packing=Packing(),
+            layout=Layout.from_state_dict(deltas(1)[0]),
         )
 
 
 def test_encrypted_arrays_are_sent_with_their_metadata(keys) -> None:
     files, secret, _ = keys
-    s = strategy(files, cls=EncryptedFedProx, proximal_mu=0.1)
+    s = strategy(files, cls=FedProx, proximal_mu=0.1)
     grid = LocalGrid(ClientApp(), 2)
-    plain = ArrayRecord({k: Array(np.zeros(v)) for k, v in SHAPES.items()})
+    plain = GlobalModel(ArrayRecord({k: Array(np.zeros(v)) for k, v in SHAPES.items()}))
     msgs = list(s.configure_train(1, plain, ConfigRecord({}), grid))
     assert len(msgs) == 2 and all(META_KEY not in m.content for m in msgs)
     enc = encrypt_update(deltas(1)[0], 10, secret, s.expected.packing, base_sha256=BASE)
-    arrays, _ = s.aggregate_train(1, [reply("a", 1000, enc.arrays, enc.meta, 0.2)])
+    model = s.aggregate_train(1, [reply("a", 1000, enc.arrays, enc.meta, 0.2)], base=None).model
     for msgs in (
-        s.configure_train(2, arrays, ConfigRecord({}), grid),
-        s.configure_evaluate(2, arrays, ConfigRecord({}), grid),
+        s.configure_train(2, model, ConfigRecord({}), grid),
+        s.configure_evaluate(2, model, ConfigRecord({}), grid),
     ):
         msgs = list(msgs)
         assert all(m.content[META_KEY]["ckks-kind"] == "aggregate" for m in msgs)
     assert msgs[0].content[P.CONFIG].get("proximal-mu") is None  # evaluate: no mu
-    train = list(s.configure_train(3, arrays, ConfigRecord({}), grid))
+    train = list(s.configure_train(3, model, ConfigRecord({}), grid))
     assert train[0].content[P.CONFIG]["proximal-mu"] == 0.1
-    s.global_meta = None  # e.g. a resumed coordinator that forgot to restore it
-    with pytest.raises(ValueError, match="global_meta"):
-        s.configure_train(4, arrays, ConfigRecord({}), grid)
+    # e.g. a resumed coordinator that stored the blocks but lost their metadata
+    with pytest.raises(ValueError, match="metadata"):
+        s.configure_train(4, GlobalModel(model.arrays), ConfigRecord({}), grid)
 
 
 def test_two_rounds_sites_agree_on_the_decrypted_model(keys) -> None:
-    """The flow the ClientApp follows: decode, apply, train, encrypt Δ with the base's SHA."""
+    """The flow the ClientApp follows: decode, load, train, encrypt weights with the base's SHA."""
     import torch
 
-    from fedcl.privacy.ckks.codec import apply_delta, state_delta, state_sha256
     from fedcl.privacy.ckks.wire import decode_aggregate
 
     files, secret, _ = keys
@@ -195,36 +212,41 @@ def test_two_rounds_sites_agree_on_the_decrypted_model(keys) -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     layout = Layout.from_state_dict(initial)
     packing = Packing(max_sites=4)
-    s = EncryptedFedAvg(
+    s = Encrypted(
+        SiteStrategy(FedAvg(), summable=True),
         public_context=load_public_context(files.public),
         packing=packing,
         layout=layout,
-        expected_base=state_sha256(initial, layout),  # round 1: the plaintext initial model
     )
     sites = {f"site-{i}": {k: v.clone() for k, v in initial.items()} for i in range(3)}
     arrays = meta = None
+    base = state_sha256(initial)  # round 1: the plaintext initial model, known to the coordinator
     for server_round in (1, 2):
         replies = []
         for i, (name, state) in enumerate(sites.items()):
-            if arrays is not None:  # decode the aggregate and apply it to the site's copy
+            if arrays is not None:  # decode the aggregate: the whole model, weighted mean
                 mean, _, _ = decode_aggregate(arrays, meta, secret, layout=layout, packing=packing)
-                state = sites[name] = apply_delta(state, mean)
+                state = sites[name] = {
+                    k: torch.as_tensor(mean[k], dtype=torch.float32).reshape(v.shape)
+                    for k, v in state.items()
+                }
             trained = {k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in state.items()}
             enc = encrypt_update(
-                state_delta(trained, state),
+                trained,
                 100 * (i + 1),
                 secret,
                 packing,
                 layout=layout,
-                base_sha256=state_sha256(state, layout),
+                base_sha256=state_sha256(state),
             )
             replies.append(reply(name, i + 1, enc.arrays, enc.meta, 0.1))
-        arrays, _ = s.aggregate_train(server_round, replies)
-        meta = s.last_aggregate_meta
-        assert s.last_rejections == [] and meta["ckks-summed"] == 3
-        s.expected_base = None  # later rounds: the sites' majority (or what they reported)
-    applied = [
-        apply_delta(st, decode_aggregate(arrays, meta, secret, layout=layout)[0])
-        for st in sites.values()
-    ]
-    assert len({state_sha256(st, layout) for st in applied}) == 1
+        result = s.aggregate_train(server_round, replies, base=base)
+        arrays, meta = result.model.arrays, result.model.meta
+        assert result.rejections == [] and meta["ckks-summed"] == 3
+        base = None  # later rounds: the sites' majority (the coordinator cannot decrypt)
+    applied = [decode_aggregate(arrays, meta, secret, layout=layout)[0] for _ in sites]
+    digests = {
+        state_sha256({k: torch.as_tensor(np.asarray(m[k])) for k in layout.names})
+        for m in applied
+    }
+    assert len(digests) == 1
