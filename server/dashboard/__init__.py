@@ -5,7 +5,8 @@ database, so it keeps no state of its own: every page, API answer and scrape is 
 registry at request time. Start it with ``fedcl dashboard --db URL``; see :func:`create_app`.
 """
 
-from .app import create_app
 from fedcl.server.canary import evaluate_canary
+
+from .app import create_app
 
 __all__ = ["create_app", "evaluate_canary"]

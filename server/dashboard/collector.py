@@ -23,9 +23,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from fedcl.config.vocabulary import RoundStatus, RunStatus
 from fedcl.server.registry import PrivacyInfo, Registry, RegistryError
 
-from .service import all_runs, finite
+from .floats import finite
+from .service import all_runs
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ class RegistryCollector(Collector):
     def _families(self) -> list[Metric]:
         reg = self.registry
         runs = all_runs(reg)
-        shown = [r for r in runs if r.status == "running"]
-        shown += [r for r in runs[: self.recent_runs] if r.status != "running"]
+        shown = [r for r in runs if r.status == RunStatus.RUNNING]
+        shown += [r for r in runs[: self.recent_runs] if r.status != RunStatus.RUNNING]
 
         by_status: dict[str, int] = defaultdict(int)
         for run in runs:
@@ -129,9 +131,9 @@ class RegistryCollector(Collector):
             labels = [run.id]
             run_info.add_metric([run.id, run.scenario, run.status], 1.0)
             rounds = reg.list_rounds(run.id)
-            done = [r for r in rounds if r.status == "completed"]
+            done = [r for r in rounds if r.status == RoundStatus.COMPLETED]
             completed.add_metric(labels, len(done))
-            failed.add_metric(labels, sum(r.status == "failed" for r in rounds))
+            failed.add_metric(labels, sum(r.status == RoundStatus.FAILED for r in rounds))
             seconds = [s for s in (finite(r.seconds) for r in done) if s is not None]
             buckets = [
                 (str(edge), sum(s <= edge for s in seconds)) for edge in DURATION_BUCKETS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedcl.config.vocabulary import VersionState
 from fedcl.server.registry import ModelVersionInfo, Registry
 
 from .auth import DashboardError
@@ -30,24 +31,24 @@ class VersionChange:
 
 def promote(registry: Registry, version: ModelVersionInfo, *, actor: str) -> VersionChange:
     """Make ``version`` the run's production model (the previous one is archived)."""
-    if version.status == "production":
+    if version.status == VersionState.PRODUCTION:
         return VersionChange(f"version {version.id} is already production", version)
-    updated = registry.set_version_status(version.id, "production", actor=actor)
+    updated = registry.set_version_status(version.id, VersionState.PRODUCTION, actor=actor)
     return VersionChange(
         f"version {version.id} (run {version.run_id!r}, round {version.server_round}): "
-        f"{version.status} -> production",
+        f"{version.status} -> {VersionState.PRODUCTION}",
         updated,
     )
 
 
 def make_candidate(registry: Registry, version: ModelVersionInfo, *, actor: str) -> VersionChange:
     """Put ``version`` back to candidate (e.g. to retry a rolled-back one through the canary)."""
-    if version.status == "candidate":
+    if version.status == VersionState.CANDIDATE:
         return VersionChange(f"version {version.id} is already a candidate", version)
-    updated = registry.set_version_status(version.id, "candidate", actor=actor)
+    updated = registry.set_version_status(version.id, VersionState.CANDIDATE, actor=actor)
     return VersionChange(
         f"version {version.id} (run {version.run_id!r}, round {version.server_round}): "
-        f"{version.status} -> candidate",
+        f"{version.status} -> {VersionState.CANDIDATE}",
         updated,
     )
 
@@ -62,7 +63,7 @@ def previous_production(registry: Registry, version: ModelVersionInfo) -> ModelV
     archived = [
         v
         for v in registry.list_model_versions(version.run_id)
-        if v.status == "archived" and v.id != version.id
+        if v.status == VersionState.ARCHIVED and v.id != version.id
     ]
     older = [v for v in archived if v.server_round < version.server_round]
     pool = older or archived
@@ -76,7 +77,7 @@ def rollback(registry: Registry, version: ModelVersionInfo, *, actor: str) -> Ve
     exists to restore: leaving a run silently without a production model is worse than asking the
     operator to decide (they can demote it to candidate explicitly).
     """
-    if version.status != "production":
+    if version.status != VersionState.PRODUCTION:
         raise VersionConflict(
             f"version {version.id} is {version.status}, not production: only the production "
             "version can be rolled back (to drop a candidate, use the canary or mark it so)"
@@ -87,8 +88,8 @@ def rollback(registry: Registry, version: ModelVersionInfo, *, actor: str) -> Ve
             f"version {version.id} is the only production version run {version.run_id!r} has "
             "had: there is no archived version to restore; demote it to candidate instead"
         )
-    rolled = registry.set_version_status(version.id, "rolled_back", actor=actor)
-    restored = registry.set_version_status(previous.id, "production", actor=actor)
+    rolled = registry.set_version_status(version.id, VersionState.ROLLED_BACK, actor=actor)
+    restored = registry.set_version_status(previous.id, VersionState.PRODUCTION, actor=actor)
     message = (
         f"rolled back version {version.id} (round {version.server_round}) of run "
         f"{version.run_id!r}; restored version {previous.id} (round {previous.server_round}) "

@@ -1,9 +1,10 @@
 """Response models of the dashboard's JSON API, kept apart from the registry's ORM and snapshots.
 
 They are the API's published contract (they generate ``/openapi.json``): the registry's tables can
-evolve without breaking a script that reads the API, as long as these stay. Floats are
-``float | None`` wherever the registry may hold NaN (a diverged loss): JSON has no NaN, and the
-API sends ``null`` instead.
+evolve without breaking a script that reads the API, as long as these stay. They are built from
+the registry's snapshots by validation (``model_validate``), never by copying fields. Floats are
+``FiniteOrNull`` (``float | None``) wherever the registry may hold NaN (a diverged loss): JSON
+has no NaN, and the API sends ``null`` instead.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .floats import FiniteOrNull, FiniteOrZero
+
 
 class _Out(BaseModel):
-    # from_attributes: the registry's frozen info dataclasses validate straight into these.
+    # from_attributes: the registry's snapshots (info.py) validate straight into these, so a
+    # field is never copied by hand; FiniteOrNull fields turn the registry's NaN into null.
     model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
@@ -89,7 +93,7 @@ class RoundOut(_Out):
     status: str
     started_at: datetime
     finished_at: datetime | None
-    seconds: float
+    seconds: FiniteOrZero
     bytes_up: int = Field(description="Bytes the sites sent to the coordinator")
     bytes_down: int = Field(description="Bytes the coordinator sent to the sites")
     num_participants: int
@@ -103,7 +107,7 @@ class MetricOut(_Out):
 
     id: int
     name: str
-    value: float | None = Field(description="null where the registry holds NaN")
+    value: FiniteOrNull = Field(description="null where the registry holds NaN")
     site_id: str | None
     task_index: int | None = Field(description="The task the metric is about")
     server_round: int | None = Field(description="null for run-level metrics (e.g. baseline)")
@@ -118,11 +122,11 @@ class AccuracyMatrixOut(_Out):
     site_id: str | None = Field(description="null: the federation's matrix")
     tasks: list[str]
     eval_tasks: list[str]
-    matrix: list[list[float | None]]
-    baseline: list[float | None] = Field(description="Accuracy of the untrained model per task")
-    avg_accuracy: float | None
-    bwt: float | None
-    fwt: float | None
+    matrix: list[list[FiniteOrNull]]
+    baseline: list[FiniteOrNull] = Field(description="Accuracy of the untrained model per task")
+    avg_accuracy: FiniteOrNull
+    bwt: FiniteOrNull
+    fwt: FiniteOrNull
 
 
 class PrivacyOut(_Out):
@@ -131,10 +135,10 @@ class PrivacyOut(_Out):
     run_id: str
     site_id: str
     server_round: int | None
-    epsilon_run: float | None
-    epsilon_lifetime: float | None
-    delta: float | None
-    budget: float | None
+    epsilon_run: FiniteOrNull
+    epsilon_lifetime: FiniteOrNull
+    delta: FiniteOrNull
+    budget: FiniteOrNull
     created_at: datetime
 
 
@@ -146,7 +150,7 @@ class HashAgreementOut(_Out):
     """
 
     metric: str | None = Field(description="Name of the latest hash-related metric, if any")
-    value: float | None
+    value: FiniteOrNull
     run_id: str | None
     server_round: int | None
     audit_events: int = Field(description="Hash-related audit events about this site")
@@ -165,9 +169,9 @@ class SiteOut(_Out):
     rounds_refused: int
     last_run_id: str | None
     last_server_round: int | None
-    epsilon_run: float | None = Field(description="Latest reported ε of its latest run")
-    epsilon_lifetime: float | None = Field(description="Latest reported lifetime ε")
-    budget: float | None = Field(description="ε budget the site reported with it")
+    epsilon_run: FiniteOrNull = Field(description="Latest reported ε of its latest run")
+    epsilon_lifetime: FiniteOrNull = Field(description="Latest reported lifetime ε")
+    budget: FiniteOrNull = Field(description="ε budget the site reported with it")
     budget_used: float | None = Field(description="epsilon_lifetime / budget, as reported")
     hash_agreement: HashAgreementOut | None
 
@@ -260,8 +264,8 @@ class EpsilonSeries(_Out):
 
     site_id: str
     server_rounds: list[int | None]
-    epsilon_run: list[float | None]
-    budget: float | None
+    epsilon_run: list[FiniteOrNull]
+    budget: FiniteOrNull
 
 
 class RunCharts(_Out):

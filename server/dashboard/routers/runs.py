@@ -6,8 +6,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from .. import service
 from fedcl.server.canary import assess_canary
+
+from .. import service
 from ..deps import (
     MAX_DB_INT,
     TEXT_PATTERN,
