@@ -18,7 +18,7 @@ from fedcl.server.registry import Registry, RunInfo
 
 from .auth import ADMIN, CSRF_HEADER, SITE_PREFIX, TOKEN_COOKIE, VIEWER, Principal
 
-# The registry's run-id alphabet (server/registry/store.py, _RUN_ID).
+# The registry's run-id alphabet (server/registry/validation.py, _RUN_ID).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Site ids and metric names are free text in the registry; refuse control characters (NUL cannot
 # be stored by PostgreSQL) and anything longer than the columns.
