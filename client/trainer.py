@@ -1,7 +1,19 @@
 """The site's local training step: the one place where examples become an update.
 
-DP-SGD, EWC and replay extend this loop through :class:`TrainHook` objects rather than by
-rewriting it, so that every combination of them runs the same, tested code.
+DP-SGD and the continual methods (EWC, SI, LwF, ...) extend this loop through
+:class:`TrainHook` objects rather than by rewriting it, so that every combination of them runs
+the same, tested code. A hook has two ways to change the objective, and which one a term takes
+decides how DP treats it:
+
+* :meth:`TrainHook.extra_loss` (before backward): a *per-example* term added to the data loss,
+  so it is part of each example's loss that Opacus clips and noises. Use it for terms that
+  depend on the examples (LwF's distillation): they are then covered by the DP-SGD release.
+* :meth:`TrainHook.add_gradients` (after clipping and noise): a gradient added to the
+  privatised one. Use it for penalties on the parameters alone (EWC, SI, FedProx), which touch
+  no example and so are post-processing.
+
+The loss itself and the evaluation metric are the model's registered objective
+(:func:`fedcl.models.registry.objective_of`), not a hard-coded cross-entropy.
 """
 
 from __future__ import annotations
@@ -15,7 +27,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fedcl.config import FedclError
 from fedcl.config.experiment import TrainSpec
+from fedcl.models.registry import Objective, objective_of
 
 
 class TrainHook(Protocol):
@@ -25,6 +39,19 @@ class TrainHook(Protocol):
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
     ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Wrap the training objects (DP-SGD swaps in Opacus' model, optimizer and loader)."""
+        ...
+
+    def extra_loss(
+        self, inputs: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A per-example loss term (shape ``[batch]``) added to the data loss, or None.
+
+        Called before backward with the batch and the model's *raw* outputs (before any
+        task-IL mask). The trainer adds the term's batch mean to the objective's mean loss, so
+        it is inside every example's loss that DP-SGD clips and noises: a term that uses the
+        examples costs no privacy beyond the training release. Optional: the trainer treats a
+        hook without this method (the duck-typed DP and EWC hooks) as returning None.
+        """
         ...
 
     def add_gradients(self, model: nn.Module) -> None:
@@ -46,6 +73,9 @@ class BaseHook:
 
     def setup(self, model, optimizer, loader):
         return model, optimizer, loader
+
+    def extra_loss(self, inputs, outputs, targets):
+        return None
 
     def add_gradients(self, model):
         return None
@@ -87,6 +117,38 @@ def masked_logits(logits: torch.Tensor, mask: Sequence[int] | None) -> torch.Ten
     return logits + keep
 
 
+def batch_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    objective: Objective,
+    output_mask: Sequence[int] | None = None,
+    hooks: Sequence[TrainHook] = (),
+) -> torch.Tensor:
+    """The loss one batch is trained on: the objective's mean loss plus the hooks' terms.
+
+    Each hook's :meth:`~TrainHook.extra_loss` must give one value per example; its mean is
+    added, so example ``i``'s share of the loss is ``(loss_i + Σ term_i) / batch`` and Opacus'
+    per-sample gradients are those of ``loss_i + Σ term_i``.
+    """
+    outputs = model(inputs)
+    loss = objective.loss(masked_logits(outputs, output_mask), targets)
+    for hook in hooks:
+        extra = getattr(hook, "extra_loss", None)
+        term = None if extra is None else extra(inputs, outputs, targets)
+        if term is None:
+            continue
+        if term.shape != (len(targets),):
+            raise FedclError(
+                f"{type(hook).__name__}.extra_loss returned shape {tuple(term.shape)}; it must "
+                f"return one value per example ({len(targets)},) so that DP-SGD clips it per "
+                "example (a batch-level term would mix examples)"
+            )
+        loss = loss + term.mean()
+    return loss
+
+
 class LocalTrainer:
     """Runs ``local_epochs`` of minibatch training on one task's examples."""
 
@@ -108,11 +170,16 @@ class LocalTrainer:
         *,
         output_mask: Sequence[int] | None = None,
         hooks: Sequence[TrainHook] = (),
+        objective: Objective | None = None,
     ) -> TrainResult:
-        """Train ``model`` in place and report the examples used and the mean loss."""
+        """Train ``model`` in place and report the examples used and the mean loss.
+
+        ``objective`` defaults to the one the model registry recorded on ``model``.
+        """
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             return TrainResult(0, 0, math.nan)
+        objective = objective_of(model) if objective is None else objective
         generator = torch.Generator().manual_seed(self.seed)
         loader = DataLoader(
             dataset, batch_size=min(self.spec.batch_size, n), shuffle=True, generator=generator
@@ -121,15 +188,17 @@ class LocalTrainer:
         optimizer = self.make_optimizer(model)
         for hook in hooks:
             model, optimizer, loader = hook.setup(model, optimizer, loader)
-        criterion = nn.CrossEntropyLoss()
         total, batches = 0.0, 0
         for _ in range(self.spec.local_epochs):
-            for x, y in loader:
+            for batch in loader:
+                x, y = objective.split_batch(batch)
                 if len(y) == 0:  # Poisson sampling can draw an empty batch
                     continue
                 x, y = x.to(self.device), y.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(masked_logits(model(x), output_mask), y)
+                loss = batch_loss(
+                    model, x, y, objective=objective, output_mask=output_mask, hooks=hooks
+                )
                 loss.backward()
                 self._step(model, optimizer, hooks)
                 total += float(loss.detach())
@@ -169,15 +238,21 @@ def evaluate(
     output_mask: Sequence[int] | None = None,
     device: str = "cpu",
     batch_size: int = 512,
+    objective: Objective | None = None,
 ) -> tuple[int, int, float]:
-    """(correct, count, summed loss) of ``model`` on ``dataset``."""
+    """(summed metric, count, summed loss) of ``model`` on ``dataset``.
+
+    The metric and the loss are the model's registered objective (``objective`` overrides it):
+    for a classifier, (correct predictions, count, summed cross-entropy).
+    """
+    objective = objective_of(model) if objective is None else objective
     model.to(device).eval()
     correct, count, loss = 0, 0, 0.0
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    for x, y in DataLoader(dataset, batch_size=batch_size):
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        x, y = objective.split_batch(batch)
         x, y = x.to(device), y.to(device)
         logits = masked_logits(model(x), output_mask)
-        loss += float(criterion(logits, y))
-        correct += int((logits.argmax(dim=1) == y).sum())
+        loss += float(objective.loss(logits, y, reduction="sum"))
+        correct += int(objective.metric(logits, y))
         count += len(y)
     return correct, count, loss

@@ -4,6 +4,12 @@ Every participant of a federation must build the *same* parameter vector from a 
 such as ``model: cnn``. Keeping the mapping in one place (and validating parameters here, with
 messages that say what would be valid) turns a silent shape mismatch at aggregation time into
 an early, readable error.
+
+Each model also records the :class:`Objective` it trains: the loss on ``(outputs, targets)``,
+the evaluation metric and how a batch splits into inputs and targets. The site trainer reads it
+from the model (:func:`objective_of`) instead of hard-coding a classifier's cross-entropy, so a
+model with another objective needs a registry row, not a new trainer. Every built-in model is a
+classifier (:data:`CLASSIFIER`: cross-entropy, accuracy, ``(x, y)`` batches).
 """
 
 import inspect
@@ -11,7 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedcl.config.errors import FedclError
 
@@ -22,11 +30,50 @@ class ModelError(FedclError, ValueError):
     """Unknown model name or parameters the chosen model cannot be built with."""
 
 
+def _xy(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = batch  # exactly two: a batch of another shape is an error, not a guess
+    return inputs, targets
+
+
+def _cross_entropy(
+    outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction=reduction)
+
+
+def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (outputs.argmax(dim=1) == targets).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a model is trained and evaluated on.
+
+    ``loss(outputs, targets, reduction)`` takes ``reduction`` in ``"mean"`` (training),
+    ``"sum"`` (evaluation totals) and ``"none"`` (one value per example);
+    ``metric(outputs, targets)`` is the *summed* metric of a batch (correct predictions for
+    accuracy), divided by the example count by whoever reports it;
+    ``split_batch(batch)`` gives ``(inputs, targets)``.
+    """
+
+    name: str
+    loss: Callable[..., torch.Tensor]
+    metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    metric_name: str
+    split_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = _xy
+
+
+#: Today's objective of every built-in model: softmax cross-entropy, accuracy, ``(x, y)``.
+CLASSIFIER = Objective("classifier", _cross_entropy, _correct, "accuracy")
+_OBJECTIVE_ATTR = "fedcl_objective"
+
+
 @dataclass(frozen=True)
 class _Spec:
     builder: Callable[..., nn.Module]
     min_image_size: int
     summary: str
+    objective: Objective = CLASSIFIER
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -168,13 +215,39 @@ def build_model(
     if unknown:
         raise ModelError(f"{name} does not accept {unknown}; its options are {accepted or 'none'}")
     try:
-        return spec.builder(
+        model = spec.builder(
             in_channels=in_channels, image_size=image_size, num_classes=num_classes, **kwargs
         )
     except ModelError:
         raise
     except (TypeError, ValueError) as exc:  # e.g. a string where a number was expected
         raise ModelError(f"cannot build {name} with {kwargs}: {exc}") from exc
+    # A plain attribute, not a buffer: it stays out of the state dict (and so out of updates).
+    setattr(model, _OBJECTIVE_ATTR, spec.objective)
+    return model
+
+
+def model_objective(name: str) -> Objective:
+    """The objective the registered model ``name`` trains (unknown names are a ModelError)."""
+    spec = _MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    return spec.objective
+
+
+def objective_of(model: nn.Module) -> Objective:
+    """The objective recorded on ``model`` by :func:`build_model`; a classifier's otherwise.
+
+    Looks through wrappers (Opacus' ``_module``, DDP's ``module``), so the trainer finds it on
+    the model it was handed whatever wraps it.
+    """
+    seen: Any = model
+    while isinstance(seen, nn.Module):
+        found = seen.__dict__.get(_OBJECTIVE_ATTR)
+        if isinstance(found, Objective):
+            return found
+        seen = seen._modules.get("_module", seen._modules.get("module"))
+    return CLASSIFIER
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
