@@ -76,6 +76,34 @@ class FisherRelease:
         return asdict(self)
 
 
+def fisher_release(
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_examples: int,
+    squared_clip_norm: float | None = None,
+) -> FisherRelease:
+    """The release :func:`dp_fisher_diagonal` makes with these settings, known beforehand.
+
+    The mechanism builds its own report with this function, so a site that charges its ledger
+    with it *before* computing the Fisher charges exactly what the mechanism then reports.
+    """
+    check_fisher_dp_settings(clip_norm, noise_multiplier)
+    sensitivity = clip_norm**2
+    if squared_clip_norm is not None:
+        sensitivity = min(sensitivity, squared_clip_norm)
+    return FisherRelease(
+        mechanism="fisher",
+        sample_rate=1.0,
+        noise_multiplier=float(noise_multiplier),
+        steps=1,
+        sensitivity=float(sensitivity),
+        clip_norm=float(clip_norm),
+        squared_clip_norm=None if squared_clip_norm is None else float(squared_clip_norm),
+        num_examples=int(num_examples),
+    )
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module under an Opacus ``GradSampleModule`` (or DDP) wrapper."""
     while isinstance(getattr(model, "_module", None), nn.Module):
@@ -252,9 +280,13 @@ def dp_fisher_diagonal(
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise FedclError("cannot compute a DP Fisher diagonal on an empty dataset")
-    sensitivity = clip_norm**2
-    if squared_clip_norm is not None:
-        sensitivity = min(sensitivity, squared_clip_norm)
+    release = fisher_release(
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        num_examples=n,
+        squared_clip_norm=squared_clip_norm,
+    )
+    sensitivity = release.sensitivity
 
     total: dict[str, torch.Tensor] = {}
     with _plain_evaluation(model):
@@ -284,16 +316,6 @@ def dp_fisher_diagonal(
             t = t + torch.normal(0.0, std, size=t.shape, generator=generator)
         t = t / n
         fisher[k] = t.clamp(min=0.0) if clamp else t
-    release = FisherRelease(
-        mechanism="fisher",
-        sample_rate=1.0,
-        noise_multiplier=float(noise_multiplier),
-        steps=1,
-        sensitivity=float(sensitivity),
-        clip_norm=float(clip_norm),
-        squared_clip_norm=None if squared_clip_norm is None else float(squared_clip_norm),
-        num_examples=n,
-    )
     return fisher, release
 
 
