@@ -56,12 +56,33 @@ class SitePrivacy:
         return self._plan_with_fisher(rate, steps, fisher)
 
     def planned_fisher_releases(self) -> list[tuple[float, float, int]]:
-        """EWC's DP Fisher: one full-data Gaussian release per consolidated task."""
+        """The method's releases besides training, ``(σ, q, steps)``: one per consolidated task.
+
+        EWC's DP Fisher is one full-data Gaussian release per task but the last, as stated by
+        the method's row (the same statement the site charges and the mechanism reports).
+        """
+        from fedcl.continual.methods import get_method
+
         exp = self.job.experiment
-        if not exp.continual.uses_ewc or exp.is_joint:
+        method = get_method(exp.continual.method)
+        if not method.consolidates or exp.is_joint:
             return []
-        sigma = exp.continual.fisher_noise_multiplier
-        return [(sigma, 1.0, 1)] * (self.job.data.stream.num_tasks - 1)
+        planned = []
+        for k in range(self.job.data.stream.num_tasks - 1):
+            release = method.consolidation_release(exp, len(self.job.data.train_set(k)))
+            if release is not None:
+                planned.append((release.noise_multiplier, release.sample_rate, release.steps))
+        return planned
+
+    def consolidation_release(self) -> DPRelease:
+        """What this message's consolidation (the DP Fisher of the current task) spends.
+
+        Charge this before computing the Fisher: it is the method's stated release, with which
+        ``continual_site.site_fisher`` runs the mechanism and which it checks the report against.
+        """
+        from .continual_site import consolidation_release
+
+        return DPRelease.of(consolidation_release(self.job), self.delta)
 
     def _plan_with_fisher(
         self, rate: float, steps: int, fisher: list[tuple[float, float, int]]

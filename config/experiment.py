@@ -143,9 +143,16 @@ class HESpec(_Strict):
 
 
 class ContinualSpec(_Strict):
-    """How sites keep earlier tasks: online EWC, site-local replay, or both (DESIGN.md §7)."""
+    """How sites keep earlier tasks (docs/DESIGN.md §7): a method of ``fedcl.continual.methods``.
 
-    method: Literal["naive", "ewc", "replay", "ewc+replay", "joint"] = "naive"
+    ``method`` is a plain name here; the method table checks it where the method is looked up
+    (``fedcl.continual.methods.get_method``), since ``config`` imports nothing else of fedcl.
+    ``options`` holds a method's own settings (e.g. LwF's ``temperature``), validated by that
+    method; the EWC and replay settings keep their top-level fields below.
+    """
+
+    method: str = "naive"
+    options: dict[str, Any] = Field(default_factory=dict)
     ewc_lambda: float = Field(100.0, ge=0)
     ewc_gamma: float = Field(1.0, gt=0, le=1)
     fisher_clip_norm: float = Field(0.3, gt=0)
@@ -154,6 +161,7 @@ class ContinualSpec(_Strict):
     replay_size: int = Field(100, ge=1)
     replay_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
 
+    # Deprecated: ask the method table (``get_method(method).consolidates`` / ``.replays``).
     @property
     def uses_ewc(self) -> bool:
         return self.method in ("ewc", "ewc+replay")
