@@ -1,4 +1,4 @@
-"""The experiment: everything a coordinator needs to run a federation (DESIGN.md §8).
+"""The experiment: everything a coordinator needs to run a federation (docs/DESIGN.md §8).
 
 One pydantic model per TOML table, ``extra="forbid"`` everywhere, so a misspelt key is an error
 that names it rather than a silently ignored setting. Sites receive the validated experiment with
@@ -32,7 +32,7 @@ class PartitionSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """The data and the continual stream cut from it (DESIGN.md §7)."""
+    """The data and the continual stream cut from it (docs/DESIGN.md §7)."""
 
     dataset: str = "digits"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -60,12 +60,19 @@ class DataSpec(_Strict):
 
 
 class StrategySpec(_Strict):
-    """Flower strategy used for plaintext aggregation."""
+    """How updates are aggregated and which replies are accepted.
 
-    name: Literal["fedavg", "fedprox"] = "fedavg"
+    ``name`` is looked up in ``fedcl.strategies.STRATEGIES`` (fedavg, fedprox) when the run is
+    planned, so adding a strategy needs no change here.
+    """
+
+    name: str = Field("fedavg", pattern=r"^[a-z0-9_-]+$")
     proximal_mu: float = Field(0.01, ge=0)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    #: A plaintext reply whose update ||w_site - w_global||_2 exceeds this is dropped and
+    #: audited (a diverged or corrupted site); None accepts any finite update.
+    max_update_norm: float | None = Field(None, gt=0)
 
 
 class TrainSpec(_Strict):
@@ -78,6 +85,11 @@ class TrainSpec(_Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     round_timeout_s: float = Field(600.0, gt=0)
+    #: How long a round waits for the expected sites to be connected; after it the round goes
+    #: on with the sites present if there are at least ``quorum`` of them, or the run stops.
+    site_wait_s: float = Field(120.0, gt=0)
+    #: Fewest connected sites a round proceeds with after ``site_wait_s`` (default: all).
+    quorum: int | None = Field(None, ge=1)
 
 
 class DPSpec(_Strict):
@@ -171,6 +183,22 @@ class ContinualSpec(_Strict):
         return self.method in ("replay", "ewc+replay")
 
 
+class FaultSpec(_Strict):
+    """One misbehaviour of one virtual site, on demand (``[[simulation.faults]]``).
+
+    Rehearses what a real site or network does, through the real apps: ``nan`` (its update
+    holds NaNs), ``bitflip`` (one bit flipped in the middle of its update's bytes), ``duplicate``
+    (its reply arrives twice), ``stale`` (it re-sends its reply of the round before),
+    ``disconnect`` (it is gone from ``round`` for ``rounds`` rounds, then comes back) and
+    ``crash`` (its ClientApp raises).
+    """
+
+    site: int = Field(ge=0)  # the virtual site's index (site-<index>)
+    round: int = Field(ge=1)  # the server round
+    kind: Literal["nan", "bitflip", "duplicate", "stale", "disconnect", "crash"]
+    rounds: int = Field(1, ge=1)
+
+
 class SimulationSpec(_Strict):
     """Virtual sites on one box (Flower's Ray simulation engine)."""
 
@@ -179,6 +207,17 @@ class SimulationSpec(_Strict):
     site_epsilon_budget: float | None = Field(None, gt=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    faults: list[FaultSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _faults_name_sites(self) -> SimulationSpec:
+        for i, fault in enumerate(self.faults):
+            if fault.site >= self.num_sites:
+                raise ValueError(
+                    f"faults[{i}].site = {fault.site}, but there are only {self.num_sites} "
+                    f"virtual sites (0..{self.num_sites - 1})"
+                )
+        return self
 
 
 class ExperimentConfig(_Strict):

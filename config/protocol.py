@@ -28,6 +28,8 @@ ANCHOR = "anchor"  # ArrayRecord: θ* (the global model at the end of the last c
 COUNT_ARRAY = "__count__"  # a one-element array holding an example count inside an ArrayRecord
 
 HE_META = "ckks"  # ConfigRecord beside an encrypted ArrayRecord (``ckks:<key>`` for others)
+CKKS_BLOCK_PREFIX = "ckks-"  # Array names of ciphertext blocks (fedcl.privacy.ckks.wire)
+CKKS_BLOCK_STYPE = "ckks"  # their Array stype
 
 # Keys of the site's records.
 SITE_ID = "site-id"

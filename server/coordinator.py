@@ -23,7 +23,6 @@ from fedcl.config import ExperimentConfig, to_json
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus, SiteStatus
 from fedcl.continual.plan import PlannedRound, RunPlan
-from fedcl.models import state_sha256
 from fedcl.strategies import Aggregate, Evaluation, GlobalModel, build_strategy, record_bytes
 
 from .observers import RoundSummary, RunObserver
@@ -45,15 +44,6 @@ class CoordinatorOptions:
     sites_dir: str | None = None
     artifacts_dir: str | None = None
     observers: Sequence[RunObserver] = field(default_factory=tuple)
-
-
-def model_digest(model: GlobalModel) -> str | None:
-    """The model hash every site should report (None when only the sites can decrypt it)."""
-    from fedcl.strategies.encrypted import is_encrypted
-
-    if is_encrypted(model.arrays):
-        return None  # the sites' majority is the reference
-    return state_sha256(model.arrays.to_torch_state_dict())
 
 
 class Coordinator:
@@ -171,10 +161,9 @@ class Coordinator:
         messages = self.strategy.configure_train(step.server_round, model, config, self.grid)
         self._attach_memory(messages)
         bytes_down = sum(record_bytes(m.content) for m in messages)
-        digest = model_digest(model)
-        result = self.strategy.aggregate_train(step.server_round, self._send(messages), base=digest)
+        result = self.strategy.aggregate_train(step.server_round, self._send(messages), sent=model)
         self.recorder.replies(
-            round_id, Phase.TRAIN, result, messages, self.strategy.sites, expected_digest=digest
+            round_id, Phase.TRAIN, result, messages, self.strategy.sites, expected=model.digest()
         )
         if result.model is None:
             reason = self.recorder.no_update_reason(step.server_round, result.outcomes)
@@ -273,8 +262,7 @@ class Coordinator:
         content = RecordDict({P.ARRAYS: model.arrays, P.CONFIG: self.base_config(step)})
         messages = [Message(content, node, P.CONSOLIDATE) for node in self._all_nodes()]
         self.strategy.attach(messages, P.ARRAYS, model)
-        outcomes = self.strategy.sites.sort(self._send(messages))
-        result = self.strategy.sum_shares(P.FISHER, outcomes)
+        result = self.strategy.sum_shares(step.server_round, P.FISHER, self._send(messages))
         self.recorder.replies(round_id, Phase.CONSOLIDATE, result, messages, self.strategy.sites)
         if result.model is None:
             reason = self.recorder.no_update_reason(step.server_round, result.outcomes)

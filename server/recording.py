@@ -41,14 +41,15 @@ class RunRecorder:
         sent: list[Message],
         sites: SiteDirectory,
         *,
-        expected_digest: str | None = None,
+        expected: str | None = None,
     ) -> None:
         """Rejections, participation, privacy and hash agreement of a train/consolidate round."""
         self.rejections(round_id, phase, result.rejections)
+        self.ignored(round_id, phase, result.ignored)
         self.participation(round_id, phase, result.outcomes, sent, sites)
         self.privacy(round_id, result.outcomes)
         if phase == Phase.TRAIN:
-            self.agreement(round_id, result.outcomes, expected=expected_digest)
+            self.agreement(round_id, result.outcomes, expected=expected)
 
     def rejections(self, round_id: int, phase: Phase, rejections: list[tuple[str, str]]) -> None:
         """Replies that failed validation were dropped: audit each by name."""
@@ -59,6 +60,16 @@ class RunRecorder:
             self.registry.audit(
                 "update.rejected",
                 f"{phase} reply of {site_id} rejected: {reason}",
+                run_id=self.run_id,
+                site_id=site_id,
+            )
+
+    def ignored(self, round_id: int, phase: Phase, ignored: list[tuple[str, str]]) -> None:
+        """Replies set aside without changing a site's status (a duplicate): audited by name."""
+        for site_id, reason in ignored:
+            self.registry.audit(
+                "update.duplicate",
+                f"{phase} reply of {site_id} ignored: {reason}",
                 run_id=self.run_id,
                 site_id=site_id,
             )

@@ -16,6 +16,7 @@ from typing import Protocol
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedcl.config import protocol as P
 from fedcl.config.vocabulary import SiteStatus
 
 from .outcomes import SiteDirectory, SiteOutcome
@@ -36,6 +37,15 @@ class GlobalModel:
     def encrypted(self) -> bool:
         return self.meta is not None
 
+    def digest(self) -> str | None:
+        """The hash every site should report having trained from (None when only the sites
+        can decrypt the model: then their majority is the reference)."""
+        from fedcl.models import state_sha256
+
+        if self.encrypted or is_ciphertext(self.arrays):
+            return None
+        return state_sha256(self.arrays.to_torch_state_dict())
+
 
 @dataclass(frozen=True)
 class Aggregate:
@@ -44,6 +54,9 @@ class Aggregate:
     model: GlobalModel | None
     outcomes: list[SiteOutcome]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: (site id, reason) of replies set aside without changing that site's status: a second
+    #: copy of a reply already counted.
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def rejections(self) -> list[tuple[str, str]]:
@@ -63,6 +76,14 @@ class Evaluation:
     outcomes: list[SiteOutcome]
 
 
+def is_ciphertext(arrays: ArrayRecord | None) -> bool:
+    """Whether an ArrayRecord holds CKKS blocks (rather than plaintext weights)."""
+    if not arrays:
+        return False
+    first = next(iter(arrays.keys()))
+    return first.startswith(P.CKKS_BLOCK_PREFIX) and arrays[first].stype == P.CKKS_BLOCK_STYPE
+
+
 class RoundStrategy(Protocol):
     """What the coordinator needs of a strategy (:class:`~fedcl.strategies.sites.SiteStrategy`
     and wrappers around it such as :class:`~fedcl.strategies.encrypted.Encrypted`)."""
@@ -75,8 +96,10 @@ class RoundStrategy(Protocol):
     ) -> list[Message]: ...
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message], *, base: str | None
-    ) -> Aggregate: ...
+        self, server_round: int, replies: Iterable[Message], *, sent: GlobalModel
+    ) -> Aggregate:
+        """Aggregate the replies to ``sent`` (the model this round's messages carried)."""
+        ...
 
     def configure_evaluate(
         self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
@@ -84,7 +107,7 @@ class RoundStrategy(Protocol):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluation: ...
 
-    def sum_shares(self, key: str, outcomes: list[SiteOutcome]) -> Aggregate:
+    def sum_shares(self, server_round: int, key: str, replies: Iterable[Message]) -> Aggregate:
         """Sum a record every site sent under ``key`` (EWC's Fisher share), plain or encrypted."""
         ...
 

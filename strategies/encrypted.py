@@ -30,9 +30,9 @@ from fedcl.config import protocol as P
 from fedcl.config.vocabulary import SiteStatus
 from fedcl.privacy.ckks.codec import Layout, Packing
 from fedcl.privacy.ckks.errors import CKKSKeyError, ReplyRejected
-from fedcl.privacy.ckks.wire import BLOCK_PREFIX, BLOCK_STYPE, EncryptedSum, ExpectedReply, WireMeta
+from fedcl.privacy.ckks.wire import EncryptedSum, ExpectedReply, WireMeta
 
-from .contract import Aggregate, Evaluation, GlobalModel
+from .contract import Aggregate, Evaluation, GlobalModel, is_ciphertext
 from .outcomes import SiteOutcome
 from .sites import SiteStrategy
 
@@ -43,10 +43,7 @@ CONTRIBUTORS = "contributors"  # metric: how many sites' ciphertexts were summed
 
 def is_encrypted(arrays: ArrayRecord | None) -> bool:
     """Whether an ArrayRecord holds CKKS blocks (rather than plaintext weights)."""
-    if not arrays:
-        return False
-    first = next(iter(arrays.keys()))
-    return first.startswith(BLOCK_PREFIX) and arrays[first].stype == BLOCK_STYPE
+    return is_ciphertext(arrays)
 
 
 class Encrypted:
@@ -148,33 +145,34 @@ class Encrypted:
 
     # --- receiving --------------------------------------------------------------------------
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message], *, base: str | None = None
+        self, server_round: int, replies: Iterable[Message], *, sent: GlobalModel
     ) -> Aggregate:
-        """Validate and sum; ``base`` is the hash of the round's model when it is known.
+        """Validate and sum the replies to ``sent``.
 
-        No reply carries an example count in clear, so none is filtered on one. Without a known
-        ``base`` (the coordinator cannot decrypt the model it sent), the replies' majority is
-        the reference.
+        No reply carries an example count in clear, so none is filtered on one. The model the
+        updates must start from is ``sent``'s hash when the coordinator knows it (a plaintext
+        initial model); otherwise (it cannot decrypt what it sent) the replies' majority.
         """
-        outcomes = self.inner.sort(server_round, replies)
+        outcomes, ignored = self.inner.screen(server_round, replies)
         good = [o for o in outcomes if o.ok]
         if not good:
-            return Aggregate(None, outcomes)
-        expected = self.expected.with_base(base or majority_base(good))
+            return Aggregate(None, outcomes, ignored=ignored)
+        expected = self.expected.with_base(sent.digest() or majority_base(good))
         model, outcomes = self._sum(server_round, expected, P.ARRAYS, outcomes)
         summed = [o for o in outcomes if o.ok]
         losses = [o.metrics[P.TRAIN_LOSS] for o in summed if P.TRAIN_LOSS in o.metrics]
         metrics: dict[str, float] = {CONTRIBUTORS: float(len(summed))}
         if losses:
             metrics[P.TRAIN_LOSS] = sum(losses) / len(losses)
-        return Aggregate(model, outcomes, metrics if model is not None else {})
+        return Aggregate(model, outcomes, metrics if model is not None else {}, ignored)
 
-    def sum_shares(self, key: str, outcomes: list[SiteOutcome]) -> Aggregate:
+    def sum_shares(self, server_round: int, key: str, replies: Iterable[Message]) -> Aggregate:
         """Sum the sites' encrypted shares under ``key`` (EWC's Fisher), validated like updates."""
         if self.expected_share is None:
             raise ValueError("this Encrypted strategy was built without a share layout")
-        model, outcomes = self._sum(0, self.expected_share, key, outcomes)
-        return Aggregate(model, outcomes)
+        outcomes, ignored = self.inner.screen(server_round, replies)
+        model, outcomes = self._sum(server_round, self.expected_share, key, outcomes)
+        return Aggregate(model, outcomes, ignored=ignored)
 
     def _sum(
         self, server_round: int, expected: ExpectedReply, key: str, outcomes: list[SiteOutcome]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 
 from fedcl.config import protocol as P
+from fedcl.config.vocabulary import SiteStatus
 
 
 @dataclass
@@ -46,19 +47,50 @@ _SITE_STANDARD = {P.SITE_ID, P.STATUS, P.DETAIL}
 
 
 class SiteDirectory:
-    """Remembers which site runs on which node, to name sites whose replies carry no name."""
+    """Which site runs on which node: a reply's site is its node's, never what the reply says.
+
+    A node is bound to a site either by the deployment (``bind``: from enrolment, where the
+    SuperLink authenticated the node's key) or on first use, when a node first names itself.
+    After that a reply that claims another site than its node's, or a site bound to another
+    node, is *rejected* and named — so a node cannot speak (or spend ε) for another site. A
+    first-use binding is forgotten when its node leaves (``forget_absent``), so a site that
+    reconnects as a new node (no SuperNode authentication) is recognised again.
+    """
 
     def __init__(self) -> None:
         self._by_node: dict[int, str] = {}
+        self._by_site: dict[str, int] = {}
+        self._authenticated: set[int] = set()
 
     def name(self, node_id: int) -> str:
         return self._by_node.get(node_id, f"node-{node_id}")
 
-    def learn(self, node_id: int, site_id: str) -> None:
+    def bind(self, node_id: int, site_id: str, *, authenticated: bool = True) -> None:
         self._by_node[node_id] = site_id
+        self._by_site[site_id] = node_id
+        if authenticated:
+            self._authenticated.add(node_id)
+
+    def forget_absent(self, connected: Iterable[int]) -> None:
+        """Drop first-use bindings of nodes that are no longer connected."""
+        present = set(connected)
+        for node in [n for n in self._by_node if n not in present and n not in self._authenticated]:
+            del self._by_site[self._by_node.pop(node)]
+
+    def claim(self, node_id: int, site_id: str) -> str | None:
+        """Bind ``node_id`` to ``site_id`` on first use; the reason if the claim is refused."""
+        bound = self._by_node.get(node_id)
+        if bound is not None and bound != site_id:
+            return f"node {node_id} is site {bound}, but its reply claims to be site {site_id}"
+        owner = self._by_site.get(site_id)
+        if owner is not None and owner != node_id:
+            return f"site {site_id} is node {owner}; node {node_id} claims to be it"
+        if bound is None:
+            self.bind(node_id, site_id, authenticated=False)
+        return None
 
     def sort(self, replies: Iterable[Message]) -> list[SiteOutcome]:
-        """One outcome per reply, in reply order."""
+        """One outcome per reply, in reply order, named by the reply's node."""
         outcomes = []
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -74,14 +106,25 @@ class SiteDirectory:
                 continue
             content = msg.content
             site = content.config_records.get(P.SITE)
-            site_id = str(site[P.SITE_ID]) if site and P.SITE_ID in site else self.name(node_id)
-            self.learn(node_id, site_id)
+            claimed = str(site[P.SITE_ID]) if site and P.SITE_ID in site else self.name(node_id)
+            problem = self.claim(node_id, claimed)
+            if problem is not None:
+                outcomes.append(
+                    SiteOutcome(
+                        self.name(node_id),
+                        node_id,
+                        SiteStatus.REJECTED,
+                        detail=problem,
+                        bytes_up=record_bytes(content),
+                    )
+                )
+                continue
             status = str(site.get(P.STATUS, P.STATUS_OK)) if site else P.STATUS_OK
             metrics_rec = content.metric_records.get(P.METRICS)
             metrics = {k: float(v) for k, v in (metrics_rec or {}).items()}  # type: ignore[arg-type]
             outcomes.append(
                 SiteOutcome(
-                    site_id,
+                    claimed,
                     node_id,
                     status if status in P.STATUSES else P.STATUS_FAILED,
                     num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcl.config import protocol as P
+from fedcl.config.vocabulary import SiteStatus
 
 from .contract import Aggregate, Evaluation, GlobalModel
 from .outcomes import SiteDirectory, SiteOutcome
@@ -36,10 +38,14 @@ EVAL_PREFIXES = ("correct-t", "count-t", "loss-t")
 class SiteStrategy:
     """A Flower strategy whose replies are sorted by site and whose results are typed."""
 
-    def __init__(self, flower: Strategy, *, summable: bool) -> None:
+    def __init__(
+        self, flower: Strategy, *, summable: bool, max_update_norm: float | None = None
+    ) -> None:
         self.flower = flower
         #: Whether the aggregation is an example-weighted sum (so CKKS can compute it).
         self.summable = summable
+        #: Bound on ||w_site - w_global||_2 of a plaintext update (``strategy.max_update_norm``).
+        self.max_update_norm = max_update_norm
         self.sites = SiteDirectory()
 
     @property
@@ -62,55 +68,125 @@ class SiteStrategy:
             msg.content[key] = model.arrays
 
     # --- receiving --------------------------------------------------------------------------
-    def sort(self, server_round: int, replies: Iterable[Message]) -> list[SiteOutcome]:
-        """One outcome per reply, with every site that did not succeed logged by name."""
-        outcomes = self.sites.sort(replies)
+    def screen(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[SiteOutcome], list[tuple[str, str]]]:
+        """One outcome per node, named by its node; checks every reply, plain or encrypted, shares.
+
+        A second reply from a node in the same round is set aside (its first one counts, and
+        the site keeps that status); a reply that says it answers another round is stale and
+        *rejected*. Returns (outcomes, ignored) and logs every site that did not succeed.
+        """
+        outcomes, ignored, seen = [], [], set()
+        for o in self.sites.sort(replies):
+            if o.node_id in seen:
+                ignored.append((o.site_id, f"a second reply from its node in round {server_round}"))
+                continue
+            seen.add(o.node_id)
+            claimed = o.extras.get(P.SERVER_ROUND)
+            if o.ok and claimed is not None and claimed != str(server_round):
+                o = replace(
+                    o,
+                    status=SiteStatus.REJECTED,
+                    detail=f"stale: the reply answers round {claimed}, not round {server_round}",
+                )
+            outcomes.append(o)
         for o in outcomes:
             if not o.ok:
                 logger.warning(
                     "round %d: site %s %s: %s", server_round, o.site_id, o.status, o.detail
                 )
-        return outcomes
+        for site, reason in ignored:
+            logger.warning("round %d: ignored a reply of site %s: %s", server_round, site, reason)
+        return outcomes, ignored
 
     def aggregate_train(
-        self, server_round: int, replies: Iterable[Message], *, base: str | None = None
+        self, server_round: int, replies: Iterable[Message], *, sent: GlobalModel
     ) -> Aggregate:
-        """Example-weighted average of the sites' weights (Flower's own FedAvg arithmetic)."""
-        outcomes = self.sort(server_round, replies)
-        good = [o for o in outcomes if o.ok and o.num_examples > 0]
+        """Example-weighted average of the valid replies (Flower's own FedAvg arithmetic).
+
+        Each plaintext reply is validated against the model it claims to update before it is
+        averaged: a bad one is *rejected* with its reason and the round goes on without it.
+        """
+        outcomes, ignored = self.screen(server_round, replies)
+        reference = sent.arrays.to_torch_state_dict()
+        digest = sent.digest()
+        checked = []
+        for o in outcomes:
+            problem = self.check_update(o, reference, digest) if o.ok else None
+            if problem is not None:
+                logger.warning(
+                    "round %d: rejected the update of %s: %s", server_round, o.site_id, problem
+                )
+                o = replace(o, status=SiteStatus.REJECTED, detail=problem)
+            checked.append(o)
+        good = [o for o in checked if o.ok and o.num_examples > 0]
         if not good:
-            return Aggregate(None, outcomes)
+            return Aggregate(None, checked, ignored=ignored)
         arrays = aggregate_arrayrecords([o.message.content for o in good], P.NUM_EXAMPLES)
         n = sum(o.num_examples for o in good)
         loss = sum(o.metrics.get(P.TRAIN_LOSS, 0.0) * o.num_examples for o in good) / n
         metrics = {P.NUM_EXAMPLES: float(n), P.TRAIN_LOSS: loss}
-        return Aggregate(GlobalModel(arrays), outcomes, metrics)
+        return Aggregate(GlobalModel(arrays), checked, metrics, ignored)
 
-    def sum_shares(self, key: str, outcomes: list[SiteOutcome]) -> Aggregate:
+    def check_update(
+        self, o: SiteOutcome, reference: dict[str, torch.Tensor], digest: str | None
+    ) -> str | None:
+        """Why a plaintext update must not be averaged, or None: layout, finite, base, norm."""
+        record = o.message.content.array_records.get(P.ARRAYS) if o.message else None
+        if record is None:
+            return "the reply holds no model weights"
+        state = record.to_torch_state_dict()
+        if set(state) != set(reference):
+            missing = sorted(set(reference) - set(state))
+            extra = sorted(set(state) - set(reference))
+            return f"wrong model layout (missing {missing[:3]}, unexpected {extra[:3]})"
+        for name, t in state.items():
+            if t.shape != reference[name].shape:
+                shape = tuple(reference[name].shape)
+                return f"wrong model layout: {name!r} has shape {tuple(t.shape)}, not {shape}"
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return f"non-finite values in {name!r}"
+        base = o.extras.get(P.MODEL_SHA256)
+        if digest is not None and base is not None and base != digest:
+            return f"trained from model {base[:12]}…, but this round's model is {digest[:12]}…"
+        if self.max_update_norm is not None:
+            norm = update_norm(state, reference)
+            if norm > self.max_update_norm:
+                return (
+                    f"update norm {norm:.4g} exceeds strategy.max_update_norm = "
+                    f"{self.max_update_norm}"
+                )
+        return None
+
+    def sum_shares(self, server_round: int, key: str, replies: Iterable[Message]) -> Aggregate:
         """Plaintext sum of the sites' shares (``F·n`` with its ``__count__``)."""
+        outcomes, ignored = self.screen(server_round, replies)
         good = [o for o in outcomes if o.ok and o.message is not None]
         total: dict[str, torch.Tensor] = {}
         for o in good:
             for name, t in o.message.content[key].to_torch_state_dict().items():
                 total[name] = total[name] + t if name in total else t.clone()
         model = GlobalModel(ArrayRecord(total)) if good else None
-        return Aggregate(model, outcomes)
+        return Aggregate(model, outcomes, ignored=ignored)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluation:
         """Pool per-task counts over sites: accuracy on task j = Σ correct_j / Σ count_j."""
-        outcomes = self.sites.sort(replies)
+        outcomes, _ignored = self.screen(server_round, replies)
         totals: dict[str, float] = {}
         for o in outcomes:
             if not o.ok:
-                logger.warning(
-                    "evaluation round %d: site %s %s: %s",
-                    server_round,
-                    o.site_id,
-                    o.status,
-                    o.detail,
-                )
                 continue
             for key, value in o.metrics.items():
                 if key.startswith(EVAL_PREFIXES):
                     totals[key] = totals.get(key, 0.0) + value
         return Evaluation(totals, outcomes)
+
+
+def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """||w - w_ref||_2 over the floating-point tensors of a state dict."""
+    total = 0.0
+    for name, t in state.items():
+        if t.is_floating_point():
+            total += float(((t.double() - reference[name].double()) ** 2).sum())
+    return total**0.5

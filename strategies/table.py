@@ -63,7 +63,11 @@ def build_strategy(experiment: ExperimentConfig, *, initial: Any = None) -> Roun
         min_available_nodes=expected,
     )
     kwargs.update({name: getattr(spec, name) for name in entry.options})
-    strategy = SiteStrategy(entry.flower_class(**kwargs), summable=entry.summable)
+    strategy = SiteStrategy(
+        entry.flower_class(**kwargs),
+        summable=entry.summable,
+        max_update_norm=spec.max_update_norm,
+    )
     if not experiment.he.enabled:
         return strategy
     from .encrypted import Encrypted

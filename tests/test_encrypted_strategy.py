@@ -31,6 +31,8 @@ from fedcl.strategies.encrypted import CONTRIBUTORS, Encrypted, is_encrypted
 
 SHAPES = {"w": (40, 30), "b": (30,)}
 BASE = "b" * 64
+#: A round whose model only the sites can decrypt: the replies' majority is the reference.
+UNKNOWN = GlobalModel(ArrayRecord(), meta=ConfigRecord({}))
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,7 @@ def test_bad_replies_are_dropped_and_the_others_summed(keys) -> None:
         reply("site-model", 5, wrong_layout.arrays, wrong_layout.meta, 9.0),
         reply("site-plain", 6, ArrayRecord({"w": Array(np.zeros(3))}), None, 9.0),
     ]
-    result = s.aggregate_train(1, replies, base=None)
+    result = s.aggregate_train(1, replies, sent=UNKNOWN)
     arrays, metrics = result.model.arrays, result.metrics
     reasons = dict(result.rejections)
     assert set(reasons) == {"site-corrupt", "site-otherkey", "site-model", "site-plain"}
@@ -144,13 +146,14 @@ def test_replies_from_another_model_are_rejected_by_majority(keys) -> None:
     for i, base in enumerate((BASE, "c" * 64, BASE)):  # site-1 trained from another model
         enc = encrypt_update(ups[i], 10, secret, s.expected.packing, base_sha256=base)
         replies.append(reply(f"site-{i}", i + 1, enc.arrays, enc.meta, 0.1))
-    result = s.aggregate_train(2, replies, base=None)  # no known base: the majority decides
+    result = s.aggregate_train(2, replies, sent=UNKNOWN)  # no known base: the majority decides
     assert [site for site, _ in result.rejections] == ["site-1"]
     assert "trained from model" in result.rejections[0][1]
     meta = result.model.meta
     assert meta["ckks-base"] == BASE and meta["ckks-summed"] == 2
-    # The coordinator knows the round's model: all three disagree with it.
-    result = s.aggregate_train(3, replies, base="d" * 64)
+    # The coordinator knows the round's model (plaintext): all three disagree with it.
+    known = GlobalModel(ArrayRecord({"w": Array(np.zeros(3))}))
+    result = s.aggregate_train(3, replies, sent=known)
     assert result.model is None and result.metrics == {}
     assert len(result.rejections) == 3
 
@@ -185,7 +188,7 @@ def test_encrypted_arrays_are_sent_with_their_metadata(keys) -> None:
     msgs = list(s.configure_train(1, plain, ConfigRecord({}), grid))
     assert len(msgs) == 2 and all(META_KEY not in m.content for m in msgs)
     enc = encrypt_update(deltas(1)[0], 10, secret, s.expected.packing, base_sha256=BASE)
-    model = s.aggregate_train(1, [reply("a", 1000, enc.arrays, enc.meta, 0.2)], base=None).model
+    model = s.aggregate_train(1, [reply("a", 1000, enc.arrays, enc.meta, 0.2)], sent=UNKNOWN).model
     for msgs in (
         s.configure_train(2, model, ConfigRecord({}), grid),
         s.configure_evaluate(2, model, ConfigRecord({}), grid),
@@ -220,7 +223,8 @@ def test_two_rounds_sites_agree_on_the_decrypted_model(keys) -> None:
     )
     sites = {f"site-{i}": {k: v.clone() for k, v in initial.items()} for i in range(3)}
     arrays = meta = None
-    base = state_sha256(initial)  # round 1: the plaintext initial model, known to the coordinator
+    # Round 1: the plaintext initial model, whose hash the coordinator knows.
+    sent = GlobalModel(ArrayRecord({k: v.clone() for k, v in initial.items()}))
     for server_round in (1, 2):
         replies = []
         for i, (name, state) in enumerate(sites.items()):
@@ -240,10 +244,10 @@ def test_two_rounds_sites_agree_on_the_decrypted_model(keys) -> None:
                 base_sha256=state_sha256(state),
             )
             replies.append(reply(name, i + 1, enc.arrays, enc.meta, 0.1))
-        result = s.aggregate_train(server_round, replies, base=base)
+        result = s.aggregate_train(server_round, replies, sent=sent)
         arrays, meta = result.model.arrays, result.model.meta
         assert result.rejections == [] and meta["ckks-summed"] == 3
-        base = None  # later rounds: the sites' majority (the coordinator cannot decrypt)
+        sent = result.model  # later rounds: the sites' majority (the coordinator cannot decrypt)
     applied = [decode_aggregate(arrays, meta, secret, layout=layout)[0] for _ in sites]
     digests = {
         state_sha256({k: torch.as_tensor(np.asarray(m[k])) for k in layout.names})
