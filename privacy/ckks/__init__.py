@@ -1,15 +1,23 @@
-"""CKKS-encrypted aggregation with TenSEAL: keys, packing codec, wire format (DESIGN.md §4-§5).
+"""CKKS-encrypted aggregation with TenSEAL: keys, packing codec, wire format (docs/DESIGN.md §4-§5).
 
 Sites encrypt their example-weighted, quantised, packed update under one shared CKKS key; the
 coordinator validates and *adds* ciphertexts with the public context only, and the sites decrypt
 the sum. Modules:
 
-* :mod:`.keys`     key files, fingerprints, refusing a secret key at the coordinator
-* :mod:`.params`   secure parameters (N = 4096, [60, 49]) and the noise model behind exactness
-* :mod:`.codec`    layout, stochastic quantisation, packing with headroom, and the packing of
-                   an experiment's ``[he]`` settings (:func:`packing_for`, :func:`check_packing`)
-* :mod:`.parallel` encryption/decryption in worker processes (TenSEAL holds the GIL)
-* :mod:`.wire`     ArrayRecord/ConfigRecord format, reply validation, block-wise sums, decoding
+* :mod:`.keys`      key files, fingerprints, refusing a secret key at the coordinator
+* :mod:`.params`    secure parameters (N = 4096, [60, 49]) and the noise model behind exactness
+* :mod:`.layout`    the fixed order a state dict is flattened in, and its hash
+* :mod:`.packing`   quantisation and packing settings with headroom, and the packing of an
+                    experiment's ``[he]`` settings (:func:`packing_for`, :func:`check_packing`)
+* :mod:`.quantise`  stochastic rounding, and packing fields into slot integers
+* :mod:`.codec`     a site's update to slot values and blocks, and an aggregate back to the mean
+* :mod:`.parallel`  encryption/decryption in worker processes (TenSEAL holds the GIL)
+* :mod:`.meta`      the metadata ConfigRecord (format version, fingerprint, layout, packing)
+* :mod:`.framing`   ciphertexts framed into raw-bytes Arrays of an ArrayRecord
+* :mod:`.validate`  what the coordinator checks of a reply (public context only)
+* :mod:`.sum`       the coordinator's block-wise ciphertext sum
+* :mod:`.storage`   an aggregate as one file (an encrypted model version)
+* :mod:`.wire`      the face of the wire format: encrypting an update, decoding an aggregate
 * the ``[he]`` experiment settings are ``fedcl.config.experiment.HESpec`` (syntax and ranges
   only; ``fedcl.config`` imports no other fedcl package)
 
@@ -36,16 +44,16 @@ _EXPORTS = {
     "init_keys": "keys",
     "load_public_context": "keys",
     "load_secret_context": "keys",
-    "Layout": "codec",
-    "Packing": "codec",
-    "check_packing": "codec",
-    "packing_for": "codec",
-    "EncryptedSum": "wire",
-    "ExpectedReply": "wire",
-    "META_KEY": "wire",
-    "WireMeta": "wire",
-    "aggregate_from_bytes": "wire",
-    "aggregate_to_bytes": "wire",
+    "Layout": "layout",
+    "Packing": "packing",
+    "check_packing": "packing",
+    "packing_for": "packing",
+    "META_KEY": "meta",
+    "WireMeta": "meta",
+    "ExpectedReply": "validate",
+    "EncryptedSum": "sum",
+    "aggregate_from_bytes": "storage",
+    "aggregate_to_bytes": "storage",
     "decode_aggregate": "wire",
     "encrypt_update": "wire",
 }

@@ -36,321 +36,49 @@ processes (:mod:`.parallel`); small ones stay in-process.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fedcl.config.errors import ConfigError
+from .errors import AggregateError, UpdateError
+from .layout import LAYOUT_VERSION, Layout, LayoutEntry
+from .packing import HEADER_SLOTS, Packing, check_packing, packing_for
+from .params import MAX_EXACT_FLOAT_BITS
+from .quantise import pack, quantise, unpack
 
-from .errors import AggregateError, CKKSConfigError, UpdateError
-from .params import MAX_EXACT_FLOAT_BITS, CKKSParams, max_scale_bits, min_scale_bits
-
-if TYPE_CHECKING:
-    from fedcl.config.experiment import HESpec
+__all__ = [
+    "HEADER_SLOTS",
+    "LAYOUT_VERSION",
+    "MAX_EXACT_FLOAT_BITS",
+    "MAX_FRACTION",
+    "DecodedSum",
+    "EncodeStats",
+    "EncodedBlocks",
+    "Layout",
+    "LayoutEntry",
+    "Packing",
+    "check_packing",
+    "decode_blocks",
+    "decode_slots",
+    "encode_blocks",
+    "pack",
+    "packing_for",
+    "quantise",
+    "slot_vector",
+    "unpack",
+]
 
 logger = logging.getLogger("fedcl.privacy.ckks")
-
-#: Slots at the start of block 0: contributor count, capped example count.
-HEADER_SLOTS = 2
-LAYOUT_VERSION = "fedcl-layout-1"
 
 #: Decrypted values further than this from an integer mean a wrong key, a corrupt block, or
 #: noise beyond the model. Measured honest sums: max 0.10 (20 sites) and 0.14 (32 sites, the most
 #: the default packing allows) over 123k slots; a garbage block has uniform fractions, so 2048
 #: slots all below 0.4 by chance has probability 0.8^2048.
 MAX_FRACTION = 0.4
-
-
-# --- layout ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayoutEntry:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-def _dtype_name(tensor: Any) -> str:
-    dtype = str(tensor.dtype)
-    return dtype.removeprefix("torch.")
-
-
-def _as_float64(tensor: Any) -> np.ndarray:
-    """A torch tensor or numpy array as a float64 numpy array (copying only when needed)."""
-    if hasattr(tensor, "detach"):
-        import torch
-
-        return tensor.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(tensor, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The fixed order in which a state dict is flattened: names, shapes, dtypes."""
-
-    entries: tuple[LayoutEntry, ...]
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> Layout:
-        return cls(
-            tuple(
-                LayoutEntry(str(k), tuple(int(d) for d in v.shape), _dtype_name(v))
-                for k, v in state.items()
-            )
-        )
-
-    @cached_property
-    def hash(self) -> str:
-        """SHA-256 of names, shapes, dtypes and their order: what replies are checked against."""
-        desc = [LAYOUT_VERSION] + [[e.name, list(e.shape), e.dtype] for e in self.entries]
-        return hashlib.sha256(json.dumps(desc, separators=(",", ":")).encode()).hexdigest()
-
-    @cached_property
-    def num_values(self) -> int:
-        return sum(e.size for e in self.entries)
-
-    @property
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
-    def flatten(self, state: Mapping[str, Any]) -> np.ndarray:
-        """All values in layout order as float64; refuses NaN/inf naming the tensor."""
-        missing = [e.name for e in self.entries if e.name not in state]
-        extra = [k for k in state if k not in {e.name for e in self.entries}]
-        if missing or extra:
-            raise UpdateError(
-                f"update does not match the model layout: missing {missing[:5]}, "
-                f"unexpected {extra[:5]}"
-            )
-        flat = np.empty(self.num_values, dtype=np.float64)
-        pos = 0
-        for e in self.entries:
-            arr = _as_float64(state[e.name])
-            if tuple(arr.shape) != e.shape:
-                raise UpdateError(
-                    f"tensor {e.name!r} has shape {tuple(arr.shape)}, the layout says {e.shape}"
-                )
-            if not np.isfinite(arr).all():
-                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-                raise UpdateError(
-                    f"tensor {e.name!r} has {bad} NaN/inf value(s): refusing to encrypt this "
-                    "update (training diverged? lower the learning rate or check the data)"
-                )
-            flat[pos : pos + e.size] = arr.reshape(-1)
-            pos += e.size
-        return flat
-
-    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        pos = 0
-        for e in self.entries:
-            out[e.name] = flat[pos : pos + e.size].reshape(e.shape)
-            pos += e.size
-        return out
-
-
-# --- packing ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Packing:
-    """Quantisation and packing settings (what the codec needs of the experiment's HESpec)."""
-
-    bits: int = 15
-    values_per_slot: int = 2
-    max_sites: int = 20
-    clip: float = 0.5
-    max_examples: int = 10_000
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 32:
-            raise CKKSConfigError(f"he.bits = {self.bits}: use 2..32 bits per value")
-        if self.values_per_slot not in (1, 2, 3):
-            raise CKKSConfigError(f"he.values_per_slot = {self.values_per_slot}: use 1, 2 or 3")
-        if self.max_sites < 1:
-            raise CKKSConfigError(f"he.max_sites = {self.max_sites}: must be at least 1")
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise CKKSConfigError(f"he.clip = {self.clip}: must be a positive number")
-        if self.max_examples < 1:
-            raise CKKSConfigError(f"he.max_examples = {self.max_examples}: must be at least 1")
-
-    @property
-    def headroom_bits(self) -> int:
-        """ceil(log2(max_sites)): room for the carry of summing every site's field."""
-        return (self.max_sites - 1).bit_length()
-
-    @property
-    def field_bits(self) -> int:
-        return self.bits + self.headroom_bits
-
-    @property
-    def slot_bits(self) -> int:
-        return self.values_per_slot * self.field_bits
-
-    @property
-    def offset(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    @property
-    def step(self) -> float:
-        """Quantisation step of w·Δ: clip / (2^(bits-1) - 1)."""
-        return self.clip / self.offset
-
-    def error_bound(self, contributors: int, total_count: int) -> float:
-        """Largest |decoded average - exact FedAvg average| from quantisation (no clipping).
-
-        Each site's stochastic rounding is off by less than one step of w·Δ, so the average is
-        off by less than contributors · step · max_examples / Σ n_i.
-        """
-        return contributors * self.step * self.max_examples / total_count
-
-    def _feasible(self, params: CKKSParams, sites: int) -> tuple[bool, int, int]:
-        trial = Packing(self.bits, self.values_per_slot, sites, self.clip, self.max_examples)
-        need = min_scale_bits(params, sites)
-        have = max_scale_bits(params, trial.slot_bits)
-        ok = (
-            have >= need
-            and trial.slot_bits <= MAX_EXACT_FLOAT_BITS
-            and sites * self.max_examples < 2**trial.slot_bits
-        )
-        return ok, need, have
-
-    def max_sites_for(self, params: CKKSParams) -> int:
-        """The most sites this packing can sum exactly under ``params`` (0: none).
-
-        Feasibility only gets worse with more sites (more headroom, more noise), so an
-        exponential then binary search finds the edge.
-        """
-        if not self._feasible(params, 1)[0]:
-            return 0
-        lo, hi = 1, 2
-        while hi < 1 << 24 and self._feasible(params, hi)[0]:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._feasible(params, mid)[0] else (lo, mid)
-        return lo
-
-    def scale_bits(self, params: CKKSParams) -> int:
-        """Scale exponent s (slots hold integer·2^s); refuses packings that cannot be exact."""
-        ok, need, have = self._feasible(params, self.max_sites)
-        if ok:
-            return have
-        if self.slot_bits > MAX_EXACT_FLOAT_BITS:
-            raise CKKSConfigError(
-                f"he.values_per_slot = {self.values_per_slot} × (he.bits = {self.bits} + "
-                f"{self.headroom_bits} headroom bits for he.max_sites = {self.max_sites}) = "
-                f"{self.slot_bits} bits per slot exceeds the {MAX_EXACT_FLOAT_BITS} bits a float64 "
-                "holds exactly; lower he.bits or he.values_per_slot"
-            )
-        if self.max_sites * self.max_examples >= 2**self.slot_bits:
-            raise CKKSConfigError(
-                f"he.max_examples = {self.max_examples} × he.max_sites = {self.max_sites} does not "
-                f"fit the {self.slot_bits}-bit count slot; lower he.max_examples"
-            )
-        limit = self.max_sites_for(params)
-        hint = (
-            f"at most {limit} sites work with this packing"
-            if limit
-            else "no number of sites works with this packing"
-        )
-        raise CKKSConfigError(
-            f"he.max_sites = {self.max_sites} is too many for he.values_per_slot = "
-            f"{self.values_per_slot} and he.bits = {self.bits} under CKKS {params.describe()}: "
-            f"fields of {self.bits}+{self.headroom_bits} bits leave a scale of 2^{have}, but "
-            f"summing {self.max_sites} ciphertexts exactly needs at least 2^{need}; {hint} "
-            "(or lower he.bits or he.values_per_slot)"
-        )
-
-    def slots_needed(self, num_values: int) -> int:
-        return HEADER_SLOTS + -(-num_values // self.values_per_slot)
-
-    def num_blocks(self, num_values: int, params: CKKSParams) -> int:
-        return -(-self.slots_needed(num_values) // params.slots)
-
-    def block_lengths(self, num_values: int, params: CKKSParams) -> list[int]:
-        """Slots in each block: full N/2 blocks and a shorter last one."""
-        total = self.slots_needed(num_values)
-        n = self.num_blocks(num_values, params)
-        return [min(params.slots, total - i * params.slots) for i in range(n)]
-
-
-def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
-    """The codec's :class:`Packing` for an experiment's ``[he]`` weights (or Fisher diagonals).
-
-    Builds the packing only; :func:`check_packing` says whether it can sum ``he.max_sites``
-    ciphertexts exactly (``Packing.scale_bits`` refuses it again when encrypting or summing).
-    """
-    return Packing(
-        bits=he.bits,
-        values_per_slot=he.values_per_slot,
-        max_sites=he.max_sites,
-        clip=he.fisher_clip if fisher else he.clip,
-        max_examples=he.max_examples,
-    )
-
-
-def check_packing(he: HESpec) -> None:
-    """Refuse ``[he]`` settings whose weight packing cannot sum ``he.max_sites`` sites exactly.
-
-    Checked under the default parameters of ``fedcl keys init`` (:class:`CKKSParams`), whatever
-    ``he.enabled`` says: callers check only when HE is on. Raises a
-    :class:`~fedcl.config.ConfigError` naming the ``he.*`` field and what would be valid.
-    """
-    try:
-        packing_for(he).scale_bits(CKKSParams())
-    except CKKSConfigError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def quantise(
-    flat: np.ndarray, weight: float, packing: Packing, rng: np.random.Generator
-) -> tuple[np.ndarray, int]:
-    """Clip, weight and stochastically round: unsigned integers in [0, 2^bits - 2], and the
-    number of values that were clipped."""
-    if not 0.0 < weight <= 1.0:
-        raise UpdateError(f"weight {weight} outside (0, 1]")
-    clipped = int(np.count_nonzero(np.abs(flat) > packing.clip))
-    y = np.clip(flat, -packing.clip, packing.clip)
-    y *= weight / packing.step
-    y += rng.random(y.shape[0])
-    q = np.floor(y).astype(np.int64)
-    # |w·Δ/step| <= offset guarantees the range; the clip only guards float rounding at the edge.
-    np.clip(q, -packing.offset, packing.offset, out=q)
-    q += packing.offset
-    return q, clipped
-
-
-def pack(q: np.ndarray, packing: Packing) -> np.ndarray:
-    """``values_per_slot`` unsigned fields per slot: q0 + q1·2^F + q2·2^2F (int64)."""
-    m = packing.values_per_slot
-    pad = (-q.shape[0]) % m
-    if pad:
-        q = np.concatenate([q, np.zeros(pad, dtype=np.int64)])
-    cols = q.reshape(-1, m)
-    slots = cols[:, 0].copy()
-    for j in range(1, m):
-        slots |= cols[:, j] << (packing.field_bits * j)
-    return slots
-
-
-def unpack(slots: np.ndarray, packing: Packing, num_values: int) -> np.ndarray:
-    """Inverse of :func:`pack` for summed slots (every field < 2^F by the headroom)."""
-    m, f = packing.values_per_slot, packing.field_bits
-    mask = (1 << f) - 1
-    out = np.empty((slots.shape[0], m), dtype=np.int64)
-    for j in range(m):
-        out[:, j] = (slots >> (f * j)) & mask
-    return out.reshape(-1)[:num_values]
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""How many bits each quantised value gets, and how values share a CKKS slot.
+
+A :class:`Packing` fixes the quantisation (``bits``, ``clip``), the weight unit
+(``max_examples``) and the packing: each field gets ``bits + headroom`` bits, headroom =
+ceil(log2(max_sites)), so the sum of up to ``max_sites`` fields never carries into its
+neighbour, and ``values_per_slot`` fields share one slot. :meth:`Packing.scale_bits` picks the
+CKKS scale and refuses (:class:`CKKSConfigError`) a packing that could not sum ``max_sites``
+ciphertexts exactly. :func:`packing_for` builds one from an experiment's ``[he]`` settings and
+:func:`check_packing` refuses settings that cannot be exact, as a config error.
+
+Imports only the standard library and ``fedcl.config``: config validation asks it without numpy,
+torch or TenSEAL (tests/test_imports.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedcl.config.errors import ConfigError
+
+from .errors import CKKSConfigError
+from .params import MAX_EXACT_FLOAT_BITS, CKKSParams, max_scale_bits, min_scale_bits
+
+if TYPE_CHECKING:
+    from fedcl.config.experiment import HESpec
+
+#: Slots at the start of block 0: contributor count, capped example count.
+HEADER_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Quantisation and packing settings (what the codec needs of the experiment's HESpec)."""
+
+    bits: int = 15
+    values_per_slot: int = 2
+    max_sites: int = 20
+    clip: float = 0.5
+    max_examples: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 32:
+            raise CKKSConfigError(f"he.bits = {self.bits}: use 2..32 bits per value")
+        if self.values_per_slot not in (1, 2, 3):
+            raise CKKSConfigError(f"he.values_per_slot = {self.values_per_slot}: use 1, 2 or 3")
+        if self.max_sites < 1:
+            raise CKKSConfigError(f"he.max_sites = {self.max_sites}: must be at least 1")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise CKKSConfigError(f"he.clip = {self.clip}: must be a positive number")
+        if self.max_examples < 1:
+            raise CKKSConfigError(f"he.max_examples = {self.max_examples}: must be at least 1")
+
+    @property
+    def headroom_bits(self) -> int:
+        """ceil(log2(max_sites)): room for the carry of summing every site's field."""
+        return (self.max_sites - 1).bit_length()
+
+    @property
+    def field_bits(self) -> int:
+        return self.bits + self.headroom_bits
+
+    @property
+    def slot_bits(self) -> int:
+        return self.values_per_slot * self.field_bits
+
+    @property
+    def offset(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def step(self) -> float:
+        """Quantisation step of w·Δ: clip / (2^(bits-1) - 1)."""
+        return self.clip / self.offset
+
+    def error_bound(self, contributors: int, total_count: int) -> float:
+        """Largest |decoded average - exact FedAvg average| from quantisation (no clipping).
+
+        Each site's stochastic rounding is off by less than one step of w·Δ, so the average is
+        off by less than contributors · step · max_examples / Σ n_i.
+        """
+        return contributors * self.step * self.max_examples / total_count
+
+    def _feasible(self, params: CKKSParams, sites: int) -> tuple[bool, int, int]:
+        trial = Packing(self.bits, self.values_per_slot, sites, self.clip, self.max_examples)
+        need = min_scale_bits(params, sites)
+        have = max_scale_bits(params, trial.slot_bits)
+        ok = (
+            have >= need
+            and trial.slot_bits <= MAX_EXACT_FLOAT_BITS
+            and sites * self.max_examples < 2**trial.slot_bits
+        )
+        return ok, need, have
+
+    def max_sites_for(self, params: CKKSParams) -> int:
+        """The most sites this packing can sum exactly under ``params`` (0: none).
+
+        Feasibility only gets worse with more sites (more headroom, more noise), so an
+        exponential then binary search finds the edge.
+        """
+        if not self._feasible(params, 1)[0]:
+            return 0
+        lo, hi = 1, 2
+        while hi < 1 << 24 and self._feasible(params, hi)[0]:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self._feasible(params, mid)[0] else (lo, mid)
+        return lo
+
+    def scale_bits(self, params: CKKSParams) -> int:
+        """Scale exponent s (slots hold integer·2^s); refuses packings that cannot be exact."""
+        ok, need, have = self._feasible(params, self.max_sites)
+        if ok:
+            return have
+        if self.slot_bits > MAX_EXACT_FLOAT_BITS:
+            raise CKKSConfigError(
+                f"he.values_per_slot = {self.values_per_slot} × (he.bits = {self.bits} + "
+                f"{self.headroom_bits} headroom bits for he.max_sites = {self.max_sites}) = "
+                f"{self.slot_bits} bits per slot exceeds the {MAX_EXACT_FLOAT_BITS} bits a float64 "
+                "holds exactly; lower he.bits or he.values_per_slot"
+            )
+        if self.max_sites * self.max_examples >= 2**self.slot_bits:
+            raise CKKSConfigError(
+                f"he.max_examples = {self.max_examples} × he.max_sites = {self.max_sites} does not "
+                f"fit the {self.slot_bits}-bit count slot; lower he.max_examples"
+            )
+        limit = self.max_sites_for(params)
+        hint = (
+            f"at most {limit} sites work with this packing"
+            if limit
+            else "no number of sites works with this packing"
+        )
+        raise CKKSConfigError(
+            f"he.max_sites = {self.max_sites} is too many for he.values_per_slot = "
+            f"{self.values_per_slot} and he.bits = {self.bits} under CKKS {params.describe()}: "
+            f"fields of {self.bits}+{self.headroom_bits} bits leave a scale of 2^{have}, but "
+            f"summing {self.max_sites} ciphertexts exactly needs at least 2^{need}; {hint} "
+            "(or lower he.bits or he.values_per_slot)"
+        )
+
+    def slots_needed(self, num_values: int) -> int:
+        return HEADER_SLOTS + -(-num_values // self.values_per_slot)
+
+    def num_blocks(self, num_values: int, params: CKKSParams) -> int:
+        return -(-self.slots_needed(num_values) // params.slots)
+
+    def block_lengths(self, num_values: int, params: CKKSParams) -> list[int]:
+        """Slots in each block: full N/2 blocks and a shorter last one."""
+        total = self.slots_needed(num_values)
+        n = self.num_blocks(num_values, params)
+        return [min(params.slots, total - i * params.slots) for i in range(n)]
+
+
+def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
+    """The codec's :class:`Packing` for an experiment's ``[he]`` weights (or Fisher diagonals).
+
+    Builds the packing only; :func:`check_packing` says whether it can sum ``he.max_sites``
+    ciphertexts exactly (``Packing.scale_bits`` refuses it again when encrypting or summing).
+    """
+    return Packing(
+        bits=he.bits,
+        values_per_slot=he.values_per_slot,
+        max_sites=he.max_sites,
+        clip=he.fisher_clip if fisher else he.clip,
+        max_examples=he.max_examples,
+    )
+
+
+def check_packing(he: HESpec) -> None:
+    """Refuse ``[he]`` settings whose weight packing cannot sum ``he.max_sites`` sites exactly.
+
+    Checked under the default parameters of ``fedcl keys init`` (:class:`CKKSParams`), whatever
+    ``he.enabled`` says: callers check only when HE is on. Raises a
+    :class:`~fedcl.config.ConfigError` naming the ``he.*`` field and what would be valid.
+    """
+    try:
+        packing_for(he).scale_bits(CKKSParams())
+    except CKKSConfigError as exc:
+        raise ConfigError(str(exc)) from None

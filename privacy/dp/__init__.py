@@ -1,0 +1,62 @@
+"""DP-SGD at a site: Opacus wrapped as a trainer hook, plus the sampling and noise planning.
+
+Why it looks the way it does:
+
+* **A fresh PrivacyEngine per training call.** Privacy is accounted by the site's
+  :class:`~fedcl.privacy.ledger.PrivacyLedger` over its whole history, never by the engine's
+  accountant, which only sees one round (flwr#2216). The engine is a throw-away wrapper.
+* **The caller's module is wrapped anew every call and unwrapped in** :meth:`DPHook.finish`.
+  Wrapping an already-wrapped module fails or double-hooks (opacus#608), and a wrapped module's
+  ``state_dict`` has ``_module.`` prefixes (opacus#435). The site keeps a reference to its plain
+  module; after ``finish`` that module carries no Opacus hooks or attributes and its
+  ``state_dict`` is exactly the non-private one.
+* **Poisson sampling, with its small-data traps closed.** With ``batch_size >= N`` Opacus
+  samples with q = 1.0 (``drop_last`` is ignored): no amplification at all. We refuse that,
+  refuse an expected batch below one example, and warn below eight. The expected batch is also
+  set as a float: Opacus truncates ``N·q`` to an int, which biases the averaged gradient by up
+  to 1/⌊N·q⌋ (22% at N·q = 1.8).
+* **Exactly the planned number of steps.** Opacus' sampler draws ``int(1/q)`` batches per epoch
+  and ``1/(1/k)`` falls just below ``k`` for one batch count in thirteen (93, 99, ...), so we set
+  the epoch length to the non-private loader's ``k = ceil(N/B)``. Hence the release recorded
+  after training equals :func:`planned_release` computed before it, and a budget check done up
+  front is exact.
+* **Steps are accounted as Poisson draws**, including any empty batch the trainer skips:
+  each draw is one run of the subsampled Gaussian mechanism in the accountant's model, so
+  counting draws is the conservative choice.
+
+Modules: :mod:`.planning` (sampling, steps and σ, known before training; no torch),
+:mod:`.grad_sample` (the per-sample-gradient mode) and :mod:`.hook` (:class:`DPHook`). Every
+name is re-exported here.
+"""
+
+from __future__ import annotations
+
+from .grad_sample import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, choose_grad_sample_mode
+from .hook import DPHook
+from .planning import (
+    MECHANISM_DP_SGD,
+    SMALL_EXPECTED_BATCH,
+    DPConfigError,
+    SamplingPlan,
+    check_sample_rate,
+    noise_from_spec,
+    plan_noise,
+    planned_release,
+    sampling_plan,
+)
+
+__all__ = [
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "MECHANISM_DP_SGD",
+    "SMALL_EXPECTED_BATCH",
+    "DPConfigError",
+    "DPHook",
+    "SamplingPlan",
+    "check_sample_rate",
+    "choose_grad_sample_mode",
+    "noise_from_spec",
+    "plan_noise",
+    "planned_release",
+    "sampling_plan",
+]

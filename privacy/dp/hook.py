@@ -1,0 +1,228 @@
+"""The trainer hook that runs DP-SGD with Opacus for one ``LocalTrainer.fit`` call.
+
+A fresh ``PrivacyEngine`` per call, the caller's module wrapped anew and unwrapped in
+:meth:`DPHook.finish`, exactly the planned number of Poisson draws, and each draw counted as one
+run of the mechanism: the docstring of :mod:`fedcl.privacy.dp` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ledger import DPRelease
+from .grad_sample import _valid_mode, choose_grad_sample_mode
+from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, check_sample_rate
+
+logger = logging.getLogger("fedcl.privacy")
+
+_OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
+
+
+class _CountingLoader:
+    """Yields the DP loader's batches and counts each draw (an accounted mechanism run)."""
+
+    def __init__(self, loader: Any, on_draw: Callable[[], None]):
+        self._loader = loader
+        self._on_draw = on_draw
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._loader:
+            self._on_draw()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class DPHook:
+    """DP-SGD for one :meth:`LocalTrainer.fit` call (the trainer's ``TrainHook`` protocol).
+
+    Duck-typed rather than a ``BaseHook`` subclass: ``privacy`` sits below ``client`` and must
+    not import it. Reusable: each ``setup`` wraps the plain module afresh and ``finish``
+    unwraps it. After ``finish``, :meth:`release` says what was spent, for the ledger.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        grad_sample_mode: str | None = None,
+        noise_seed: int | None = None,
+        mechanism: str = MECHANISM_DP_SGD,
+    ):
+        _check_noise(noise_multiplier)
+        if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < math.inf):
+            raise DPConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        if not 0.0 < delta < 1.0:
+            raise DPConfigError(f"delta must be in (0, 1), got {delta!r}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.delta = float(delta)
+        self.grad_sample_mode_override = (
+            None if grad_sample_mode is None else _valid_mode(grad_sample_mode)
+        )
+        self.noise_seed = noise_seed
+        self.mechanism = mechanism
+        self.grad_sample_mode: str | None = None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None
+        self.draws = 0
+        self.noisy_steps = 0
+        self._module: nn.Module | None = None
+        self._wrapped: nn.Module | None = None
+        self._optimizer: Any = None
+
+    # -- TrainHook protocol
+
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any
+    ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        """Wrap model, optimizer and loader with a fresh Opacus engine (Poisson sampling)."""
+        from opacus import PrivacyEngine
+        from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+        from opacus.validators.errors import UnsupportedModuleError
+
+        if self._wrapped is not None:
+            raise DPConfigError("DPHook.setup called again before finish: one fit at a time")
+        if isinstance(model, AbstractGradSampleModule) or hasattr(
+            model, "autograd_grad_sample_hooks"
+        ):
+            raise DPConfigError(
+                "the model already carries Opacus wrappers or hooks (a previous DP round was "
+                "not finished); pass the plain nn.Module (opacus#608)"
+            )
+        n = len(loader.dataset)
+        batches = len(loader)
+        if batches < 1:
+            raise DPConfigError(f"DP-SGD needs at least 1 training example, got {n}")
+        sample_rate = 1.0 / batches
+        check_sample_rate(n, sample_rate, batch_size=getattr(loader, "batch_size", None))
+        mode = choose_grad_sample_mode(model, self.grad_sample_mode_override)
+        generator = None
+        if self.noise_seed is not None:
+            generator = torch.Generator(device=_device_of(model)).manual_seed(self.noise_seed)
+        with warnings.catch_warnings():
+            # Opacus warns on every engine that its noise comes from torch's PRNG rather than a
+            # CSPRNG (secure_mode needs torchcsprng); say it once per process, not per round.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+        _note_insecure_rng_once()
+        try:
+            wrapped, dp_optimizer, dp_loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=mode,
+                noise_generator=generator,
+            )
+        except UnsupportedModuleError as err:
+            raise DPConfigError(f"the model cannot be trained with DP-SGD: {err}") from err
+        dp_loader.batch_sampler.steps = batches  # k = ceil(N/B) draws, not int(1/(1/k))
+        dp_optimizer.expected_batch_size = n * sample_rate  # a float: no truncation bias
+        previous_hook = dp_optimizer.step_hook
+
+        def count_step(opt: Any) -> None:
+            self.noisy_steps += 1
+            if previous_hook is not None:
+                previous_hook(opt)
+
+        dp_optimizer.attach_step_hook(count_step)
+        self.grad_sample_mode = mode
+        self.sample_rate = sample_rate
+        self.expected_batch_size = n * sample_rate
+        self.draws = 0
+        self.noisy_steps = 0
+        self._module, self._wrapped, self._optimizer = model, wrapped, dp_optimizer
+        return wrapped, dp_optimizer, _CountingLoader(dp_loader, self._count_draw)
+
+    def add_gradients(self, model: nn.Module) -> None:
+        """DP adds nothing after privatisation (clipping and noise happen in ``pre_step``)."""
+        return None
+
+    def finish(self, model: nn.Module, result: Any) -> None:
+        """Unwrap the module (no hooks, no ``_module.`` keys) and report what was spent."""
+        self._unwrap()
+        result.metrics.update(
+            {
+                "dp_sample_rate": float(self.sample_rate or 0.0),
+                "dp_noise_multiplier": self.noise_multiplier,
+                "dp_steps": float(self.draws),
+                "dp_optimizer_steps": float(self.noisy_steps),
+                "dp_max_grad_norm": self.max_grad_norm,
+                "dp_expected_batch_size": float(self.expected_batch_size or 0.0),
+            }
+        )
+
+    # -- what was spent
+
+    def release(self) -> DPRelease:
+        """The mechanism this hook ran, in the ledger's terms (after ``finish``)."""
+        if self.sample_rate is None:
+            raise DPConfigError("DPHook.release() before any training: nothing was spent")
+        return DPRelease(
+            mechanism=self.mechanism,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            steps=self.draws,
+            delta=self.delta,
+        )
+
+    # -- internals
+
+    def _count_draw(self) -> None:
+        self.draws += 1
+
+    def _unwrap(self) -> None:
+        """Remove every Opacus hook and attribute so the plain module is clean and reusable.
+
+        Also called if training raised (``close``), so a failed round cannot leave hooks on a
+        module the site keeps using.
+        """
+        wrapped, module = self._wrapped, self._module
+        self._wrapped = self._module = self._optimizer = None
+        if wrapped is None or module is None:
+            return
+        close = getattr(wrapped, "_close", None)
+        if close is not None:
+            close()
+        for p in module.parameters():
+            for attr in _OPACUS_PARAM_ATTRS:
+                if hasattr(p, attr):
+                    delattr(p, attr)
+        if hasattr(module, "autograd_grad_sample_hooks"):  # pragma: no cover - defensive
+            del module.autograd_grad_sample_hooks
+
+    def close(self) -> None:
+        """Unwrap without reporting: call from a ``finally`` if ``fit`` raised."""
+        self._unwrap()
+
+
+_RNG_NOTED = False
+
+
+def _note_insecure_rng_once() -> None:
+    global _RNG_NOTED
+    if not _RNG_NOTED:
+        _RNG_NOTED = True
+        logger.info("DP-SGD noise comes from torch's PRNG (Opacus secure_mode is off)")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,182 @@
+"""What the ledger records: one release of a Gaussian mechanism, and what a site spent.
+
+:class:`DPRelease` is a mechanism's raw parameters (σ, q, steps, δ), :class:`LedgerEntry` one
+line of the ledger file (a release, where and when); :class:`LedgerSummary` with its
+:class:`RunSpend` and :class:`TaskSpend` is what ``fedcl privacy`` shows, and
+:class:`SpendDecision` the outcome of charging a release against a budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from fedcl.config.errors import FedclError
+
+SCHEMA_VERSION = 1
+Accountant = Literal["rdp", "prv"]
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+
+
+class LedgerError(FedclError):
+    """The ledger cannot be read or written (corrupt line, bad entry, unusable directory)."""
+
+
+@dataclass(frozen=True)
+class DPRelease:
+    """One release of a (Poisson-subsampled) Gaussian mechanism, as the accountant needs it.
+
+    ``noise_multiplier`` is the noise standard deviation divided by the L2 sensitivity (for
+    DP-SGD: by ``max_grad_norm``), ``sample_rate`` the Poisson inclusion probability of each
+    example (1.0 for a full-data release such as a Fisher diagonal), ``steps`` how many times
+    the mechanism ran. ``delta`` is the δ the site reports against; it does not enter the
+    composition (ε is always computed for the δ asked for).
+    """
+
+    mechanism: str
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    delta: float
+
+    def __post_init__(self) -> None:
+        problems = _release_problems(
+            self.mechanism, self.sample_rate, self.noise_multiplier, self.steps, self.delta
+        )
+        if problems:
+            raise LedgerError(f"invalid privacy release {self!r}: {'; '.join(problems)}")
+
+    @classmethod
+    def of(cls, release: Any, delta: float) -> DPRelease:
+        """Adopt another feature's release record (e.g. ``continual.fisher.FisherRelease``).
+
+        Anything with ``mechanism``, ``sample_rate``, ``noise_multiplier`` and ``steps``
+        describes a (subsampled) Gaussian mechanism the ledger can compose.
+        """
+        return cls(
+            mechanism=release.mechanism,
+            sample_rate=release.sample_rate,
+            noise_multiplier=release.noise_multiplier,
+            steps=release.steps,
+            delta=delta,
+        )
+
+    @property
+    def history(self) -> tuple[float, float, int]:
+        """The release in Opacus' accountant history format ``(σ, q, steps)``."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A release the site made, where and when: one line of the ledger file."""
+
+    run_id: str
+    task_index: int
+    server_round: int
+    mechanism: str
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    delta: float
+    timestamp: str
+    version: int = SCHEMA_VERSION
+
+    @property
+    def release(self) -> DPRelease:
+        return DPRelease(
+            self.mechanism, self.sample_rate, self.noise_multiplier, self.steps, self.delta
+        )
+
+
+@dataclass(frozen=True)
+class TaskSpend:
+    """What one task of one run cost (ε of its releases alone)."""
+
+    run_id: str
+    task_index: int
+    releases: int
+    steps: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """What one run cost: ε of the run's releases alone, and per task."""
+
+    run_id: str
+    releases: int
+    steps: int
+    epsilon: float
+    first: str
+    last: str
+    tasks: list[TaskSpend] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    """Per-run and lifetime spend of a site at one δ, with the budget left if one is given."""
+
+    path: str
+    delta: float
+    accountant: str
+    releases: int
+    steps: int
+    epsilon_lifetime: float
+    budget: float | None
+    runs: list[RunSpend]
+
+    @property
+    def remaining(self) -> float | None:
+        """Budget minus lifetime ε (never below 0), or None without a budget."""
+        if self.budget is None:
+            return None
+        return max(self.budget - self.epsilon_lifetime, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: an infinite ε (a noiseless release) becomes the string ``"inf"``."""
+        data = asdict(self)
+        data["remaining"] = self.remaining
+        return _json_safe(data)
+
+
+@dataclass(frozen=True)
+class SpendDecision:
+    """Outcome of :meth:`PrivacyLedger.try_spend`: recorded or refused, and the ε around it."""
+
+    accepted: bool
+    epsilon_before: float
+    epsilon_after: float
+    budget: float | None
+
+
+def _release_problems(
+    mechanism: Any, sample_rate: Any, noise_multiplier: Any, steps: Any, delta: Any
+) -> list[str]:
+    problems = []
+    if not isinstance(mechanism, str) or not mechanism:
+        problems.append(f"mechanism must be a non-empty string, got {mechanism!r}")
+    if not _is_number(sample_rate) or not 0.0 < sample_rate <= 1.0:
+        problems.append(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if not _is_number(noise_multiplier) or not 0.0 <= noise_multiplier < math.inf:
+        problems.append(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        problems.append(f"steps must be an int >= 0, got {steps!r}")
+    if not _is_number(delta) or not 0.0 < delta < 1.0:
+        problems.append(f"delta must be in (0, 1), got {delta!r}")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "nan"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
