@@ -17,7 +17,7 @@ from fedcl.config import FedclError
 
 from . import coordinator_cmd, dashboard_cmd, keys_cmd, privacy_cmd, simulate_cmd, site_cmd
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths in errors stay copyable
 
 app = typer.Typer(
     name="fedcl",
@@ -34,11 +34,16 @@ app.add_typer(dashboard_cmd.app, name="dashboard")
 site_cmd.app.command("privacy")(privacy_cmd.privacy)
 
 
+DISTRIBUTION = "fedcl-framework"  # on PyPI; `fedcl` there is an unrelated package
+
+
 def _version() -> str:
-    try:
-        return version("fedcl")
-    except PackageNotFoundError:  # running from a source tree without an install
-        return "0+unknown"
+    for name in (DISTRIBUTION, "fedcl"):  # "fedcl": an install made before the rename
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "0+unknown"  # running from a source tree without an install
 
 
 def _version_callback(value: bool) -> None:
