@@ -6,8 +6,9 @@
 
 For each built-in scenario (``digits-class-il``, ``digits-domain-il``, ``digits-task-il``,
 ``defects-domain-il``; 5 non-IID sites, their default) every ``continual.method`` runs (naive,
-ewc, replay, ewc+replay, and joint, all tasks at once, the upper reference) once without DP and
-once with DP-SGD at a target ``dp.epsilon`` (8 unless ``--epsilon``), each with CKKS-encrypted
+ewc, replay, ewc+replay, lwf, si, and joint, all tasks at once, the upper reference; each
+method with its default ``continual.options``) once without DP and once with DP-SGD at a
+target ``dp.epsilon`` (8 unless ``--epsilon``), each with CKKS-encrypted
 aggregation on (``--no-he`` turns it off). Every configuration is a whole federation run through
 :func:`fedcl.simulations.runner.run_plan` (the same ServerApp and ClientApp as deployments; the
 in-process engine by default: no Ray, deterministic), in a fresh output folder.
@@ -48,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "continual.json"
 SCENARIOS = ("digits-class-il", "digits-domain-il", "digits-task-il", "defects-domain-il")
-METHODS = ("naive", "ewc", "replay", "ewc+replay", "joint")
+METHODS = ("naive", "ewc", "replay", "ewc+replay", "lwf", "si", "joint")
 DEFAULT_EPSILON = 8.0
 REASON_CHARS = 70
 
