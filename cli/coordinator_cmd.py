@@ -178,6 +178,7 @@ def status(
     registry: str | None = typer.Option(None, help="Registry URL (default: --dir's registry)."),
     folder_path: Path | None = typer.Option(None, "--dir", "-d", envvar=DIR_ENV, help=DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    follow: bool = typer.Option(False, "--follow", help="Print RUN_ID's rounds until it ends."),
 ) -> None:
     """List the runs in a registry, or one run's accuracy matrix and rounds."""
     from fedcl.server.registry import Registry
@@ -191,6 +192,11 @@ def status(
             registry = "sqlite:///fedcl-registry.db"
         else:
             registry = folder.registry_url()
+    if follow and run_id is not None:
+        from .progress import follow as follow_run
+
+        status, reason = follow_run(registry, run_id, console)
+        console.print(f"run {run_id} {status}" + (f": {reason}" if reason else ""))
     with Registry.open(registry) as reg:
         if run_id is not None:
             if reg.get_run(run_id) is None:

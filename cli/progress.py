@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from rich.console import Console
 
@@ -61,6 +62,7 @@ def follow(
     console: Console,
     *,
     alive: Callable[[], bool] | None = None,
+    since: datetime | None = None,
     poll_s: float = 1.0,
     timeout_s: float | None = None,
 ) -> tuple[str | None, str | None]:
@@ -68,7 +70,14 @@ def follow(
 
     ``alive`` says whether the ServerApp still runs (Flower's view); when it says no and the
     registry still does not show an end, (None, None) is returned for the caller to record.
+    ``since``: an end recorded before then is a previous attempt's (a resumed run), not this one.
     """
+
+    def ended(run) -> bool:
+        if run is None or run.status not in TERMINAL:
+            return False
+        return since is None or run.updated_at >= since
+
     from fedcl.server.registry import Registry
 
     printed: set[int] = set()
@@ -85,7 +94,7 @@ def follow(
                     if rnd.status != "running" and rnd.id not in printed:
                         printed.add(rnd.id)
                         console.print(round_line(reg, run, rnd, num_tasks, per_task))
-                if run.status in TERMINAL:
+                if ended(run):
                     return run.status, run.reason
                 if not printed and not waiting_shown:
                     console.print("run started; round 1 waits for the sites ...")
@@ -93,7 +102,7 @@ def follow(
         if alive is not None and not alive():
             with Registry.open(registry_url) as reg:  # one last look: it may just have ended
                 run = reg.get_run(run_id)
-            if run is not None and run.status in TERMINAL:
+            if ended(run):
                 return run.status, run.reason
             return None, None
         if timeout_s is not None and time.monotonic() - started > timeout_s:

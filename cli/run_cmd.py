@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -64,11 +65,17 @@ def resolve(
             raise ConfigError(f"--resume {resume}: no such run in the registry {url}")
         if stored.status == "completed":
             raise ConfigError(f"--resume {resume}: the run already completed")
-        differing = _same(stored.config, exp.model_dump(mode="json"))
+        differing = ", ".join(_same(stored.config, exp.model_dump(mode="json")))
+        if differing and experiment is None:
+            raise ConfigError(
+                f"--resume {resume}: the run's stored experiment reads back different in "
+                f"{differing} (settings added since the run started?): resume it with the fedcl "
+                "version that started it, or start a new run"
+            )
         if differing:
             raise ConfigError(
                 f"--resume {resume}: {experiment} differs from the run's experiment in "
-                f"{', '.join(differing)}; resume with the original file, or start a new run"
+                f"{differing}; resume with the original file, or start a new run"
             )
         return exp, resume
     run_id = run_id or _new_run_id(exp)
@@ -102,6 +109,8 @@ def start_run(
         raise ConfigError(f"--superlink {superlink}: nothing answers there")
     write_connection(folder, spec, superlink)
     url = folder.registry_url(spec)
+    if resume:
+        _refuse_if_still_running(folder, spec, url, run_id)
     leftover = sorted(folder.bundles.glob("*/secret.ctx")) if folder.bundles.is_dir() else []
     if leftover:
         out.print(
@@ -116,6 +125,7 @@ def start_run(
             f"rounds wait for {exp.expected_sites}"
         )
     sub = Submission(folder, run_id)
+    submitted = datetime.now(UTC)
     flower_id = sub.submit(spec, exp, url, folder.artifacts)
     verb = "resumed" if resume else "submitted"
     out.print(f"{verb} run [bold]{run_id}[/] (Flower run {flower_id}); registry {url}")
@@ -132,11 +142,11 @@ def start_run(
         return not str(last["status"]).startswith("finished")
 
     try:
-        status, reason = follow(url, run_id, out, alive=alive)
+        status, reason = follow(url, run_id, out, alive=alive, since=submitted)
     except KeyboardInterrupt:
         out.print(
-            f"the run goes on: follow it with `fedcl coordinator status {run_id}`, stop it with "
-            f"`fedcl coordinator stop {run_id}`"
+            f"the run goes on: follow it with `fedcl coordinator status {run_id} --follow`, "
+            f"stop it with `fedcl coordinator stop {run_id}`"
         )
         return 130
     finally:
@@ -146,10 +156,28 @@ def start_run(
             f"the ServerApp ended (Flower: {last['status']}) without recording how; "
             f"{_last_error(sub.dir / 'serverapp.log')}"
         )
-        record_orphan(url, run_id, exp, reason)
+        record_orphan(url, run_id, exp, reason, since=submitted)
         status = "failed"
     _report(url, run_id, status, reason, out)
     return 0 if status == "completed" else 1
+
+
+def _refuse_if_still_running(folder: CoordinatorDir, spec, url: str, run_id: str) -> None:
+    """Two ServerApps on one run would interleave its rounds: resume only what has ended."""
+    from fedcl.server.registry import Registry
+
+    with Registry.open(url) as reg:
+        run = reg.get_run(run_id)
+    if run is None or run.status != "running":
+        return
+    previous = Submission(folder, run_id)
+    status = previous.flower_status(spec) if previous.flower_run_id else None
+    if status is not None and not status.startswith("finished"):
+        raise ConfigError(
+            f"--resume {run_id}: the run is still running (Flower run {previous.flower_run_id}, "
+            f"{status}); follow it with `fedcl coordinator status {run_id} --follow` or stop it "
+            f"with `fedcl coordinator stop {run_id}`"
+        )
 
 
 def _last_error(log: Path) -> str:

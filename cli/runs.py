@@ -166,13 +166,19 @@ class Submission:
         return str(runs[0].get("status")) if runs else None
 
 
-def record_orphan(registry_url: str, run_id: str, exp: ExperimentConfig, reason: str) -> None:
-    """The ServerApp ended without recording its end: leave a failed run, never nothing."""
+def record_orphan(
+    registry_url: str, run_id: str, exp: ExperimentConfig, reason: str, since=None
+) -> None:
+    """The ServerApp ended without recording its end: leave a failed run, never nothing.
+
+    An end recorded before ``since`` (a resumed run's previous attempt) does not count.
+    """
     from fedcl.server.registry import Registry
 
     with Registry.open(registry_url) as reg:
         run = reg.get_run(run_id)
-        if run is not None and run.status in TERMINAL:
+        fresh = run is not None and (since is None or run.updated_at >= since)
+        if fresh and run.status in TERMINAL:
             return
         if run is None:
             reg.create_run(

@@ -30,7 +30,9 @@ def init(
     data: str | None = typer.Option(
         None, "--data", help="A class folder or CSV manifest; or builtin / builtin:INDEX/NUM."
     ),
-    epsilon_budget: float = typer.Option(8.0, "--epsilon-budget", min=0.0, help="Lifetime ε."),
+    epsilon_budget: float = typer.Option(
+        8.0, "--epsilon-budget", min=0.0, help="The ε this site will ever spend (0: no limit)."
+    ),
     delta: float = typer.Option(1e-5, "--delta", help="δ at which the budget is counted."),
 ) -> None:
     """Create the state folder, site.toml and the SuperNode key pair; print the public key."""

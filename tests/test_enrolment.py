@@ -271,3 +271,33 @@ def test_supervisor_turns_flower_errors_into_reasons(tmp_path) -> None:
         "[code: 2004] Failed to activate SuperNode.", site, "h:1"
     )
     assert "nothing listens at h:1" in explain("[Errno 111] Connection refused", site, "h:1")
+
+
+def test_resume_checks_the_run_it_continues(tmp_path) -> None:
+    from fedcl.cli.federation import CoordinatorDir
+    from fedcl.cli.run_cmd import resolve
+    from fedcl.config import ConfigError
+    from fedcl.server.registry import Registry
+
+    fed = federation_files(tmp_path)
+    assert main(["coordinator", "init", str(fed), "--out", str(tmp_path / "coordinator")]) == 0
+    folder = CoordinatorDir(tmp_path / "coordinator")
+    experiment = tmp_path / "experiment.toml"
+    exp, run_id = resolve(folder, experiment, None, None)
+    assert run_id.startswith("enrol-") and exp.he.public_context == str(folder.public_ctx)
+    assert exp.he.fingerprint  # pinned from public.ctx, so both ends check the key set
+    with Registry.open(folder.registry_url()) as reg:
+        reg.create_run("r1", name="enrol", scenario="deployment",
+                       config=exp.model_dump(mode="json"), tasks=["a", "b"])  # fmt: skip
+    assert resolve(folder, None, None, "r1") == (exp, "r1")  # the stored experiment
+    assert resolve(folder, experiment, None, "r1") == (exp, "r1")
+    changed = tmp_path / "changed.toml"
+    changed.write_text(EXPERIMENT + "[train]\nlr = 0.5\n")
+    with pytest.raises(ConfigError, match="differs from the run's experiment in train"):
+        resolve(folder, changed, None, "r1")
+    with pytest.raises(ConfigError, match="continue it with --resume"):
+        resolve(folder, experiment, "r1", None)
+    with Registry.open(folder.registry_url()) as reg:
+        reg.set_run_status("r1", "completed")
+    with pytest.raises(ConfigError, match="already completed"):
+        resolve(folder, None, None, "r1")
