@@ -1,4 +1,4 @@
-"""From a site's model update to CKKS blocks and back: layout, quantisation, packing.
+"""From a site's model update to CKKS blocks and back: layout, quantisation, packing, checksum.
 
 What a site encrypts (and why)
 ------------------------------
@@ -26,12 +26,18 @@ site sends, inside the ciphertext, both its weighted update and its weight:
   fields share one slot as q0 + q1·2^F + q2·2^2F. The first two slots of block 0 hold the
   contributor count (1) and the capped example count: after summation the sites learn both and
   the coordinator neither. Decoding subtracts offset × contributors from every field.
+* **Checksum**: after the values come ``Packing.checksum_fields`` keyed linear checksums of the
+  header and values, each below 2^bits like a value, so they sum exactly too; a site decoding an
+  aggregate checks them and refuses a corrupt one (:class:`AggregateIntegrityError`;
+  :mod:`.integrity`).
 * **Exactness**: slots are integers times the scale 2^s; :meth:`Packing.scale_bits` picks the
   largest s that fits the data prime and refuses (:class:`CKKSConfigError`) a packing whose s
   would let the noise of ``max_sites`` summed ciphertexts reach 0.5.
 
 Encrypting is TenSEAL's cost and holds the GIL, so large updates are encrypted in worker
-processes (:mod:`.parallel`); small ones stay in-process.
+processes (:mod:`.parallel`); small ones stay in-process. The pieces live in :mod:`.layout`,
+:mod:`.quantise`, :mod:`.packing` and :mod:`.integrity`; this module puts them together (and
+re-exports their names).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import AggregateError, UpdateError
+from .errors import AggregateError, AggregateIntegrityError, UpdateError
+from .integrity import UNKEYED, checksum_key, checksums, verify
 from .layout import LAYOUT_VERSION, Layout, LayoutEntry
 from .packing import HEADER_SLOTS, Packing, check_packing, packing_for
 from .params import MAX_EXACT_FLOAT_BITS
@@ -118,8 +125,14 @@ def slot_vector(
     packing: Packing,
     layout: Layout,
     rng: np.random.Generator,
+    *,
+    key: bytes = UNKEYED,
 ) -> tuple[np.ndarray, int, bool]:
-    """The plaintext slots of one site's update: header then packed fields (float64)."""
+    """The plaintext slots of one site's update: header, then its values and checksums packed.
+
+    ``key`` keys the checksum (:func:`~.integrity.checksum_key`; :func:`encode_blocks` passes
+    the site's); the decoder must be given the same.
+    """
     if int(num_examples) != num_examples or num_examples < 1:
         raise UpdateError(f"an update needs a positive integer example count, got {num_examples}")
     flat = layout.flatten(delta)  # NaN/inf refused here, before anything is encrypted
@@ -134,10 +147,11 @@ def slot_vector(
         )
     q, clipped = quantise(flat, count / packing.max_examples, packing, rng)
     del flat
+    sums = checksums(q, (1, count), packing.checksum_moduli, key)
     slots = np.empty(packing.slots_needed(layout.num_values), dtype=np.float64)
     slots[0] = 1.0
     slots[1] = float(count)
-    slots[HEADER_SLOTS:] = pack(q, packing)
+    slots[HEADER_SLOTS:] = pack(np.concatenate([q, sums]), packing)
     return slots, clipped, capped
 
 
@@ -152,7 +166,10 @@ def encode_blocks(
     workers: int | None = None,
     parallel_min_blocks: int | None = None,
 ) -> EncodedBlocks:
-    """Encrypt one site's update Δ (weighted by its example count) into serialized blocks."""
+    """Encrypt one site's update Δ (weighted by its example count) into serialized blocks.
+
+    ``ctx`` is the site's secret context: the checksum inside is keyed by its secret key.
+    """
     from .parallel import encrypt_rows
     from .params import params_of
 
@@ -160,8 +177,9 @@ def encode_blocks(
     layout = layout or Layout.from_state_dict(delta)
     params = params_of(ctx)
     scale_bits = packing.scale_bits(params)
+    key = checksum_key(ctx)
     slots, clipped, capped = slot_vector(
-        delta, num_examples, packing, layout, rng or np.random.default_rng()
+        delta, num_examples, packing, layout, rng or np.random.default_rng(), key=key
     )
     rows = [slots[i : i + params.slots] for i in range(0, slots.shape[0], params.slots)]
     blocks, used = encrypt_rows(
@@ -194,14 +212,21 @@ def decode_slots(
     layout: Layout,
     *,
     expected_contributors: int | None = None,
+    key: bytes = UNKEYED,
 ) -> DecodedSum:
-    """Turn decrypted slot values into the average Δ; every check names what went wrong."""
+    """Turn decrypted slot values into the average Δ; every check names what went wrong.
+
+    Corrupt contents (slots that are not integers, a checksum that does not match) raise
+    :class:`AggregateIntegrityError`; an aggregate that is intact but not what this site
+    expects (slot count, contributor count against the metadata) an :class:`AggregateError`.
+    """
     rounded = np.rint(values)
     worst = float(np.max(np.abs(values - rounded))) if values.size else 0.0
     if not worst <= MAX_FRACTION:
-        raise AggregateError(
-            f"the aggregate does not decrypt to integers (off by up to {worst:.3g}): wrong key, a "
-            "corrupt block, or more sites than the packing's noise budget"
+        raise AggregateIntegrityError(
+            f"the aggregate is corrupt: it does not decrypt to integers (off by up to "
+            f"{worst:.3g}): a corrupt block from one of its sites, a wrong key, or more sites "
+            "than the packing's noise budget"
         )
     if values.shape[0] != packing.slots_needed(layout.num_values):
         raise AggregateError(
@@ -210,6 +235,9 @@ def decode_slots(
         )
     ints = rounded.astype(np.int64)
     contributors, total = int(ints[0]), int(ints[1])
+    slots = ints[HEADER_SLOTS:]
+    fields = unpack(slots, packing, slots.shape[0] * packing.values_per_slot)
+    verify(fields, layout.num_values, (contributors, total), packing, key)
     if expected_contributors is not None and contributors != expected_contributors:
         raise AggregateError(
             f"the aggregate says {contributors} sites contributed, its metadata says "
@@ -223,10 +251,9 @@ def decode_slots(
         raise AggregateError(
             f"the aggregate's example count {total} is impossible for {contributors} sites"
         )
-    slots = ints[HEADER_SLOTS:]
     if slots.size and (slots.min() < 0 or slots.max() >= 2**packing.slot_bits):
         raise AggregateError("the aggregate overflows its packing (more sites than he.max_sites?)")
-    sums = unpack(slots, packing, layout.num_values) - packing.offset * contributors
+    sums = fields[: layout.num_values] - packing.offset * contributors
     mean = sums.astype(np.float64) * (packing.step * packing.max_examples / total)
     return DecodedSum(layout.unflatten(mean), total, contributors, sums)
 
@@ -241,9 +268,12 @@ def decode_blocks(
     workers: int | None = None,
     parallel_min_blocks: int | None = None,
 ) -> DecodedSum:
-    """Decrypt (with the site's secret context) and decode an aggregate."""
+    """Decrypt (with the site's secret context) and decode an aggregate, checksum checked."""
     from .parallel import decrypt_blocks
 
+    key = checksum_key(ctx)
     rows, _ = decrypt_blocks(blocks, ctx, workers=workers, min_blocks=parallel_min_blocks)
     values = np.concatenate(rows) if rows else np.empty(0)
-    return decode_slots(values, packing, layout, expected_contributors=expected_contributors)
+    return decode_slots(
+        values, packing, layout, expected_contributors=expected_contributors, key=key
+    )

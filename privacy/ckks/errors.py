@@ -2,7 +2,8 @@
 
 They are split by *who must act*: a key-custody mistake (wrong file, loose file mode), a packing
 setting that cannot be exact, a site update that must not be encrypted, a reply the coordinator
-drops, and an aggregate a site refuses to apply.
+drops, and an aggregate a site refuses to apply (:class:`AggregateIntegrityError` when its
+contents are corrupt, so that a culprit search can tell it from a protocol mistake).
 """
 
 from __future__ import annotations
@@ -43,3 +44,18 @@ class ReplyRejected(CKKSError):
 
 class AggregateError(CKKSError):
     """An encrypted aggregate a site cannot decode into a trustworthy average."""
+
+
+class AggregateIntegrityError(AggregateError):
+    """A decrypted aggregate whose contents are corrupt: its slots are not integers, or its
+    checksum does not match its values (:mod:`.integrity`).
+
+    One of the summed updates was damaged after its site checksummed it (a flipped bit in
+    memory, on the wire or at the coordinator). Every site sees the same failure; which site
+    sent the damaged update is what :mod:`.culprit` finds out.
+    """
+
+
+class GroupTooSmall(CKKSError, ValueError):
+    """A group sum over fewer sites than ``he.min_group_size`` (:mod:`.culprit`): refused, so
+    that no check during a culprit search concerns fewer sites than that."""

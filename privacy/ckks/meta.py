@@ -1,9 +1,9 @@
 """The metadata ``ConfigRecord`` of an encrypted reply or aggregate, and its keys.
 
-It carries the format version, kind (update/aggregate), the context fingerprint, the layout
-hash, the number of values and blocks, the packing parameters and the scale, the SHA-256 of the
-model the update was computed from, and for an aggregate the number of updates summed. It never
-carries an example count: those are only in ciphertext.
+It carries the format version (:data:`FORMAT_VERSION`), kind (update/aggregate), the context
+fingerprint, the layout hash, the number of values and blocks, the packing parameters and the
+scale, the SHA-256 of the model the update was computed from, and for an aggregate the number of
+updates summed. It never carries an example count: those are only in ciphertext.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from flwr.app import ConfigRecord
 
 from .packing import Packing
 
-FORMAT_VERSION = 1
+#: 2: every update carries its checksum fields after its values (:mod:`.integrity`). Version 1
+#: (no checksum) is refused, not read: its slots have another layout, and an aggregate without
+#: a checksum cannot be told from a corrupt one.
+FORMAT_VERSION = 2
 META_KEY = "ckks"  # RecordDict key of the metadata ConfigRecord
 KIND_UPDATE = "update"
 KIND_AGGREGATE = "aggregate"
@@ -91,6 +94,13 @@ class WireMeta:
             )
         try:
             version = int(rec[FORMAT])
+            if version == 1:
+                raise ValueError(
+                    "wire format version 1 (written by a fedcl without the aggregate checksum) "
+                    f"is not read by this one, which writes and reads version {FORMAT_VERSION}: "
+                    "run the same fedcl at every site and the coordinator, and start an "
+                    "encrypted run stored by the old one afresh"
+                )
             if version != FORMAT_VERSION:
                 raise ValueError(f"wire format version {version}, expected {FORMAT_VERSION}")
             kind = str(rec[KIND])

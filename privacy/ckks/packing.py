@@ -3,7 +3,9 @@
 A :class:`Packing` fixes the quantisation (``bits``, ``clip``), the weight unit
 (``max_examples``) and the packing: each field gets ``bits + headroom`` bits, headroom =
 ceil(log2(max_sites)), so the sum of up to ``max_sites`` fields never carries into its
-neighbour, and ``values_per_slot`` fields share one slot. :meth:`Packing.scale_bits` picks the
+neighbour, and ``values_per_slot`` fields share one slot. After the values come
+:attr:`Packing.checksum_fields` checksum fields (:mod:`.integrity`), each below 2^bits like a
+value, so the headroom keeps their sums exact too. :meth:`Packing.scale_bits` picks the
 CKKS scale and refuses (:class:`CKKSConfigError`) a packing that could not sum ``max_sites``
 ciphertexts exactly. :func:`packing_for` builds one from an experiment's ``[he]`` settings and
 :func:`check_packing` refuses settings that cannot be exact, as a config error.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 from fedcl.config.errors import ConfigError
@@ -28,6 +31,34 @@ if TYPE_CHECKING:
 
 #: Slots at the start of block 0: contributor count, capped example count.
 HEADER_SLOTS = 2
+#: The checksum fields of one update hold at least this many bits of check together.
+CHECKSUM_BITS = 64
+#: Largest checksum modulus: coefficient × value products stay exact in int64 (see .integrity).
+MAX_CHECKSUM_MODULUS_BITS = 20
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+@cache
+def checksum_moduli(bits: int) -> tuple[int, ...]:
+    """The moduli of an update's checksum fields: primes below 2^min(bits, 20), largest first.
+
+    As many as make Σ log2(M_i) >= :data:`CHECKSUM_BITS`; each M_i < 2^bits, so a checksum
+    (< M_i) fits a field like a quantised value does. They are distinct primes when ``bits`` >= 8
+    (repeated only when ``bits`` is too small to offer enough), so an error confined to one value
+    field (or a header slot) goes unseen only if it is a multiple of every M_i: never, as their
+    product exceeds 2^field_bits.
+    """
+    top = (1 << min(bits, MAX_CHECKSUM_MODULUS_BITS)) - 1
+    primes = [n for n in range(top, max(1, top - 4096), -1) if _is_prime(n)]
+    if len(primes) * math.log2(primes[-1]) < CHECKSUM_BITS:
+        primes = [n for n in range(top, 1, -1) if _is_prime(n)]
+    out: list[int] = []
+    while sum(math.log2(m) for m in out) < CHECKSUM_BITS:
+        out.append(primes[len(out) % len(primes)])
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -140,8 +171,21 @@ class Packing:
             "(or lower he.bits or he.values_per_slot)"
         )
 
+    @property
+    def checksum_moduli(self) -> tuple[int, ...]:
+        """Moduli of the checksum fields after the values (:func:`checksum_moduli`)."""
+        return checksum_moduli(self.bits)
+
+    @property
+    def checksum_fields(self) -> int:
+        return len(self.checksum_moduli)
+
+    def num_fields(self, num_values: int) -> int:
+        """Fields an update packs: its values, then its checksums (then zero padding)."""
+        return num_values + self.checksum_fields
+
     def slots_needed(self, num_values: int) -> int:
-        return HEADER_SLOTS + -(-num_values // self.values_per_slot)
+        return HEADER_SLOTS + -(-self.num_fields(num_values) // self.values_per_slot)
 
     def num_blocks(self, num_values: int, params: CKKSParams) -> int:
         return -(-self.slots_needed(num_values) // params.slots)
