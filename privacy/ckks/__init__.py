@@ -10,6 +10,7 @@ the sum. Modules:
 * :mod:`.packing`   quantisation and packing settings with headroom, and the packing of an
                     experiment's ``[he]`` settings (:func:`packing_for`, :func:`check_packing`)
 * :mod:`.quantise`  stochastic rounding, and packing fields into slot integers
+* :mod:`.integrity` the checksum inside every update, and checking an aggregate's
 * :mod:`.codec`     a site's update to slot values and blocks, and an aggregate back to the mean
 * :mod:`.parallel`  encryption/decryption in worker processes (TenSEAL holds the GIL)
 * :mod:`.meta`      the metadata ConfigRecord (format version, fingerprint, layout, packing)
@@ -18,6 +19,8 @@ the sum. Modules:
 * :mod:`.sum`       the coordinator's block-wise ciphertext sum
 * :mod:`.storage`   an aggregate as one file (an encrypted model version)
 * :mod:`.wire`      the face of the wire format: encrypting an update, decoding an aggregate
+* :mod:`.culprit`   which site corrupted an aggregate: group testing over groups of >= m sites
+* :mod:`.groups`    group sums for that search, formed at the coordinator, checked at a site
 * the ``[he]`` experiment settings are ``fedcl.config.experiment.HESpec`` (syntax and ranges
   only; ``fedcl.config`` imports no other fedcl package)
 
@@ -32,6 +35,8 @@ from typing import Any
 
 _EXPORTS = {
     "AggregateError": "errors",
+    "AggregateIntegrityError": "errors",
+    "GroupTooSmall": "errors",
     "CKKSConfigError": "errors",
     "CKKSError": "errors",
     "CKKSKeyError": "errors",
@@ -56,6 +61,14 @@ _EXPORTS = {
     "aggregate_to_bytes": "storage",
     "decode_aggregate": "wire",
     "encrypt_update": "wire",
+    "checksum_key": "integrity",
+    "CulpritSearch": "culprit",
+    "find_culprits": "culprit",
+    "verifier_for": "culprit",
+    "Recovery": "groups",
+    "group_sum": "groups",
+    "recover_aggregate": "groups",
+    "verify_group_sum": "groups",
 }
 
 __all__ = sorted(_EXPORTS)
