@@ -1,7 +1,7 @@
 """The fedcl ClientApp: what a site does when the coordinator asks it to train or evaluate.
 
 ``app`` is the component string ``fedcl.client.app:app`` used by SuperNodes and by simulations
-alike (DESIGN.md §2). A user mistake at the site (a bad site config, a corrupt image) is answered
+alike (docs/DESIGN.md §2). A user mistake at a site (a bad site config, a corrupt image) is answered
 with a *failed* status that names the problem, so the coordinator records it and the round goes
 on with the other sites.
 """
@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcl.config import FedclError
@@ -48,6 +48,8 @@ def _failure(msg: Message, context: Context, err: Exception) -> Message:
 
 
 def _reply(msg: Message, job: SiteJob, records: dict, **site_fields) -> Message:
+    # The round a reply answers travels with it, so a stale or replayed reply is recognised.
+    site_fields.setdefault(P.SERVER_ROUND, job.server_round)
     records[P.SITE] = _site_record(job.site.site_id, **site_fields)
     return Message(RecordDict(records), reply_to=msg)
 
@@ -59,19 +61,17 @@ def train(msg: Message, context: Context) -> Message:
         job = SiteJob(msg, context)
         model = job.global_model()
         received = state_sha256(model.state_dict())
-        hooks = []
-        spec = job.experiment.continual
-        memory = job.ewc_memory() if spec.uses_ewc else None
-        if memory is not None and not memory.is_empty:
-            from fedcl.continual.ewc import EWCHook
+        from fedcl.continual.methods import get_method
 
-            train_spec = job.experiment.train
-            cap = 1.0 / train_spec.lr if train_spec.optimizer == "sgd" else None
-            hooks.append(EWCHook(memory, spec.ewc_lambda, max_curvature=cap))
+        from .continual_site import site_context
+
+        method = get_method(job.experiment.continual.method)  # the method's row declares it all
+        memory = job.ewc_memory() if method.consolidates else None
+        data = training_set(job)
+        hooks = method.hooks(site_context(job, model, data, memory))
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
-        data = training_set(job)
         privacy = None
         if job.experiment.dp.enabled:
             from .privacy_site import SitePrivacy  # Opacus loads only when DP is on
@@ -92,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             # Replayed examples belong to earlier tasks: a task-IL mask of the current task
             # would make their loss infinite, so replay trains the full head (masks still apply
             # at evaluation, where the task identity is known).
-            mask = None if spec.uses_replay else job.data.stream.train_mask(job.task_index)
+            mask = None if method.replays else job.data.stream.train_mask(job.task_index)
             result = trainer.fit(model, data, output_mask=mask, hooks=hooks)
         finally:
             for hook in hooks:
@@ -107,59 +107,38 @@ def train(msg: Message, context: Context) -> Message:
     extra = {P.MODEL_SHA256: received}
     if memory is not None:
         extra[P.EWC_DIGEST] = memory.digest()
-    try:
-        records = _update_records(job, model.cpu().state_dict(), result.num_examples, received)
+    try:  # what leaves the site: weights and count in clear, or one ciphertext holding both
+        records, stats = job.codec.encode_update(
+            model.cpu().state_dict(), result.num_examples, received, job.server_round
+        )
     except FedclError as err:
         return _failure(msg, context, err)
-    records[P.METRICS] = MetricRecord({**metrics, **records.pop("stats")})
+    records[P.METRICS] = MetricRecord({**metrics, **stats})
     return _reply(msg, job, records, **extra)
-
-
-def _update_records(job: SiteJob, state: dict, num_examples: int, base: str, *, key=P.ARRAYS):
-    """What leaves the site: plaintext weights and count, or one ciphertext holding both."""
-    if not job.experiment.he.enabled:
-        return {key: ArrayRecord(state), "stats": {P.NUM_EXAMPLES: num_examples}}
-    from .encryption import meta_key
-
-    fisher = key == P.FISHER
-    arrays, meta, stats = job.crypto.encrypt(state, num_examples, base, fisher=fisher)
-    return {key: arrays, meta_key(key) if key != P.ARRAYS else P.HE_META: meta, "stats": stats}
 
 
 @app.train("consolidate")
 def consolidate(msg: Message, context: Context) -> Message:
     """End of a task: this site's Fisher diagonal at the global model, weighted by its count."""
-    from fedcl.continual.fisher import fisher_share
-
     try:
         job = SiteJob(msg, context)
         model = job.global_model()
         base = state_sha256(model.state_dict())
         privacy = None
         if job.experiment.dp.enabled:
-            from fedcl.privacy.ledger import DPRelease
-
             from .privacy_site import SitePrivacy
 
             privacy = SitePrivacy(job)
-            # The DP Fisher is a release like any other: paid before it is computed.
-            spec = job.experiment.continual
-            decision = privacy.charge(
-                DPRelease("fisher", 1.0, spec.fisher_noise_multiplier, 1, privacy.delta)
-            )
+            # The DP Fisher is a release like any other: paid before it is computed, as the
+            # method states it (site_fisher refuses to send a Fisher computed otherwise).
+            decision = privacy.charge(privacy.consolidation_release())
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
         fisher, n, _release = site_fisher(job, model)
         fisher = {name: fisher[name] for name in job.param_shapes()}  # the model's layout order
-        if job.experiment.he.enabled:
-            records = _update_records(job, fisher, n, base, key=P.FISHER)
-        else:  # plaintext: the summed share F·n, its count riding along
-            share = fisher_share(fisher, n)
-            share[P.COUNT_ARRAY] = torch.tensor([float(n)])
-            records = {P.FISHER: ArrayRecord(share), "stats": {P.NUM_EXAMPLES: n}}
+        records, stats = job.codec.encode_share(P.FISHER, fisher, n, base, job.server_round)
     except FedclError as err:
         return _failure(msg, context, err)
-    stats = records.pop("stats")
     if privacy is not None:
         stats.update(privacy.metrics())
     records[P.METRICS] = MetricRecord(stats)

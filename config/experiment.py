@@ -152,6 +152,8 @@ class HESpec(_Strict):
     fisher_clip: float = Field(4.0, gt=0)
     #: Weight unit: a site's weight is min(n, max_examples) / max_examples.
     max_examples: int = Field(10_000, ge=1)
+    #: Culprit search after a corrupt aggregate: fewest sites in any group sum it checks.
+    min_group_size: int = Field(2, ge=2)
 
 
 class ContinualSpec(_Strict):
@@ -172,15 +174,6 @@ class ContinualSpec(_Strict):
     fisher_batch_size: int = Field(64, ge=1)
     replay_size: int = Field(100, ge=1)
     replay_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
-
-    # Deprecated: ask the method table (``get_method(method).consolidates`` / ``.replays``).
-    @property
-    def uses_ewc(self) -> bool:
-        return self.method in ("ewc", "ewc+replay")
-
-    @property
-    def uses_replay(self) -> bool:
-        return self.method in ("replay", "ewc+replay")
 
 
 class FaultSpec(_Strict):
@@ -216,6 +209,11 @@ class SimulationSpec(_Strict):
                 raise ValueError(
                     f"faults[{i}].site = {fault.site}, but there are only {self.num_sites} "
                     f"virtual sites (0..{self.num_sites - 1})"
+                )
+            if fault.kind in ("disconnect", "stale") and fault.round < 2:
+                raise ValueError(
+                    f"faults[{i}]: a {fault.kind} needs round >= 2 (the site must have "
+                    "answered a round before)"
                 )
         return self
 

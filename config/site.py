@@ -1,4 +1,4 @@
-"""The site: what a site administrator controls (DESIGN.md §8).
+"""The site: what a site administrator controls (docs/DESIGN.md §8).
 
 The coordinator decides *what* to learn; the site decides *which data*, *where its state lives*
 and *how much privacy it will spend*. Nothing in this file is ever taken from the coordinator.

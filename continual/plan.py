@@ -58,7 +58,10 @@ class RunPlan:
     @property
     def consolidates(self) -> bool:
         """Whether every task but the last ends with a consolidation round (EWC's Fisher)."""
-        return self.experiment.continual.uses_ewc and not self.experiment.is_joint
+        from .methods import get_method
+
+        method = get_method(self.experiment.continual.method)
+        return method.consolidates and not self.experiment.is_joint
 
     @cached_property
     def schedule(self) -> list[PlannedRound]:

@@ -23,7 +23,14 @@ from fedcl.config import ExperimentConfig, to_json
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus, SiteStatus
 from fedcl.continual.plan import PlannedRound, RunPlan
-from fedcl.strategies import Aggregate, Evaluation, GlobalModel, build_strategy, record_bytes
+from fedcl.strategies import (
+    Aggregate,
+    Evaluation,
+    GlobalModel,
+    SitesUnavailable,
+    build_strategy,
+    record_bytes,
+)
 
 from .observers import RoundSummary, RunObserver
 from .recording import RunRecorder
@@ -110,6 +117,8 @@ class Coordinator:
                     status, reason = self._end_without_update(step.server_round, result)
                     break
                 model = next_model
+        except SitesUnavailable as exc:
+            status, reason = RunStatus.FAILED, str(exc)
         except BaseException as exc:
             status = RunStatus.STOPPED
             reason = f"coordinator stopped: {type(exc).__name__}: {exc}"
@@ -157,6 +166,7 @@ class Coordinator:
         """Train, aggregate, store, evaluate; returns the model the next round starts from."""
         start = time.perf_counter()
         round_id = self._begin(step)
+        self._await_sites(step, round_id)
         config = self.base_config(step)
         messages = self.strategy.configure_train(step.server_round, model, config, self.grid)
         self._attach_memory(messages)
@@ -259,6 +269,7 @@ class Coordinator:
         """Sum the sites' Fisher shares of the task at ``model`` (EWC's θ*)."""
         start = time.perf_counter()
         round_id = self._begin(step)
+        self._await_sites(step, round_id)
         content = RecordDict({P.ARRAYS: model.arrays, P.CONFIG: self.base_config(step)})
         messages = [Message(content, node, P.CONSOLIDATE) for node in self._all_nodes()]
         self.strategy.attach(messages, P.ARRAYS, model)
@@ -284,6 +295,18 @@ class Coordinator:
             "task %d consolidated: Fisher from %d sites", step.task_index, len(result.contributors)
         )
         return result
+
+    def _await_sites(self, step: PlannedRound, round_id: int) -> None:
+        train = self.experiment.train
+        quorum = train.quorum if train.quorum is not None else self.experiment.expected_sites
+        try:
+            absent = self.strategy.await_sites(
+                self.grid, step.server_round, wait_s=train.site_wait_s, quorum=quorum
+            )
+        except SitesUnavailable as exc:
+            self.registry.fail_round(round_id, str(exc))
+            raise
+        self.recorder.absent(round_id, step.kind, absent, wait_s=train.site_wait_s)
 
     def _all_nodes(self) -> list[int]:
         from flwr.serverapp.strategy.strategy_utils import sample_nodes

@@ -102,6 +102,19 @@ class RunRecorder:
                     detail=NO_REPLY,
                 )  # fmt: skip
 
+    def absent(self, round_id: int, kind: str, sites: list[str], *, wait_s: float) -> None:
+        """Sites seen before that were not connected when the round started: failed, by name."""
+        phase = Phase.CONSOLIDATE if kind == Phase.CONSOLIDATE else Phase.TRAIN
+        for site in sites:
+            logger.warning("round %d: site %s is not connected", round_id, site)
+            self.registry.record_participation(
+                round_id,
+                site,
+                phase=phase,
+                status=SiteStatus.FAILED,
+                detail=f"not connected when the round started (waited {wait_s:g} s)",
+            )
+
     def privacy(self, round_id: int, outcomes: list[SiteOutcome]) -> None:
         """ε each site reports having spent (it accounts; the coordinator only records)."""
         for o in outcomes:

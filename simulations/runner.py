@@ -122,10 +122,12 @@ def preflight(experiment: ExperimentConfig) -> None:
         from fedcl.privacy.ckks import check_packing
 
         check_packing(experiment.he)  # a packing that cannot sum he.max_sites sites exactly
+    from fedcl.continual.methods import get_method
     from fedcl.continual.plan import RunPlan
     from fedcl.strategies.table import strategy_entry
 
     strategy_entry(experiment.strategy.name)
+    get_method(experiment.continual.method).check(experiment)  # the method and its options
     RunPlan.of(experiment).initial_model()  # the model, its options and the stream build
 
 
@@ -161,11 +163,11 @@ def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     if plan.engine == "ray":
         _run_ray(options)
     elif plan.engine == "inprocess":
-        from fedcl.client.app import app as client_app
-
         from .local_grid import LocalGrid
 
-        Coordinator(LocalGrid(client_app, experiment.simulation.num_sites), options).run()
+        client_app, wrap_grid = _apps(experiment)
+        grid = LocalGrid(client_app, experiment.simulation.num_sites)
+        Coordinator(wrap_grid(grid) if wrap_grid else grid, options).run()
     else:
         raise ValueError(f"engine must be one of {ENGINES}, not {plan.engine!r}")
     wall = time.perf_counter() - start
@@ -176,19 +178,31 @@ def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     return results
 
 
+def _apps(experiment: ExperimentConfig):
+    """fedcl's ClientApp and no grid wrapper, or both with ``[[simulation.faults]]`` applied."""
+    faults = experiment.simulation.faults
+    if not faults:
+        from fedcl.client.app import app as client_app
+
+        return client_app, None
+    from .faults import FaultyGrid, faulty_client_app
+
+    return faulty_client_app(faults), lambda grid: FaultyGrid(grid, faults)
+
+
 def _run_ray(options: CoordinatorOptions) -> None:
     from flwr.simulation import run_simulation
 
-    from fedcl.client.app import app as client_app
     from fedcl.server.app import make_server_app
 
+    client_app, wrap_grid = _apps(options.experiment)
     sim = options.experiment.simulation
     backend_config = {
         "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
         "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
     run_simulation(
-        server_app=make_server_app(options),
+        server_app=make_server_app(options, wrap_grid=wrap_grid),
         client_app=client_app,
         num_supernodes=sim.num_sites,
         backend_config=backend_config,

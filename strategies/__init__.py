@@ -9,7 +9,7 @@
 
 from .contract import Aggregate, Evaluation, GlobalModel, RoundStrategy
 from .outcomes import SiteDirectory, SiteOutcome, record_bytes
-from .sites import SiteStrategy
+from .sites import SiteStrategy, SitesUnavailable
 from .table import STRATEGIES, build_strategy
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "SiteDirectory",
     "SiteOutcome",
     "SiteStrategy",
+    "SitesUnavailable",
     "build_strategy",
     "record_bytes",
 ]

@@ -91,6 +91,13 @@ class RoundStrategy(Protocol):
     sites: SiteDirectory
     min_available_nodes: int
 
+    def await_sites(
+        self, grid: Grid, server_round: int, *, wait_s: float, quorum: int
+    ) -> list[str]:
+        """Wait (with a deadline) for the sites; raise ``SitesUnavailable`` below the quorum.
+        Returns the known sites that are not connected."""
+        ...
+
     def configure_train(
         self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
     ) -> list[Message]: ...

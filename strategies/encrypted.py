@@ -108,6 +108,9 @@ class Encrypted:
     def min_available_nodes(self) -> int:
         return self.inner.min_available_nodes
 
+    def await_sites(self, grid: Grid, server_round: int, **kwargs: Any) -> list[str]:
+        return self.inner.await_sites(grid, server_round, **kwargs)
+
     # --- sending ----------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid

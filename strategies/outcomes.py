@@ -71,11 +71,13 @@ class SiteDirectory:
         if authenticated:
             self._authenticated.add(node_id)
 
-    def forget_absent(self, connected: Iterable[int]) -> None:
-        """Drop first-use bindings of nodes that are no longer connected."""
+    def forget_absent(self, connected: Iterable[int]) -> list[str]:
+        """The sites whose nodes are not connected; their first-use bindings are dropped."""
         present = set(connected)
+        absent = [site for node, site in self._by_node.items() if node not in present]
         for node in [n for n in self._by_node if n not in present and n not in self._authenticated]:
             del self._by_site[self._by_node.pop(node)]
+        return sorted(absent)
 
     def claim(self, node_id: int, site_id: str) -> str | None:
         """Bind ``node_id`` to ``site_id`` on first use; the reason if the claim is refused."""

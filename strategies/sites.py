@@ -15,7 +15,8 @@ by :class:`~fedcl.strategies.encrypted.Encrypted`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -24,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedcl.config import FedclError
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import SiteStatus
 
@@ -33,6 +35,10 @@ from .outcomes import SiteDirectory, SiteOutcome
 logger = logging.getLogger("fedcl.strategies")
 
 EVAL_PREFIXES = ("correct-t", "count-t", "loss-t")
+
+
+class SitesUnavailable(FedclError):
+    """Too few sites are connected to run a round, even after waiting for them."""
 
 
 class SiteStrategy:
@@ -47,10 +53,55 @@ class SiteStrategy:
         #: Bound on ||w_site - w_global||_2 of a plaintext update (``strategy.max_update_norm``).
         self.max_update_norm = max_update_norm
         self.sites = SiteDirectory()
+        self._expected: dict[str, int] = {}  # the Flower strategy's node counts as configured
 
     @property
     def min_available_nodes(self) -> int:
         return int(getattr(self.flower, "min_available_nodes", 1))
+
+    def await_sites(
+        self,
+        grid: Grid,
+        server_round: int,
+        *,
+        wait_s: float,
+        quorum: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> list[str]:
+        """Wait until the expected sites are connected, but at most ``wait_s`` seconds.
+
+        Flower's own sampling waits for ``min_available_nodes`` without a deadline, so one site
+        that is gone would hang the run. After the deadline the round goes on with the sites
+        present if there are at least ``quorum`` of them (sampling among those only), and
+        raises :class:`SitesUnavailable` with the reason otherwise. When the sites are back,
+        the next round samples from all of them again. Returns the names of the sites seen
+        before that are not connected now (so the round can record them).
+        """
+        expected = self._expected.setdefault("min_available_nodes", self.min_available_nodes)
+        deadline = clock() + wait_s
+        nodes = list(grid.get_node_ids())
+        while len(nodes) < expected and clock() < deadline:
+            sleep(min(1.0, max(0.0, deadline - clock())))
+            nodes = list(grid.get_node_ids())
+        absent = self.sites.forget_absent(nodes)
+        if len(nodes) < quorum:
+            raise SitesUnavailable(
+                f"round {server_round}: {len(nodes)} of {expected} sites connected after "
+                f"waiting {wait_s:g} s (train.site_wait_s), fewer than train.quorum = {quorum}"
+            )
+        if len(nodes) < expected:
+            logger.warning(
+                "round %d: %d of %d sites connected after %g s; going on with them",
+                server_round,
+                len(nodes),
+                expected,
+                wait_s,
+            )
+        for name in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
+            full = self._expected.setdefault(name, int(getattr(self.flower, name)))
+            setattr(self.flower, name, max(1, min(full, len(nodes))))
+        return absent
 
     # --- sending ----------------------------------------------------------------------------
     def configure_train(

@@ -104,3 +104,13 @@ def test_the_verifier_is_outside_the_group_and_takes_turns() -> None:
     assert picked == ["s00", "s03", "s04", "s00"]
     assert verifier_for(group, sites, exclude=["s00"]) == "s03"
     assert verifier_for(sites, sites) is None
+
+
+def test_the_experiment_sets_the_minimum_group_size() -> None:
+    from pydantic import ValidationError
+
+    from fedcl.config.experiment import HESpec
+
+    assert HESpec().min_group_size == 2 and HESpec(min_group_size=3).min_group_size == 3
+    with pytest.raises(ValidationError, match="min_group_size"):
+        HESpec(min_group_size=1)
