@@ -88,7 +88,8 @@ def honest_average(replies: list[Message], culprit: str):
 
 def model_of_round(url: str, server_round: int) -> dict[str, torch.Tensor]:
     with Registry.open(url) as reg:
-        version = next(v for v in reg.list_model_versions("faults") if v.server_round == server_round)
+        versions = reg.list_model_versions("faults")
+        version = next(v for v in versions if v.server_round == server_round)
         return decode_model(reg.load_artifact(version)).arrays.to_torch_state_dict()
 
 
@@ -198,8 +199,9 @@ def test_too_few_sites_after_the_deadline_stops_the_run_with_the_reason(tmp_path
 
 def test_a_reply_is_the_site_of_its_node_not_what_it_claims(tmp_path) -> None:
     """Node of site-2 claims to be site-0 in round 2: rejected, and site-0's record is intact."""
-    from fedcl.client.app import app as client_app
     from federation_helpers import run_inprocess
+
+    from fedcl.client.app import app as client_app
 
     def impersonate(node_id, msg, context):
         if node_id != 1002 or msg.content[P.CONFIG][P.SERVER_ROUND] != 2:
@@ -220,8 +222,9 @@ def test_a_reply_is_the_site_of_its_node_not_what_it_claims(tmp_path) -> None:
 
 def test_a_site_that_disagrees_on_the_model_is_flagged_and_not_averaged(tmp_path) -> None:
     """Hash consensus through the coordinator: site-1 trains from another model in round 3."""
-    from fedcl.client.app import app as client_app
     from federation_helpers import run_inprocess
+
+    from fedcl.client.app import app as client_app
 
     def other_model(node_id, msg, context):
         if node_id != 1001 or msg.metadata.message_type != "train":

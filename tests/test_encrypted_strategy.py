@@ -11,7 +11,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedcl.config import ConfigError
 from fedcl.config import protocol as P
+from fedcl.models import state_sha256
 from fedcl.privacy.ckks.codec import Layout, Packing
 from fedcl.privacy.ckks.errors import CKKSKeyError
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
@@ -24,8 +26,6 @@ from fedcl.privacy.ckks.wire import (
     record_blocks,
 )
 from fedcl.simulations.local_grid import LocalGrid
-from fedcl.config import ConfigError
-from fedcl.models import state_sha256
 from fedcl.strategies import GlobalModel, SiteStrategy
 from fedcl.strategies.encrypted import CONTRIBUTORS, Encrypted, is_encrypted
 
