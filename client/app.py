@@ -18,9 +18,11 @@ from flwr.clientapp import ClientApp
 from fedcl.config import FedclError
 from fedcl.config import protocol as P
 from fedcl.models import state_sha256
+from fedcl.privacy.ckks.errors import AggregateIntegrityError
 
 from .continual_site import site_fisher, training_set
 from .job import SiteJob
+from .privacy_site import admit, released_metrics  # (no Opacus: it loads when DP-SGD runs)
 from .site import resolve_site_config
 from .trainer import LocalTrainer, ProximalTerm, evaluate
 
@@ -43,7 +45,8 @@ def _failure(msg: Message, context: Context, err: Exception) -> Message:
             dict(context.node_config), msg.content[P.CONFIG].get(P.SITES_DIR)
         ).site_id
     logger.error("site %s: %s", site_id, err)
-    content = RecordDict({P.SITE: _site_record(site_id, P.STATUS_FAILED, str(err))})
+    extra = {P.AGGREGATE_CORRUPT: 1} if isinstance(err, AggregateIntegrityError) else {}
+    content = RecordDict({P.SITE: _site_record(site_id, P.STATUS_FAILED, str(err), **extra)})
     return Message(content, reply_to=msg)
 
 
@@ -59,6 +62,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model on this site's examples of the current task."""
     try:
         job = SiteJob(msg, context)
+        privacy, refusal = admit(job, "train")  # the site's own policy, before data is used
+        if refusal is not None:
+            return _refused(msg, job, privacy, refusal)
         model = job.global_model()
         received = state_sha256(model.state_dict())
         from fedcl.continual.methods import get_method
@@ -72,11 +78,7 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
-        privacy = None
-        if job.experiment.dp.enabled:
-            from .privacy_site import SitePrivacy  # Opacus loads only when DP is on
-
-            privacy = SitePrivacy(job)
+        if privacy is not None:  # DP on: the policy's most ε per run, then the budget
             decision = privacy.charge(privacy.training_release(len(data)))
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
@@ -101,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     except FedclError as err:
         return _failure(msg, context, err)
     metrics = {P.TRAIN_LOSS: result.loss}
-    metrics.update({k: float(v) for k, v in result.metrics.items()})
+    metrics.update(released_metrics(job, result.metrics))  # no counts, no DP sampling internals
     if privacy is not None:
         metrics.update(privacy.metrics())
     extra = {P.MODEL_SHA256: received}
@@ -122,13 +124,12 @@ def consolidate(msg: Message, context: Context) -> Message:
     """End of a task: this site's Fisher diagonal at the global model, weighted by its count."""
     try:
         job = SiteJob(msg, context)
+        privacy, refusal = admit(job, "consolidate")  # the site's policy, before data is used
+        if refusal is not None:
+            return _refused(msg, job, privacy, refusal)
         model = job.global_model()
         base = state_sha256(model.state_dict())
-        privacy = None
-        if job.experiment.dp.enabled:
-            from .privacy_site import SitePrivacy
-
-            privacy = SitePrivacy(job)
+        if privacy is not None:
             # The DP Fisher is a release like any other: paid before it is computed, as the
             # method states it (site_fisher refuses to send a Fisher computed otherwise).
             decision = privacy.charge(privacy.consolidation_release())
@@ -150,6 +151,9 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's test examples of every task."""
     try:
         job = SiteJob(msg, context)
+        privacy, refusal = admit(job, "evaluate")  # a site that requires DP sends no counts
+        if refusal is not None:
+            return _refused(msg, job, privacy, refusal)
         model = job.global_model()
         metrics: dict[str, float | int] = {}
         total = 0
@@ -191,3 +195,19 @@ def _check_finite(model: torch.nn.Module, site_id: str) -> None:
                 f"site {site_id}: local training produced non-finite values in {name!r} "
                 "(learning rate too high?); the update was not sent"
             )
+
+
+@app.query("verify")
+def verify_group(msg: Message, context: Context) -> Message:
+    """Does a group sum of the round's ciphertexts decrypt intact? Only that bit leaves the site.
+
+    The coordinator asks this while it searches for the site whose update corrupted an
+    aggregate (``fedcl.privacy.ckks.groups``); a group smaller than ``he.min_group_size`` is
+    refused before anything is decrypted.
+    """
+    try:
+        job = SiteJob(msg, context)
+        passed = job.codec.verify_group(msg.content, like=job.new_model().state_dict())
+    except FedclError as err:
+        return _failure(msg, context, err)
+    return _reply(msg, job, {P.METRICS: MetricRecord({P.VERIFIED: int(passed)})})

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from fedcl.config import ConfigError, ExperimentConfig, SiteConfig
+from fedcl.config import ConfigError, ExperimentConfig, FedclError, SiteConfig
 from fedcl.config import protocol as P
 
 Records = dict[str, object]  # record key -> ArrayRecord / ConfigRecord for the reply
@@ -65,6 +65,10 @@ class UpdateCodec(Protocol):
         """The reply records of ``num_examples``·``state``, to be summed over sites."""
         ...
 
+    def verify_group(self, content: RecordDict, like: dict[str, torch.Tensor]) -> bool:
+        """Whether a group sum the coordinator formed decrypts intact (HE only)."""
+        ...
+
 
 class PlainCodec:
     """Weights in clear; Flower's FedAvg weights them by the reported example count."""
@@ -77,6 +81,9 @@ class PlainCodec:
 
     def encode_update(self, state, num_examples, base, server_round):
         return {P.ARRAYS: ArrayRecord(state)}, {P.NUM_EXAMPLES: num_examples}
+
+    def verify_group(self, content, like):
+        raise FedclError("a plaintext run has no encrypted group sums to verify")
 
     def encode_share(self, key, state, num_examples, base, server_round):
         n = float(num_examples)
@@ -163,6 +170,20 @@ class CKKSCodec:
 
     def encode_update(self, state, num_examples, base, server_round):
         return self._encrypt(P.ARRAYS, state, num_examples, base, server_round)
+
+    def verify_group(self, content: RecordDict, like: dict[str, torch.Tensor]) -> bool:
+        """Whether a group sum of encrypted updates decrypts with an intact checksum."""
+        from fedcl.privacy.ckks.groups import verify_group_sum
+        from fedcl.privacy.ckks.layout import Layout
+
+        return verify_group_sum(
+            content[P.ARRAYS],
+            content.config_records.get(P.meta_key(P.ARRAYS)),
+            self.ctx,
+            layout=Layout.from_state_dict(like),
+            min_group_size=self.he.min_group_size,
+            packing=self._packing(P.ARRAYS),
+        )
 
     def encode_share(self, key, state, num_examples, base, server_round):
         return self._encrypt(key, state, num_examples, base, server_round)

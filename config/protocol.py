@@ -22,6 +22,8 @@ PROXIMAL_MU = "proximal-mu"
 # Continual learning (EWC): the coordinator sends the summed Fisher of every consolidated task
 # and the global model they were computed at; sites rebuild the same memory from them.
 CONSOLIDATE = "train.consolidate"  # message type of the end-of-task Fisher round
+VERIFY = "query.verify"  # message type: does this group sum of ciphertexts verify? (HE)
+VERIFIED = "verified"  # its reply's one metric: 1 (the group sum is intact) or 0
 FISHER = "fisher"  # site -> coordinator: F·n (+ COUNT_ARRAY); coordinator -> site: FISHER-k
 FISHER_TASKS = "fisher-tasks"  # how many FISHER-k records the message carries
 ANCHOR = "anchor"  # ArrayRecord: θ* (the global model at the end of the last consolidated task)
@@ -37,6 +39,7 @@ STATUS = "status"  # one of STATUSES
 DETAIL = "detail"
 NUM_EXAMPLES = "num-examples"
 MODEL_SHA256 = "model-sha256"  # SHA-256 of the global model the site trained from
+AGGREGATE_CORRUPT = "aggregate-corrupt"  # set when the aggregate a site got fails its checksum
 EWC_DIGEST = "ewc-digest"  # SHA-256 of the site's EWC memory (empty before the first task)
 TRAIN_LOSS = "train-loss"
 

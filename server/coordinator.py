@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedcl.config import ExperimentConfig, to_json
+from fedcl.config import ExperimentConfig, FedclError, to_json
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus, SiteStatus
 from fedcl.continual.plan import PlannedRound, RunPlan
@@ -32,7 +32,8 @@ from fedcl.strategies import (
     record_bytes,
 )
 
-from .observers import RoundSummary, RunObserver
+from .integrity import reports_corrupt, site_verifier
+from .observers import RunObserver
 from .recording import RunRecorder
 from .registry import MetricRow, Registry
 from .versions import ContinualMemory, VersionStore
@@ -146,6 +147,9 @@ class Coordinator:
         )
 
     def _evaluate(self, model: GlobalModel, step: PlannedRound) -> Evaluation:
+        # Sites that left since training must not hang Flower's sampling: evaluate who is there.
+        wait_s = self.experiment.train.site_wait_s
+        self.strategy.await_sites(self.grid, step.server_round, wait_s=wait_s, quorum=1)
         config = self.base_config(step)
         messages = self.strategy.configure_evaluate(step.server_round, model, config, self.grid)
         return self.strategy.aggregate_evaluate(step.server_round, self._send(messages))
@@ -184,6 +188,11 @@ class Coordinator:
             model=result.model,
         )  # fmt: skip
         evaluation = self._evaluate(result.model, step)
+        if reports_corrupt(evaluation):
+            result, evaluation, reason = self._recover(step, round_id, model, result)
+            if evaluation is None:
+                self.registry.fail_round(round_id, reason)
+                return None, result
         self.recorder.participation(
             round_id, Phase.EVALUATE, evaluation.outcomes, None, self.strategy.sites
         )
@@ -202,6 +211,30 @@ class Coordinator:
         self._round_finished(step, seconds, result, rows)
         return next_model, result
 
+    def _recover(
+        self, step: PlannedRound, round_id: int, sent: GlobalModel, result: Aggregate
+    ) -> tuple[Aggregate, Evaluation | None, str]:
+        """The sites found the aggregate corrupt: sum again without the culprits, re-evaluate."""
+        logger.warning("round %d: the sites report a corrupt aggregate", step.server_round)
+        verify = site_verifier(self._send, self.base_config(step), self.strategy.sites, result)
+        try:
+            recovered = self.strategy.recover(step.server_round, result, sent=sent, verify=verify)
+        except FedclError as exc:
+            reason = f"round {step.server_round}: corrupt aggregate, culprit search failed: {exc}"
+            return Aggregate(None, result.outcomes), None, reason
+        culprits = [
+            o for o, was in zip(recovered.outcomes, result.outcomes, strict=True) if o != was
+        ]
+        self.recorder.rejections(round_id, Phase.TRAIN, [(o.site_id, o.detail) for o in culprits])
+        self.recorder.participation(round_id, Phase.TRAIN, culprits, None, self.strategy.sites)
+        if recovered.model is None:
+            return recovered, None, self.recorder.no_update_reason(step.server_round, culprits)
+        self.versions.save(
+            round_id, task_index=step.task_index, server_round=step.server_round,
+            model=recovered.model,
+        )  # fmt: skip
+        return recovered, self._evaluate(recovered.model, step), ""
+
     def _canary(self, candidate: GlobalModel) -> GlobalModel:
         """The canary rule: a candidate that regressed is rolled back; go on from production."""
         if self.experiment.canary_max_drop is None:
@@ -219,30 +252,7 @@ class Coordinator:
     def _round_finished(
         self, step: PlannedRound, seconds: float, result: Aggregate, rows: list[MetricRow]
     ) -> None:
-        summary = RoundSummary(
-            step.task_index,
-            step.round_in_task,
-            step.server_round,
-            seconds,
-            participants=sum(o.ok for o in result.outcomes),
-            failures=sum(o.status == SiteStatus.FAILED for o in result.outcomes),
-            refusals=sum(o.status == SiteStatus.REFUSED for o in result.outcomes),
-            accuracy={
-                r.task_index: r.value
-                for r in rows
-                if r.site_id is None and r.name == Metric.ACCURACY
-            },
-        )
-        logger.info(
-            "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s",
-            step.task_index,
-            step.round_in_task,
-            step.server_round,
-            summary.participants,
-            seconds,
-            {k: round(v, 3) for k, v in summary.accuracy.items()},
-        )
-        self._notify("round_finished", summary)
+        self._notify("round_finished", self.recorder.summary(step, seconds, result, rows))
 
     def _end_without_update(self, server_round: int, result: Aggregate) -> tuple[str, str]:
         """(status, reason) when a round got no usable update: all refused is a clean stop."""

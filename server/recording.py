@@ -16,8 +16,10 @@ from flwr.app import Message
 
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, SiteStatus
+from fedcl.continual.plan import PlannedRound
 from fedcl.strategies import Aggregate, Evaluation, SiteDirectory, SiteOutcome
 
+from .observers import RoundSummary
 from .registry import MetricRow, Registry
 
 logger = logging.getLogger("fedcl.server")
@@ -135,7 +137,8 @@ class RunRecorder:
     ) -> None:
         """Flag sites whose global model or EWC memory differs from the rest (docs/DESIGN.md §4)."""
         for key, kind in ((P.MODEL_SHA256, "model_hash.mismatch"), (P.EWC_DIGEST, "ewc.mismatch")):
-            values = {o.site_id: o.extras[key] for o in outcomes if o.ok and key in o.extras}
+            # Every site that said what it holds, also one whose update was rejected for it.
+            values = {o.site_id: o.extras[key] for o in outcomes if key in o.extras}
             if not values:
                 continue
             reference = expected if key == P.MODEL_SHA256 and expected else None
@@ -172,6 +175,36 @@ class RunRecorder:
                     value = o.metrics[P.eval_key("correct", j)] / n
                     rows.append(MetricRow(acc, value, site_id=o.site_id, task_index=j))
         return rows
+
+    @staticmethod
+    def summary(
+        step: PlannedRound, seconds: float, result: Aggregate, rows: list[MetricRow]
+    ) -> RoundSummary:
+        """The round as observers (progress bars, tests) see it; also logged."""
+        summary = RoundSummary(
+            step.task_index,
+            step.round_in_task,
+            step.server_round,
+            seconds,
+            participants=sum(o.ok for o in result.outcomes),
+            failures=sum(o.status == SiteStatus.FAILED for o in result.outcomes),
+            refusals=sum(o.status == SiteStatus.REFUSED for o in result.outcomes),
+            accuracy={
+                r.task_index: r.value
+                for r in rows
+                if r.site_id is None and r.name == Metric.ACCURACY and r.task_index is not None
+            },
+        )
+        logger.info(
+            "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s",
+            step.task_index,
+            step.round_in_task,
+            step.server_round,
+            summary.participants,
+            seconds,
+            {k: round(v, 3) for k, v in summary.accuracy.items()},
+        )
+        return summary
 
     @staticmethod
     def no_update_reason(server_round: int, outcomes: list[SiteOutcome]) -> str:

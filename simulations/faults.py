@@ -117,6 +117,10 @@ def faulty_client_app(faults: Sequence[FaultSpec]) -> ClientApp:
     def consolidate(msg: Message, context: Context) -> Message:
         return run(real.consolidate, msg, context)
 
+    @app.query("verify")
+    def verify(msg: Message, context: Context) -> Message:
+        return real.verify_group(msg, context)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return real.evaluate_tasks(msg, context)  # faults hit a site's update, not its scores
@@ -132,7 +136,8 @@ class FaultyGrid:
         self._faults = [f for f in faults if f.kind in NETWORK_SIDE]
         self._nodes: dict[int, int] = {}  # virtual site index -> node id, learnt from replies
         self._last: dict[int, Message] = {}  # node id -> its last train reply
-        self._round = 0
+        self._round = 0  # the server round of the messages being answered
+        self._upcoming = 1  # the round a site that disconnects is gone for, from its start
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -148,13 +153,16 @@ class FaultyGrid:
         }
 
     def get_node_ids(self) -> Iterable[int]:
-        away = self._away(self._round)
+        away = self._away(self._upcoming)
         return [n for n in self._grid.get_node_ids() if n not in away]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         messages = list(messages)
         if messages:
             self._round = _round_of(messages[0])
+            # After a round's evaluation (or a consolidation) the next round is about to start.
+            last = messages[0].metadata.message_type in ("evaluate", P.CONSOLIDATE)
+            self._upcoming = self._round + 1 if last else self._round
         away = self._away(self._round)
         replies = list(
             self._grid.send_and_receive(

@@ -9,7 +9,7 @@ so nothing above this package branches on encryption.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +84,10 @@ def is_ciphertext(arrays: ArrayRecord | None) -> bool:
     return first.startswith(P.CKKS_BLOCK_PREFIX) and arrays[first].stype == P.CKKS_BLOCK_STYPE
 
 
+#: ``verify(group, arrays, meta) -> passed``: one site's verdict on a group sum of ciphertexts.
+Verify = Callable[[tuple[str, ...], ArrayRecord, ConfigRecord], bool]
+
+
 class RoundStrategy(Protocol):
     """What the coordinator needs of a strategy (:class:`~fedcl.strategies.sites.SiteStrategy`
     and wrappers around it such as :class:`~fedcl.strategies.encrypted.Encrypted`)."""
@@ -116,6 +120,15 @@ class RoundStrategy(Protocol):
 
     def sum_shares(self, server_round: int, key: str, replies: Iterable[Message]) -> Aggregate:
         """Sum a record every site sent under ``key`` (EWC's Fisher share), plain or encrypted."""
+        ...
+
+    def recover(
+        self, server_round: int, result: Aggregate, *, sent: GlobalModel, verify: Verify
+    ) -> Aggregate:
+        """Re-aggregate without the sites whose updates corrupted ``result`` (HE only).
+
+        ``verify(group, arrays, meta)`` asks a site whether a group sum decrypts intact.
+        """
         ...
 
     def attach(self, messages: list[Message], key: str, model: GlobalModel) -> None:

@@ -32,7 +32,7 @@ from fedcl.privacy.ckks.codec import Layout, Packing
 from fedcl.privacy.ckks.errors import CKKSKeyError, ReplyRejected
 from fedcl.privacy.ckks.wire import EncryptedSum, ExpectedReply, WireMeta
 
-from .contract import Aggregate, Evaluation, GlobalModel, is_ciphertext
+from .contract import Aggregate, Evaluation, GlobalModel, Verify, is_ciphertext
 from .outcomes import SiteOutcome
 from .sites import SiteStrategy
 
@@ -58,6 +58,7 @@ class Encrypted:
         layout: Layout,
         share_packing: Packing | None = None,
         share_layout: Layout | None = None,
+        min_group_size: int = 2,
     ) -> None:
         if not strategy.summable:
             raise ConfigError(
@@ -71,6 +72,7 @@ class Encrypted:
             )
         self.inner = strategy
         self.sites = strategy.sites
+        self.min_group_size = min_group_size
         self.public_context = public_context
         self.expected = ExpectedReply.build(public_context, packing, layout)
         self.expected_share = (
@@ -102,6 +104,7 @@ class Encrypted:
             layout=Layout.from_state_dict(model.state_dict()),
             share_packing=packing_for(he, fisher=True),
             share_layout=Layout.from_state_dict(params),
+            min_group_size=he.min_group_size,
         )
 
     @property
@@ -168,6 +171,54 @@ class Encrypted:
         if losses:
             metrics[P.TRAIN_LOSS] = sum(losses) / len(losses)
         return Aggregate(model, outcomes, metrics if model is not None else {}, ignored)
+
+    def recover(
+        self, server_round: int, result: Aggregate, *, sent: GlobalModel, verify: Verify
+    ) -> Aggregate:
+        """The round's sum without the sites whose updates corrupt it (docs/DESIGN.md §4).
+
+        A bit flipped inside a ciphertext passes every check the coordinator can make and only
+        shows when the sites decrypt (the checksum inside the plaintext). The culprits are then
+        found by adaptive group testing over sums of at least ``he.min_group_size`` sites, each
+        checked by a site outside the group (:mod:`fedcl.privacy.ckks.groups`), so no single
+        site's update is ever decrypted alone; the others' sum becomes the round's model.
+        """
+        from fedcl.privacy.ckks.groups import recover_aggregate
+
+        summed = result.contributors
+        replies = {
+            o.site_id: (
+                o.message.content.array_records[P.ARRAYS],
+                o.message.content.config_records[P.HE_META],
+            )
+            for o in summed
+        }
+        expected = self.expected.with_base(sent.digest() or majority_base(summed))
+        recovery = recover_aggregate(expected, replies, verify, min_group_size=self.min_group_size)
+        search = recovery.search
+        culprits = set(search.culprits) | set(search.undetermined)
+        for site in sorted(culprits):
+            logger.warning(
+                "round %d: the update of %s corrupts the aggregate (group sums)", server_round, site
+            )
+        outcomes = [
+            replace(
+                o,
+                status=SiteStatus.REJECTED,
+                detail=(
+                    "its update corrupts the encrypted aggregate (found by group sums of "
+                    f">= {self.min_group_size} sites; no single update was decrypted)"
+                ),
+            )
+            if o.site_id in culprits
+            else o
+            for o in result.outcomes
+        ]
+        if recovery.arrays is None:
+            return Aggregate(None, outcomes, {}, result.ignored)
+        model = GlobalModel(recovery.arrays, recovery.meta)
+        metrics = {**result.metrics, CONTRIBUTORS: float(len(search.honest))}
+        return Aggregate(model, outcomes, metrics, result.ignored)
 
     def sum_shares(self, server_round: int, key: str, replies: Iterable[Message]) -> Aggregate:
         """Sum the sites' encrypted shares under ``key`` (EWC's Fisher), validated like updates."""

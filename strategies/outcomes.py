@@ -61,23 +61,30 @@ class SiteDirectory:
         self._by_node: dict[int, str] = {}
         self._by_site: dict[str, int] = {}
         self._authenticated: set[int] = set()
+        self._seen: set[str] = set()  # every site that ever answered, bound or not
 
     def name(self, node_id: int) -> str:
         return self._by_node.get(node_id, f"node-{node_id}")
 
+    def node(self, site_id: str) -> int | None:
+        """The node a site runs on (None if it has not been seen)."""
+        return self._by_site.get(site_id)
+
     def bind(self, node_id: int, site_id: str, *, authenticated: bool = True) -> None:
         self._by_node[node_id] = site_id
         self._by_site[site_id] = node_id
+        self._seen.add(site_id)
         if authenticated:
             self._authenticated.add(node_id)
 
     def forget_absent(self, connected: Iterable[int]) -> list[str]:
-        """The sites whose nodes are not connected; their first-use bindings are dropped."""
+        """The sites seen before whose nodes are not connected now (first-use bindings of
+        nodes that left are dropped: a site may come back as a new node)."""
         present = set(connected)
-        absent = [site for node, site in self._by_node.items() if node not in present]
         for node in [n for n in self._by_node if n not in present and n not in self._authenticated]:
             del self._by_site[self._by_node.pop(node)]
-        return sorted(absent)
+        here = {self._by_node[n] for n in present if n in self._by_node}
+        return sorted(self._seen - here)
 
     def claim(self, node_id: int, site_id: str) -> str | None:
         """Bind ``node_id`` to ``site_id`` on first use; the reason if the claim is refused."""
