@@ -164,3 +164,66 @@ def test_simulate_serves_the_dashboard_during_and_after_the_run(tmp_path) -> Non
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+FAULTS = """
+[[simulation.faults]]
+site = 1
+round = 2
+kind = "nan"
+
+[[simulation.faults]]
+site = 0
+round = 3
+kind = "duplicate"
+
+[[simulation.faults]]
+site = 2
+round = 4
+kind = "stale"
+
+[[simulation.faults]]
+site = 2
+round = 5
+kind = "crash"
+"""
+
+
+@pytest.mark.parametrize("he", [False, True], ids=["plaintext", "he"])
+def test_faults_on_demand_on_ray_cost_only_their_site(tmp_path, he) -> None:
+    """[[simulation.faults]] through Ray: every round completes, each culprit is named."""
+    from pathlib import Path
+
+    from fedcl.server.registry import Registry
+
+    scenario = Path(__file__).resolve().parents[1] / "simulations/scenarios/digits-domain-il.toml"
+    faults = FAULTS
+    if he:  # under HE a flipped bit only shows when the sites decrypt: the culprit search
+        faults += '\n[[simulation.faults]]\nsite = 1\nround = 3\nkind = "bitflip"\n'
+    experiment = tmp_path / "faults.toml"
+    experiment.write_text(scenario.read_text() + faults)
+    out = tmp_path / "out"
+    args = ["--set", "train.rounds_per_task=1", "--set", "simulation.num_sites=3"]
+    if he:
+        args += ["--set", "he.enabled=true"]
+    proc = fedcl("simulate", str(experiment), *args, "--out", str(out), "--run-id", "faults")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["status"] == "completed" for r in results["rounds"])
+    assert [r["participants"] for r in results["rounds"]] == [3, 2, 2 if he else 3, 2, 2]
+    with Registry.open(f"sqlite:///{out / 'registry.db'}") as reg:
+        parts = {
+            (p.server_round, p.site_id): p
+            for p in reg.list_participations("faults")
+            if p.phase == "train"
+        }
+        audit = [(a.kind, a.site_id) for a in reg.list_audit(run_id="faults")]
+    assert parts[(2, "site-1")].status == "rejected"
+    assert parts[(3, "site-0")].status == "ok" and ("update.duplicate", "site-0") in audit
+    assert parts[(4, "site-2")].status == "rejected" and "stale" in parts[(4, "site-2")].detail
+    crashed = parts[(5, "site-2")]
+    assert crashed.status == "failed" and "injected crash" in crashed.detail
+    if he:
+        assert parts[(3, "site-1")].status == "rejected"
+        assert "corrupts the encrypted aggregate" in parts[(3, "site-1")].detail
+    assert results["avg_accuracy"] > 0.6
