@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedcl.config import ExperimentConfig, FedclError, to_json
 from fedcl.config import protocol as P
-from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus, SiteStatus
+from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus
 from fedcl.continual.plan import PlannedRound, RunPlan
 from fedcl.strategies import (
     Aggregate,
@@ -115,7 +115,7 @@ class Coordinator:
                     continue
                 next_model, result = self._train(model, step)
                 if next_model is None:
-                    status, reason = self._end_without_update(step.server_round, result)
+                    status, reason = self.recorder.end_reason(step.server_round, result.outcomes)
                     break
                 model = next_model
         except SitesUnavailable as exc:
@@ -200,7 +200,7 @@ class Coordinator:
         if P.TRAIN_LOSS in result.metrics:
             rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
         self.registry.record_metrics(self.run_id, round_id, rows)
-        next_model = self._canary(result.model)
+        next_model = self.versions.after_canary(result.model, self.experiment.canary_max_drop)
         seconds = time.perf_counter() - start
         self.registry.complete_round(
             round_id,
@@ -208,7 +208,7 @@ class Coordinator:
             bytes_up=sum(o.bytes_up for o in result.outcomes),
             bytes_down=bytes_down,
         )
-        self._round_finished(step, seconds, result, rows)
+        self._notify("round_finished", self.recorder.summary(step, seconds, result, rows))
         return next_model, result
 
     def _recover(
@@ -234,35 +234,6 @@ class Coordinator:
             model=recovered.model,
         )  # fmt: skip
         return recovered, self._evaluate(recovered.model, step), ""
-
-    def _canary(self, candidate: GlobalModel) -> GlobalModel:
-        """The canary rule: a candidate that regressed is rolled back; go on from production."""
-        if self.experiment.canary_max_drop is None:
-            return candidate
-        from .canary import evaluate_canary
-
-        verdict = evaluate_canary(
-            self.registry, self.run_id, max_drop=self.experiment.canary_max_drop
-        )
-        if not verdict:
-            return candidate
-        logger.warning("canary: %s; the next round starts from production", verdict)
-        return self.versions.production() or candidate
-
-    def _round_finished(
-        self, step: PlannedRound, seconds: float, result: Aggregate, rows: list[MetricRow]
-    ) -> None:
-        self._notify("round_finished", self.recorder.summary(step, seconds, result, rows))
-
-    def _end_without_update(self, server_round: int, result: Aggregate) -> tuple[str, str]:
-        """(status, reason) when a round got no usable update: all refused is a clean stop."""
-        outcomes = result.outcomes
-        if outcomes and all(o.status == SiteStatus.REFUSED for o in outcomes):
-            return RunStatus.STOPPED, (
-                f"round {server_round}: every site refused (privacy budget spent): "
-                + "; ".join(f"{o.site_id}: {o.detail}" for o in outcomes)
-            )
-        return RunStatus.FAILED, self.recorder.no_update_reason(server_round, outcomes)
 
     # --- continual learning: the consolidation round -----------------------------------------
     def _attach_memory(self, messages: list[Message]) -> None:

@@ -15,7 +15,7 @@ from collections import Counter
 from flwr.app import Message
 
 from fedcl.config import protocol as P
-from fedcl.config.vocabulary import Metric, Phase, SiteStatus
+from fedcl.config.vocabulary import Metric, Phase, RunStatus, SiteStatus
 from fedcl.continual.plan import PlannedRound
 from fedcl.strategies import Aggregate, Evaluation, SiteDirectory, SiteOutcome
 
@@ -205,6 +205,16 @@ class RunRecorder:
             {k: round(v, 3) for k, v in summary.accuracy.items()},
         )
         return summary
+
+    @classmethod
+    def end_reason(cls, server_round: int, outcomes: list[SiteOutcome]) -> tuple[str, str]:
+        """(status, reason) when a round got no usable update: all refused is a clean stop."""
+        if outcomes and all(o.status == SiteStatus.REFUSED for o in outcomes):
+            return RunStatus.STOPPED, (
+                f"round {server_round}: every site refused (privacy budget spent): "
+                + "; ".join(f"{o.site_id}: {o.detail}" for o in outcomes)
+            )
+        return RunStatus.FAILED, cls.no_update_reason(server_round, outcomes)
 
     @staticmethod
     def no_update_reason(server_round: int, outcomes: list[SiteOutcome]) -> str:

@@ -93,6 +93,22 @@ class VersionStore:
     def load(self, version: ModelVersionInfo) -> GlobalModel:
         return decode_model(self.registry.load_artifact(version))
 
+    def after_canary(self, candidate: GlobalModel, max_drop: float | None) -> GlobalModel:
+        """The canary rule (``canary_max_drop``): the model the next round starts from.
+
+        A candidate that evaluated more than ``max_drop`` below production is rolled back
+        (:mod:`.canary`), and the run goes on from production.
+        """
+        if max_drop is None:
+            return candidate
+        from .canary import evaluate_canary
+
+        verdict = evaluate_canary(self.registry, self.run_id, max_drop=max_drop)
+        if not verdict:
+            return candidate
+        logger.warning("canary: %s; the next round starts from production", verdict)
+        return self.production() or candidate
+
     def production(self) -> GlobalModel | None:
         """The model promoted to production (what a canary rollback returns to)."""
         version = self._production(self.registry.list_model_versions(self.run_id))
