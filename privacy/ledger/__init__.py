@@ -3,7 +3,8 @@
 A site's privacy loss accumulates over *all* runs and tasks it ever takes part in, so the
 ledger lives in the site state directory (docs/DESIGN.md §6), not in Flower's per-run
 ``context.state``. It stores the raw mechanism parameters of each release — noise multiplier,
-sample rate and step count of a (Poisson-subsampled) Gaussian mechanism — and never a per-round
+sample rate and step count of a (Poisson-subsampled) Gaussian mechanism, and its group size
+(2 for DP-SGD over a replay buffer, composed by RDP group privacy) — and never a per-round
 ε: ε values do not add up (summing them overstates the loss by an order of magnitude, and a
 fresh Opacus engine per round reports only its own round, flwr#2216). ε is recomputed from the
 whole history with Opacus' accountant whenever it is asked for, so the site's answer is the

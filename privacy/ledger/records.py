@@ -15,6 +15,13 @@ from typing import Any, Literal
 from fedcl.config.errors import FedclError
 
 SCHEMA_VERSION = 1
+#: The version of a line whose release has ``group_size > 1``: a reader that predates group
+#: sizes refuses it (as "written by a newer fedcl") instead of composing it at group size 1.
+GROUP_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS: tuple[int, ...] = (SCHEMA_VERSION, GROUP_SCHEMA_VERSION)
+#: RDP group privacy doubles the orders once per member (order 2^(k-1)·α): beyond a few members
+#: the bound is useless and a larger group means the release needs another design.
+MAX_GROUP_SIZE = 4
 Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
@@ -32,6 +39,13 @@ class DPRelease:
     example (1.0 for a full-data release such as a Fisher diagonal), ``steps`` how many times
     the mechanism ran. ``delta`` is the δ the site reports against; it does not enter the
     composition (ε is always computed for the δ asked for).
+
+    ``group_size`` is how many add/remove steps apart the mechanism's inputs can be when the
+    site's data differs in one example (the accountant's adjacency): 1 for a release over the
+    site's own examples, 2 for DP-SGD over a task plus a keyed bottom-k replay buffer (one
+    example moves at most one buffer slot, i.e. one record out of the training set and one in;
+    ``fedcl.client.continual_site.training_set``). The ledger composes a release of group size
+    ``k`` with RDP group privacy (:func:`fedcl.privacy.ledger.compose.group_rdp`).
     """
 
     mechanism: str
@@ -39,11 +53,12 @@ class DPRelease:
     noise_multiplier: float
     steps: int
     delta: float
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         problems = _release_problems(
             self.mechanism, self.sample_rate, self.noise_multiplier, self.steps, self.delta
-        )
+        ) + _group_problems(self.group_size)
         if problems:
             raise LedgerError(f"invalid privacy release {self!r}: {'; '.join(problems)}")
 
@@ -60,11 +75,19 @@ class DPRelease:
             noise_multiplier=release.noise_multiplier,
             steps=release.steps,
             delta=delta,
+            group_size=getattr(release, "group_size", 1),
         )
 
     @property
-    def history(self) -> tuple[float, float, int]:
-        """The release in Opacus' accountant history format ``(σ, q, steps)``."""
+    def history(self) -> tuple[float, float, int] | tuple[float, float, int, int]:
+        """The release in Opacus' accountant history format ``(σ, q, steps)``.
+
+        A release of group size ``k > 1`` is ``(σ, q, steps, k)``, which only
+        :func:`~fedcl.privacy.ledger.compose_epsilon` understands (Opacus' own accountant
+        would compose it at group size 1).
+        """
+        if self.group_size != 1:
+            return (self.noise_multiplier, self.sample_rate, self.steps, self.group_size)
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
@@ -82,11 +105,17 @@ class LedgerEntry:
     delta: float
     timestamp: str
     version: int = SCHEMA_VERSION
+    group_size: int = 1
 
     @property
     def release(self) -> DPRelease:
         return DPRelease(
-            self.mechanism, self.sample_rate, self.noise_multiplier, self.steps, self.delta
+            self.mechanism,
+            self.sample_rate,
+            self.noise_multiplier,
+            self.steps,
+            self.delta,
+            self.group_size,
         )
 
 
@@ -166,6 +195,14 @@ def _release_problems(
     if not _is_number(delta) or not 0.0 < delta < 1.0:
         problems.append(f"delta must be in (0, 1), got {delta!r}")
     return problems
+
+
+def _group_problems(group_size: Any) -> list[str]:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        return [f"group_size must be an int >= 1, got {group_size!r}"]
+    if group_size > MAX_GROUP_SIZE:
+        return [f"group_size must be at most {MAX_GROUP_SIZE}, got {group_size!r}"]
+    return []
 
 
 def _is_number(value: Any) -> bool:

@@ -18,12 +18,15 @@ from pathlib import Path
 
 from .compose import compose_epsilon, summarise
 from .records import (
+    GROUP_SCHEMA_VERSION,
     SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     DPRelease,
     LedgerEntry,
     LedgerError,
     LedgerSummary,
     SpendDecision,
+    _group_problems,
     _release_problems,
 )
 
@@ -76,7 +79,12 @@ class PrivacyLedger:
             raise LedgerError(f"corrupt privacy ledger {where}: not valid JSON ({err})") from err
         if not isinstance(raw, dict):
             raise LedgerError(f"corrupt privacy ledger {where}: expected a JSON object")
-        missing = [k for k in LedgerEntry.__dataclass_fields__ if k not in raw and k != "version"]
+        optional = {"version", "group_size"}  # lines before group sizes have neither
+        if raw.get("version") == GROUP_SCHEMA_VERSION:
+            optional = {"version"}
+        missing = [
+            k for k in LedgerEntry.__dataclass_fields__ if k not in raw and k not in optional
+        ]
         if missing:
             raise LedgerError(f"corrupt privacy ledger {where}: missing {', '.join(missing)}")
         problems = _release_problems(
@@ -85,15 +93,15 @@ class PrivacyLedger:
             raw["noise_multiplier"],
             raw["steps"],
             raw["delta"],
-        )
+        ) + _group_problems(raw.get("group_size", 1))
         for key in ("task_index", "server_round"):
             if isinstance(raw[key], bool) or not isinstance(raw[key], int):
                 problems.append(f"{key} must be an int, got {raw[key]!r}")
         if not isinstance(raw["run_id"], str) or not isinstance(raw["timestamp"], str):
             problems.append("run_id and timestamp must be strings")
-        if raw.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        if raw.get("version", SCHEMA_VERSION) not in SCHEMA_VERSIONS:
             problems.append(
-                f"schema version {raw.get('version')!r} is not {SCHEMA_VERSION} "
+                f"schema version {raw.get('version')!r} is not one of {SCHEMA_VERSIONS} "
                 "(written by a newer fedcl?)"
             )
         if problems:
@@ -181,8 +189,13 @@ class PrivacyLedger:
             steps=int(release.steps),
             delta=float(release.delta),
             timestamp=datetime.now(UTC).isoformat(timespec="microseconds"),
+            version=SCHEMA_VERSION if release.group_size == 1 else GROUP_SCHEMA_VERSION,
+            group_size=int(release.group_size),
         )
-        line = json.dumps(asdict(entry), sort_keys=True, allow_nan=False) + "\n"
+        fields = asdict(entry)
+        if entry.group_size == 1:  # the line exactly as before group sizes
+            del fields["group_size"]
+        line = json.dumps(fields, sort_keys=True, allow_nan=False) + "\n"
         self.entries()  # refuse to append to a ledger that does not parse
         try:
             old = self.path.read_bytes()
