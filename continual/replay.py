@@ -4,37 +4,68 @@ EWC alone does not solve class-incremental learning (Hsu et al., 2018; our Split
 baseline: ~0.2 average accuracy, like fine-tuning), because nothing in a task's data asks the
 head to keep scoring the old classes. Mixing a few stored old examples into every later task
 does. The examples never leave the site: the buffer lives in the site state directory and only
-enters training, so under DP it is protected exactly like the rest of the site's data.
+enters training, so under DP it is protected like the rest of the site's data (see "Privacy").
 
-Two selection policies, both deterministic from ``seed`` (the RNG state is saved with the
-buffer, so a restarted site continues the same sequence):
+**Membership: keyed bottom-k.** Every example gets a score, a keyed hash
+``HMAC-SHA256(key, content)`` where the content is the example's input bytes (with dtype and
+shape), its training target and its *occurrence number* (the j-th identical copy of the same
+input and target gets ``j``; copies are indistinguishable, so removing "one" of them removes the
+largest ``j``). The buffer keeps the examples with the smallest scores:
 
-* ``"reservoir"``: Vitter's algorithm R. After ``N`` examples have been offered, every one of
-  them is in the buffer with probability ``capacity/N``: a uniform sample of the whole stream,
-  so classes are kept in proportion to how often they were seen.
-* ``"class-balanced"``: class-balanced reservoir sampling (CBRS, Chrysakis & Moens, 2020): an
-  equal quota per class seen. When the buffer is full, an example of a class that is not among
-  the largest evicts a random example of the largest class; an example of a largest ("full")
-  class replaces a random example of its own class with probability ``m_c/n_c`` (stored over
-  seen), i.e. reservoir sampling within the class. Minority classes thus keep all their
-  examples until they reach their quota ``capacity / #classes``.
+* ``"reservoir"``: the ``capacity`` smallest scores overall, i.e. a uniform sample without
+  replacement of everything offered so far (classes kept in proportion to how often they were
+  seen), like Vitter's algorithm R but a function of the *set* of examples, not of a random draw.
+* ``"class-balanced"``: an equal quota per class seen, minority classes kept whole (as in CBRS,
+  Chrysakis & Moens, 2020): class ``c`` keeps its ``m_c`` smallest scores, where the quotas
+  ``m`` are the bottom-``capacity`` of the *virtual keys* ``(r, π(c))`` for ``r < n_c``
+  (``n_c`` examples of class ``c`` seen; ``π(c)`` a keyed hash of the label breaking ties). That
+  is round-robin over the classes: ``min(n_c, L)`` each at the level ``L`` that fills the
+  buffer, the remaining slots to the next classes in ``π`` order.
 
-Privacy caveats for the ledger (tell the privacy owner): the buffer's examples are trained on
-again in later tasks, so a site's DP accounting must compose every round of every task over the
-site's whole dataset (no per-task budgets as if the tasks were disjoint). And the buffer's
-*content* depends on the data (algorithm R's random stream shifts when one example is removed;
-class quotas depend on the label counts), so a neighbouring dataset can change more than one
-buffer slot; DP-SGD's add/remove-one guarantee for the later tasks then holds only for the
-realised buffer. A selection that is stable under removing one example (for example keyed
-bottom-k sampling, which changes at most one slot) would make it exact.
+The buffer is a deterministic function of (the multiset of examples offered, the key, the
+capacity, the policy): the order and the batching of ``add`` calls do not matter, so a site
+that adds an earlier task late (it missed it) holds exactly the buffer of one that never missed
+it, and a buffer can always be rebuilt from the site's own data.
+
+**One slot per example.** Adding or removing one example changes at most one slot, whatever
+the data and the key (``tests/test_replay_bottomk.py`` checks it over many random removals):
+
+* reservoir: bottom-k of a set minus one element ``z`` is the old bottom-k minus ``z`` plus the
+  (k+1)-th smallest (if any), or unchanged when ``z`` was not in it;
+* class-balanced: removing ``z`` of class ``a`` removes one virtual key, ``(n_a - 1, π(a))``,
+  so the quotas change at most by ``m_a - 1`` and ``m_b + 1`` for one other class ``b`` (bottom-k
+  of the virtual keys again). If they do not change, ``m_a < n_a`` and class ``a``'s bottom-
+  ``m_a`` loses at most ``z`` and gains its next example; if they do, ``m_a = n_a`` (class ``a``
+  was kept whole, ``z`` with it): the buffer loses ``z`` and gains class ``b``'s next example.
+
+Adding is the same statement read backwards. In the symmetric difference of the two buffers
+there are therefore at most 2 examples (``z`` and the one it displaced), one slot.
+
+**The key** is 32 random bytes in ``replay.key`` in the site's state directory
+(:func:`load_or_create_key`: created once, mode 0600, reused by every run). The one-slot
+property holds for *every* key; the key's secrecy is defence in depth: without it nobody can
+tell which examples a site keeps or craft examples that take over its buffer. Buffers built
+without a key (``ReplayBuffer(capacity, policy, seed)``, tests and centralised experiments)
+derive one from the seed, which is public.
+
+**Privacy.** The buffer's examples are trained on again in later tasks: the accounting must
+compose every round of every task over the site's whole dataset (the ledger does), and one
+example changes the training set of a later task by up to *two* records under add/remove
+adjacency (itself and the example it displaced from the buffer). See
+:func:`fedcl.client.continual_site.training_set` for how that is charged.
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
+import hmac
 import json
 import os
+import secrets
+import stat
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +75,18 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 from fedcl.config import ConfigError, FedclError
 
 POLICIES = ("reservoir", "class-balanced")
-FORMAT = "fedcl-replay-v1"
+FORMAT = "fedcl-replay-v2"
+OLD_FORMATS = ("fedcl-replay-v1",)  # draw-dependent sampling: rebuilt, never continued
+KEY_FILE = "replay.key"
+KEY_BYTES = 32
+_DIGEST_BYTES = 16  # content ids of seen examples (128 bits: collisions are out of reach)
+
+
+class ReplayBufferMismatch(FedclError):
+    """A readable buffer file built for other settings (older format, another key).
+
+    The buffer is a function of the site's data, so the caller can rebuild it.
+    """
 
 
 def _check_capacity(capacity: object) -> int:
@@ -78,59 +120,190 @@ def check_replay_policy(policy: str) -> str:
     return policy
 
 
+# -- the key --------------------------------------------------------------------------------------
+
+
+def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
+    """The site's replay key, ``state_dir/replay.key``: created once (mode 0600), then reused.
+
+    Creation is atomic (a complete temporary file is hard-linked into place, which fails if
+    another process got there first, whose key is then used), so concurrent first messages of
+    one site agree on one key. A key file readable by anyone but its owner is refused.
+    """
+    folder = Path(state_dir)
+    path = folder / KEY_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + KEY_FILE + ".", dir=folder)  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), 0o600)  # whatever the umask says
+                fh.write(secrets.token_bytes(KEY_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process created it first
+                os.link(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+        key = path.read_bytes()
+    except OSError as exc:
+        raise FedclError(f"replay key {path} cannot be read: {exc}") from exc
+    if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
+        raise FedclError(
+            f"replay key {path} has mode {oct(stat.S_IMODE(mode))}: it must be private to the "
+            f"site (chmod 600 {path})"
+        )
+    if len(key) != KEY_BYTES:
+        raise FedclError(
+            f"replay key {path} holds {len(key)} bytes, not {KEY_BYTES}: it is damaged; remove "
+            "it (the buffers are rebuilt from the site's data with a new key)"
+        )
+    return key
+
+
+def _seed_key(seed: int) -> bytes:
+    """A public key from a seed (for buffers built without a site key)."""
+    return hmac.digest(b"fedcl-replay/seed-key", str(int(seed)).encode(), "sha256")
+
+
+def _key_id(key: bytes) -> str:
+    return hmac.digest(key, b"fedcl-replay/key-id", "sha256")[:8].hex()
+
+
+# -- the buffer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    score: bytes
+    y: int
+    occurrence: int
+    x: torch.Tensor
+
+
 class ReplayBuffer:
-    """A bounded, seeded sample of ``(x, y)`` examples seen so far at one site.
+    """A bounded keyed bottom-k sample of the ``(x, y)`` examples seen so far at one site.
 
     ``y`` are the model's training targets (after the stream's label mapping), so the buffer
-    mixes into a task dataset as is.
+    mixes into a task dataset as is. ``key`` is the site's secret (:func:`load_or_create_key`);
+    without one the key is derived from ``seed``.
     """
 
-    def __init__(self, capacity: int, policy: str = "reservoir", seed: int = 0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        policy: str = "reservoir",
+        seed: int | None = 0,
+        *,
+        key: bytes | None = None,
+    ) -> None:
         self.capacity = _check_capacity(capacity)
         self.policy = check_replay_policy(policy)
-        self.seed = int(seed)
-        self._rng = np.random.default_rng(self.seed)
-        self._x: list[torch.Tensor] = []
-        self._y: list[int] = []
+        if key is None:
+            if seed is None:
+                raise FedclError("a replay buffer needs a key or a seed")
+            self.seed: int | None = int(seed)
+            self._key = _seed_key(self.seed)
+        else:
+            if not isinstance(key, bytes) or len(key) < 16:
+                raise FedclError("a replay key must be at least 16 bytes")
+            self.seed = None
+            self._key = key
+        self.key_id = _key_id(self._key)
         self.seen = 0  # examples offered so far
         self._seen_per_class: dict[int, int] = {}
-        self._slots: dict[int, list[int]] = {}  # class -> sorted buffer slots holding it
-        self._full: set[int] = set()  # CBRS: classes that are or have been the largest
+        self._occurrences: dict[bytes, int] = {}  # content id -> copies seen
+        self._kept: dict[int, list[_Entry]] = {}  # class -> kept entries, ascending score
+        self._priority: dict[int, bytes] = {}
+        self._example: tuple[tuple[int, ...], torch.dtype] | None = None
         self.tags: list[str] = []  # datasets already offered (idempotency)
 
+    @property
+    def keyed(self) -> bool:
+        """Whether the buffer uses a site's secret key (not one derived from a seed)."""
+        return self.seed is None
+
     def __len__(self) -> int:
-        return len(self._y)
+        return sum(len(v) for v in self._kept.values())
 
     def class_counts(self) -> dict[int, int]:
         """Stored examples per class."""
-        return {c: len(s) for c, s in sorted(self._slots.items()) if s}
+        return {c: len(v) for c, v in sorted(self._kept.items()) if v}
 
     def seen_per_class(self) -> dict[int, int]:
-        """Examples offered per class (the ``n_c`` of class-balanced sampling)."""
+        """Examples offered per class (the ``n_c`` of the class quotas)."""
         return dict(sorted(self._seen_per_class.items()))
+
+    def quotas(self) -> dict[int, int]:
+        """How many examples of each class the buffer holds given the counts seen.
+
+        Reservoir: whatever the bottom-k holds. Class-balanced: the bottom-``capacity`` of the
+        virtual keys ``(r, π(c)), r < n_c`` (round-robin over the classes in ``π`` order).
+        """
+        if self.policy == "reservoir":
+            return self.class_counts()
+        return self._allocation()
+
+    # -- scores -------------------------------------------------------------------------------
+
+    def _content_id(self, header: bytes, row: bytes, y: int) -> bytes:
+        msg = b"fedcl-replay/example\0" + header + y.to_bytes(8, "little", signed=True) + row
+        return hmac.digest(self._key, msg, "sha256")[:_DIGEST_BYTES]
+
+    def _score(self, content_id: bytes, occurrence: int) -> bytes:
+        msg = b"fedcl-replay/score\0" + content_id + occurrence.to_bytes(8, "little")
+        return hmac.digest(self._key, msg, "sha256")
+
+    def _class_priority(self, c: int) -> bytes:
+        if c not in self._priority:
+            msg = b"fedcl-replay/class\0" + c.to_bytes(8, "little", signed=True)
+            self._priority[c] = hmac.digest(self._key, msg, "sha256")
+        return self._priority[c]
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> tuple[bytes, np.ndarray]:
+        """The batch's header (dtype, shape of one example) and each example's raw bytes."""
+        x = x.detach().to("cpu").contiguous()
+        header = f"{x.dtype}|{tuple(x.shape[1:])}|".encode()
+        flat = x.reshape(len(x), -1)
+        if flat.shape[1] == 0:
+            return header, np.zeros((len(x), 0), dtype=np.uint8)
+        return header, flat.view(torch.uint8).numpy()
 
     # -- adding -------------------------------------------------------------------------------
 
     def add(self, x: torch.Tensor, y: torch.Tensor | Sequence[int] | int) -> None:
         """Offer a batch ``x [B, ...]`` with targets ``y [B]`` (or one example, ``y`` scalar).
 
-        Examples are offered in order; the outcome depends only on the seed and the order.
+        The outcome depends only on the key and the multiset of examples offered (not on their
+        order or batching).
         """
         y_t = torch.as_tensor(y)
         if y_t.dim() == 0:
             x, y_t = x.unsqueeze(0), y_t.unsqueeze(0)
         if len(x) != len(y_t):
             raise FedclError(f"replay add: {len(x)} inputs but {len(y_t)} targets")
-        for xi, yi in zip(x, y_t.tolist(), strict=True):
-            self._offer(xi, int(yi))
+        if len(x) == 0:
+            return
+        self._check_example(x[0])
+        header, rows = self._rows(x)
+        for i, yi in enumerate(y_t.tolist()):
+            self._offer(x, i, header, rows[i].tobytes(), int(yi))
 
     def add_dataset(
         self, dataset: Dataset, batch_size: int = 256, *, tag: str | None = None
     ) -> bool:
-        """Offer every example of ``dataset`` in index order (call at the end of each task).
+        """Offer every example of ``dataset`` (call at the end of each task).
 
         Offer the task's own examples, not the mixed dataset: re-offering the buffer's examples
-        would count them twice. ``tag`` (e.g. ``"<run>/task-3"``) makes the call idempotent for
+        would count them twice. ``tag`` (e.g. ``"task-3"``) makes the call idempotent for
         retried messages and restarted sites; returns False when the tag was already added.
         """
         if tag is not None and tag in self.tags:
@@ -142,67 +315,88 @@ class ReplayBuffer:
         return True
 
     def _check_example(self, x: torch.Tensor) -> None:
-        if self._x and (x.shape != self._x[0].shape or x.dtype != self._x[0].dtype):
+        spec = (tuple(x.shape), x.dtype)
+        if self._example is None:
+            self._example = spec
+        elif spec != self._example:
             raise FedclError(
-                f"replay buffer holds inputs of shape {tuple(self._x[0].shape)} "
-                f"({self._x[0].dtype}); got {tuple(x.shape)} ({x.dtype}): the dataset changed"
+                f"replay buffer holds inputs of shape {self._example[0]} ({self._example[1]}); "
+                f"got {spec[0]} ({spec[1]}): the dataset changed"
             )
 
-    def _offer(self, x: torch.Tensor, y: int) -> None:
-        self._check_example(x)
+    def _offer(self, x: torch.Tensor, i: int, header: bytes, row: bytes, y: int) -> None:
+        content = self._content_id(header, row, y)
+        occurrence = self._occurrences.get(content, 0)
+        self._occurrences[content] = occurrence + 1
         self.seen += 1
         self._seen_per_class[y] = self._seen_per_class.get(y, 0) + 1
-        if len(self._y) < self.capacity:
-            self._put(len(self._y), x, y)
-            if self.policy == "class-balanced":
-                self._update_full()
-            return
+        score = self._score(content, occurrence)
+        kept = self._kept.setdefault(y, [])
         if self.policy == "reservoir":
-            j = int(self._rng.integers(0, self.seen))  # uniform over the seen so far
-            if j < self.capacity:
-                self._put(j, x, y)
+            if len(self) < self.capacity:
+                self._insert(kept, score, y, occurrence, x[i])
+                return
+            worst_class, worst = max(
+                ((c, v[-1]) for c, v in self._kept.items() if v), key=lambda cv: cv[1].score
+            )
+            if score < worst.score:
+                self._kept[worst_class].pop()
+                self._insert(kept, score, y, occurrence, x[i])
             return
-        self._offer_balanced(x, y)
+        quotas = self._allocation()
+        if len(kept) < quotas.get(y, 0) or (kept and score < kept[-1].score):
+            self._insert(kept, score, y, occurrence, x[i])
+        for c, entries in self._kept.items():
+            del entries[quotas.get(c, 0) :]
 
-    def _offer_balanced(self, x: torch.Tensor, y: int) -> None:
-        if y not in self._full:
-            counts = self.class_counts()
-            largest = max(counts.values())
-            candidates = sorted(c for c, m in counts.items() if m == largest)
-            victim = candidates[int(self._rng.integers(0, len(candidates)))]
-            slots = self._slots[victim]
-            self._put(slots[int(self._rng.integers(0, len(slots)))], x, y)
-            self._update_full()
-            return
-        stored = len(self._slots.get(y, ()))
-        if self._rng.random() * self._seen_per_class[y] < stored:  # probability m_c / n_c
-            slots = self._slots[y]
-            self._put(slots[int(self._rng.integers(0, len(slots)))], x, y)
+    @staticmethod
+    def _insert(kept: list[_Entry], score: bytes, y: int, occurrence: int, x: torch.Tensor) -> None:
+        lo, hi = 0, len(kept)
+        while lo < hi:  # first entry with a larger score (scores are distinct)
+            mid = (lo + hi) // 2
+            if kept[mid].score < score:
+                lo = mid + 1
+            else:
+                hi = mid
+        # a copy, not a view pinning the whole batch
+        kept.insert(lo, _Entry(score, y, occurrence, x.detach().to("cpu").clone()))
 
-    def _update_full(self) -> None:
-        counts = self.class_counts()
-        if counts:
-            largest = max(counts.values())
-            self._full.update(c for c, m in counts.items() if m == largest)
+    def _allocation(self) -> dict[int, int]:
+        """Class quotas: the bottom-``capacity`` of the virtual keys ``(r, π(c))``, ``r < n_c``."""
+        n = self._seen_per_class
+        k = self.capacity
+        if sum(n.values()) <= k:
+            return dict(n)
 
-    def _put(self, slot: int, x: torch.Tensor, y: int) -> None:
-        x = x.detach().to("cpu").clone()  # a copy, not a view pinning the whole dataset
-        if slot == len(self._y):
-            self._x.append(x)
-            self._y.append(y)
-        else:
-            old = self._y[slot]
-            self._slots[old].pop(bisect.bisect_left(self._slots[old], slot))
-            self._x[slot], self._y[slot] = x, y
-        bisect.insort(self._slots.setdefault(y, []), slot)
+        def filled(level: int) -> int:
+            return sum(min(v, level) for v in n.values())
+
+        lo, hi = 0, k  # the largest level L with filled(L) <= k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if filled(mid) <= k:
+                lo = mid
+            else:
+                hi = mid - 1
+        quotas = {c: min(v, lo) for c, v in n.items()}
+        rest = k - sum(quotas.values())
+        for c in sorted((c for c, v in n.items() if v > lo), key=self._class_priority)[:rest]:
+            quotas[c] += 1
+        return quotas
 
     # -- reading ------------------------------------------------------------------------------
 
+    def _entries(self) -> list[_Entry]:
+        return sorted((e for v in self._kept.values() for e in v), key=lambda e: e.score)
+
     def sample_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored examples as ``(x [M, ...], y [M])`` in slot order."""
-        if not self._y:
+        """All stored examples as ``(x [M, ...], y [M])``, in ascending score."""
+        entries = self._entries()
+        if not entries:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
-        return torch.stack(self._x), torch.tensor(self._y, dtype=torch.long)
+        return torch.stack([e.x for e in entries]), torch.tensor(
+            [e.y for e in entries], dtype=torch.long
+        )
 
     def as_dataset(self) -> TensorDataset:
         """The stored examples as a ``TensorDataset`` (what :func:`mixed_dataset` appends)."""
@@ -211,34 +405,57 @@ class ReplayBuffer:
     # -- persistence --------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the buffer and its sampling state to ``path`` (safetensors; atomic rename)."""
+        """Write the buffer and what adding needs to ``path`` (safetensors, mode 0600, atomic).
+
+        The file holds the kept examples, their occurrence numbers and the content ids (keyed,
+        16 bytes) and copy counts of every example seen; never the key.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        if self._y:
+        tensors: dict[str, torch.Tensor] = {}
+        entries = self._entries()
+        if entries:
             x, y = self.sample_all()
-            tensors = {"x": x.contiguous(), "y": y}
+            tensors = {
+                "x": x.contiguous(),
+                "y": y,
+                "occurrence": torch.tensor([e.occurrence for e in entries], dtype=torch.long),
+            }
+        if self._occurrences:
+            ids = b"".join(self._occurrences)
+            tensors["seen_id"] = torch.frombuffer(bytearray(ids), dtype=torch.uint8).reshape(
+                -1, _DIGEST_BYTES
+            )
+            tensors["seen_count"] = torch.tensor(list(self._occurrences.values()))
+        example = None
+        if self._example is not None:
+            example = {"shape": list(self._example[0]), "dtype": str(self._example[1])}
         metadata = {
             "format": FORMAT,
             "capacity": str(self.capacity),
             "policy": self.policy,
-            "seed": str(self.seed),
+            "seed": "" if self.seed is None else str(self.seed),
+            "key_id": self.key_id,
             "seen": str(self.seen),
             "seen_per_class": json.dumps({str(k): v for k, v in self._seen_per_class.items()}),
-            "full": json.dumps(sorted(self._full)),
-            "rng": json.dumps(self._rng.bit_generator.state),
+            "example": json.dumps(example),
             "tags": json.dumps(self.tags),
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o600)  # raw examples of the site
         os.replace(tmp, path)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ReplayBuffer:
-        """Read a buffer written by :meth:`save`; adding continues the same random sequence."""
+    def load(cls, path: str | os.PathLike[str], *, key: bytes | None = None) -> ReplayBuffer:
+        """Read a buffer written by :meth:`save`; adding to it continues as if never saved.
+
+        A buffer built with a site key needs that ``key``; :class:`ReplayBufferMismatch` when
+        the file is of an older format or was built with another key (rebuild it).
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -248,27 +465,72 @@ class ReplayBuffer:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            if meta.get("format") != FORMAT:
+        except Exception as exc:  # safetensors errors: a damaged file
+            raise FedclError(f"replay buffer {path} cannot be read: {exc}") from exc
+        if meta.get("format") in OLD_FORMATS:
+            raise ReplayBufferMismatch(
+                f"replay buffer {path} has the older format {meta.get('format')!r} (membership "
+                "drawn at random, not keyed bottom-k); rebuild it from the site's data"
+            )
+        if meta.get("format") != FORMAT:
+            raise FedclError(
+                f"replay buffer {path} has format {meta.get('format')!r}, expected {FORMAT!r}"
+            )
+        try:
+            seed = int(meta["seed"]) if meta["seed"] else None
+            if seed is None and key is None:
                 raise FedclError(
-                    f"replay buffer {path} has format {meta.get('format')!r}, expected {FORMAT!r}"
+                    f"replay buffer {path} was built with the site's replay key; pass key="
                 )
-            buf = cls(int(meta["capacity"]), meta["policy"], int(meta["seed"]))
-            buf.seen = int(meta["seen"])
-            buf._seen_per_class = {int(k): v for k, v in json.loads(meta["seen_per_class"]).items()}
-            buf._full = {int(c) for c in json.loads(meta["full"])}
-            buf._rng.bit_generator.state = json.loads(meta["rng"])
-            buf.tags = [str(t) for t in json.loads(meta.get("tags", "[]"))]
+            buf = cls(int(meta["capacity"]), meta["policy"], seed, key=key)
+            if buf.key_id != meta["key_id"]:
+                raise ReplayBufferMismatch(
+                    f"replay buffer {path} was built with another key (id {meta['key_id']}, "
+                    f"not {buf.key_id}); rebuild it from the site's data"
+                )
+            buf._restore(meta, tensors)
         except FedclError:
             raise
-        except Exception as exc:  # safetensors/json/key errors: a damaged file
+        except Exception as exc:  # json/key/shape errors: a damaged file
             raise FedclError(f"replay buffer {path} cannot be read: {exc}") from exc
-        if tensors:
-            x, y = tensors["x"], tensors["y"].tolist()
-            if len(y) > buf.capacity:
-                raise FedclError(f"replay buffer {path} holds more examples than its capacity")
-            for slot, (xi, yi) in enumerate(zip(x, y, strict=True)):
-                buf._put(slot, xi, int(yi))
         return buf
+
+    def _restore(self, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        self.seen = int(meta["seen"])
+        per_class = json.loads(meta["seen_per_class"]).items()
+        self._seen_per_class = {int(k): int(v) for k, v in per_class}
+        self.tags = [str(t) for t in json.loads(meta.get("tags", "[]"))]
+        example = json.loads(meta["example"])
+        if example is not None:
+            dtype = getattr(torch, example["dtype"].removeprefix("torch."))
+            self._example = (tuple(int(s) for s in example["shape"]), dtype)
+        if "seen_id" in tensors:
+            ids = tensors["seen_id"].numpy().tobytes()
+            counts = tensors["seen_count"].tolist()
+            self._occurrences = {
+                ids[i * _DIGEST_BYTES : (i + 1) * _DIGEST_BYTES]: int(c)
+                for i, c in enumerate(counts)
+            }
+        if (
+            sum(self._occurrences.values()) != self.seen
+            or sum(self._seen_per_class.values()) != self.seen
+        ):
+            raise ValueError("the counts of examples seen do not add up")
+        if "x" in tensors:
+            x, y, occ = tensors["x"], tensors["y"].tolist(), tensors["occurrence"].tolist()
+            if not len(x) == len(y) == len(occ) <= self.capacity:
+                raise ValueError("more examples than the capacity, or ragged tensors")
+            header, rows = self._rows(x)
+            for i, (yi, oi) in enumerate(zip(y, occ, strict=True)):
+                content = self._content_id(header, rows[i].tobytes(), int(yi))
+                if not 0 <= oi < self._occurrences.get(content, 0):
+                    raise ValueError(f"stored example {i} was never seen")
+                kept = self._kept.setdefault(int(yi), [])
+                self._insert(kept, self._score(content, int(oi)), int(yi), int(oi), x[i])
+        if len(self) != min(self.capacity, self.seen) or self.class_counts() != {
+            c: m for c, m in sorted(self.quotas().items()) if m
+        }:
+            raise ValueError("the stored examples per class do not match the quotas")
 
     def __repr__(self) -> str:
         return (
