@@ -38,6 +38,8 @@ from torch import nn
 
 from fedcl.config import ConfigError, FedclError
 
+from .state_files import load_state, save_state
+
 FORMAT = "fedcl-ewc-v1"
 _WRAPPER_PREFIXES = ("_module.", "module.")
 
@@ -231,22 +233,14 @@ class EWCMemory:
         The file is written beside the target and renamed over it, so a crash mid-write never
         leaves a half memory in the site state directory.
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"fisher/{n}": t for n, t in self.fisher.items()}
         tensors.update({f"anchor/{n}": t for n, t in self.anchor.items()})
         metadata = {
-            "format": FORMAT,
             "consolidations": str(self.consolidations),
             "tags": json.dumps(self.tags),
             "digest": self.digest(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-        return path
+        return save_state(path, tensors, fmt=FORMAT, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> EWCMemory:
@@ -255,23 +249,12 @@ class EWCMemory:
         ``missing_ok=True`` returns an empty memory when the file does not exist (the first
         task at a new site).
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             if missing_ok:
                 return cls()
             raise FedclError(f"EWC memory {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types
-            raise FedclError(f"EWC memory {path} cannot be read: {exc}") from exc
-        if metadata.get("format") != FORMAT:
-            raise FedclError(
-                f"EWC memory {path} has format {metadata.get('format')!r}, expected {FORMAT!r}"
-            )
+        tensors, metadata = load_state(path, fmt=FORMAT, what="EWC memory")
         fisher = {k[len("fisher/") :]: t for k, t in tensors.items() if k.startswith("fisher/")}
         anchor = {k[len("anchor/") :]: t for k, t in tensors.items() if k.startswith("anchor/")}
         memory = cls(

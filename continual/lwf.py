@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from fedcl.config import FedclError
 
 from .methods import SiteContext
+from .state_files import save_state
 from .streams import Stream
 
 
@@ -140,19 +141,14 @@ def previous_task_model(ctx: SiteContext) -> nn.Module | None:
     task's final global model, or the current one for a site that joins mid-task); later
     rounds of the task load that copy.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if ctx.task_index == 0:
         return None
     path = teacher_path(ctx.state_dir, ctx.task_index)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            k: v.detach().to("cpu").contiguous().clone() for k, v in ctx.model.state_dict().items()
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "fedcl-lwf-teacher-v1"})
-        os.replace(tmp, path)  # a crash mid-write never leaves half a teacher
+    if not path.exists():  # written atomically: a crash mid-write never leaves half a teacher
+        state = {k: v.detach().to("cpu").clone() for k, v in ctx.model.state_dict().items()}
+        save_state(path, state, fmt="fedcl-lwf-teacher-v1")
     teacher = copy.deepcopy(ctx.model)
     try:
         teacher.load_state_dict(load_file(str(path)))

@@ -43,6 +43,7 @@ from fedcl.config import FedclError
 
 from .ewc import parameter_dict, plain_name
 from .methods import SiteContext
+from .state_files import load_state, save_state
 
 FORMAT = "fedcl-si-v1"
 _ROLES = ("omega", "start", "importance", "anchor")
@@ -119,35 +120,17 @@ class SIState:
         return True
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            f"{role}/{n}": t.contiguous() for role in _ROLES for n, t in getattr(self, role).items()
-        }
-        meta = {"format": FORMAT, "task": str(self.task), "tags": json.dumps(self.tags)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        tensors = {f"{role}/{n}": t for role in _ROLES for n, t in getattr(self, role).items()}
+        meta = {"task": str(self.task), "tags": json.dumps(self.tags)}
+        return save_state(path, tensors, fmt=FORMAT, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SIState:
         """The saved state, or an empty one when ``path`` does not exist (a new site)."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             return cls()
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises its own error types
-            raise FedclError(f"SI state {path} cannot be read: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise FedclError(f"SI state {path} has format {meta.get('format')!r}, not {FORMAT!r}")
+        flat, meta = load_state(path, fmt=FORMAT, what="SI state")
         tensors: dict[str, dict[str, torch.Tensor]] = {role: {} for role in _ROLES}
         for key, t in flat.items():
             role, _, name = key.partition("/")
