@@ -1,28 +1,117 @@
-"""The site's half of differential privacy: plan σ, pay from the ledger, or refuse.
+"""The site's half of differential privacy: its policy, plan σ, pay from the ledger, or refuse.
 
+The site's own ``[privacy]`` policy (``fedcl.config.PrivacyPolicy``: require DP, least σ, most ε
+per run, lifetime budget) is checked first (:func:`admit`, then :meth:`SitePrivacy.charge`), and
+a round that falls short is refused with the rule and the numbers, before the site touches its
+data and without paying anything; the coordinator cannot override it (docs/DESIGN.md §9).
 Every release a site makes under DP (DP-SGD training, the DP Fisher for EWC) is charged to its
 privacy ledger *before* it happens (``try_spend``), against the budget in the site's own
 ``site.toml``; the coordinator cannot raise it. ε is composed over the site's whole history with
 Opacus' RDP accountant, across rounds, tasks and runs.
+
+What leaves the site besides the update is only what :func:`released_metrics` and
+:meth:`SitePrivacy.metrics` let through: DP sampling internals (sample rate, expected batch,
+steps) and anything else that is a count stay in the site's log and ledger.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
+from fedcl.config import ExperimentConfig, SiteConfig
 from fedcl.config import protocol as P
 from fedcl.privacy.dp import DPHook, plan_noise, planned_release, sampling_plan
-from fedcl.privacy.ledger import DPRelease, PrivacyLedger, SpendDecision
+from fedcl.privacy.ledger import DPRelease, PrivacyLedger, SpendDecision, compose_epsilon
 
 from .job import SiteJob
 
+logger = logging.getLogger("fedcl.client")
+
+#: What the method's hooks measure that may leave the site (its summary of the round, none of
+#: them a count): every other hook metric — DP-SGD's sample rate, expected batch and steps,
+#: SI's path integral (a sum over the round's steps, so it grows with N / B) and whatever a new
+#: hook adds — stays in the site's log (fail closed).
+RELEASED_HOOK_METRICS = frozenset(
+    {"ewc_penalty", "ewc_max_curvature", "lwf_distillation", "si_penalty"}
+)
+
+
+@dataclass(frozen=True)
+class PolicyRefusal:
+    """A round the site's own policy refuses: the rule (``privacy.<field>``) and why."""
+
+    rule: str
+    reason: str
+    accepted: bool = False  # read like a SpendDecision's
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What :class:`SitePrivacy` needs to plan outside a message (``fedcl site check``)."""
+
+    experiment: ExperimentConfig
+    site: SiteConfig
+    data: Any  # fedcl.client.site.SiteData
+    run_id: str = "planned"
+    task_index: int = 0
+    server_round: int = 0
+
+
+def admit(job: SiteJob, phase: str = "train") -> tuple[SitePrivacy | None, PolicyRefusal | None]:
+    """``(privacy, refusal)`` for a message, by the site's policy alone, before any data is used.
+
+    ``privacy`` is None when DP is off and the site allows that; ``refusal`` (a
+    :class:`PolicyRefusal`) is None when the policy lets the round go on. ``phase`` is
+    ``train``, ``consolidate`` or ``evaluate``: a site that requires DP refuses to evaluate
+    without it too (evaluation sends per-task counts and losses; evaluation under DP is issue 12,
+    so with DP on it is not refused here). The most ε per run and the budget are checked when the
+    round's release is charged (:meth:`SitePrivacy.charge`).
+    """
+    policy = job.site.privacy
+    if not job.experiment.dp.enabled:
+        if not policy.require_dp:
+            return None, None
+        why = (
+            "this site sends no evaluation counts or losses without DP"
+            if phase == "evaluate"
+            else "this site trains and releases nothing without DP-SGD: set dp.epsilon or "
+            "dp.noise_multiplier"
+        )
+        return SitePrivacy(job), PolicyRefusal(
+            "privacy.require_dp",
+            f"site policy privacy.require_dp: the experiment has DP off ({why})",
+        )
+    if phase == "evaluate":
+        return None, None
+    privacy = SitePrivacy(job)
+    return privacy, privacy.noise_refusal(phase)
+
+
+def released_metrics(job: SiteJob, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The hook metrics that may leave the site; the rest are logged here and stay."""
+    out = {k: float(v) for k, v in metrics.items() if k in RELEASED_HOOK_METRICS}
+    kept = {k: v for k, v in metrics.items() if k not in out}
+    if kept:
+        logger.info(
+            "site %s round %d (kept at the site): %s",
+            job.site.site_id,
+            job.server_round,
+            ", ".join(f"{k}={float(v):g}" for k, v in sorted(kept.items())),
+        )
+    return out
+
 
 class SitePrivacy:
-    """DP-SGD settings and accounting for one message at one site."""
+    """DP-SGD settings, the site's policy and accounting for one message at one site."""
 
-    def __init__(self, job: SiteJob):
+    def __init__(self, job: SiteJob | SitePlan):
         self.job = job
         self.spec = job.experiment.dp
+        self.policy = job.site.privacy
         self.delta = job.site.privacy.delta
         self.budget = job.site.privacy.epsilon_budget
         self.ledger = PrivacyLedger(job.site.state_dir)
@@ -36,24 +125,61 @@ class SitePrivacy:
         """
         if self.spec.noise_multiplier is not None:
             return float(self.spec.noise_multiplier)
-        train = self.job.experiment.train
-        rounds = train.rounds_per_task
-        if self.job.experiment.is_joint:  # one task, as many rounds as the whole sequence
-            rounds *= len(self.job.data.stream.evaluation_tasks)
-        steps, rate = 0, 0.0
-        for k in range(self.job.data.stream.num_tasks):
-            n = len(self.job.data.train_set(k))
-            if n == 0:
-                continue
-            plan = sampling_plan(n, train.batch_size)
-            steps += rounds * train.local_epochs * plan.batches_per_epoch
-            rate = max(rate, plan.sample_rate)
+        training = self.planned_training()
+        steps = sum(s for _q, s in training)
+        rate = max((q for q, _s in training), default=0.0)
         fisher = self.planned_fisher_releases()
         if not fisher:
             return plan_noise(
                 epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps
             )
         return self._plan_with_fisher(rate, steps, fisher)
+
+    def planned_training(self) -> list[tuple[float, int]]:
+        """The run's DP-SGD at this site, ``(q, steps)`` per task, at its own data sizes."""
+        train = self.job.experiment.train
+        rounds = train.rounds_per_task
+        if self.job.experiment.is_joint:  # one task, as many rounds as the whole sequence
+            rounds *= len(self.job.data.stream.evaluation_tasks)
+        out = []
+        for k in range(self.job.data.stream.num_tasks):
+            n = len(self.job.data.train_set(k))
+            if n == 0:
+                continue
+            plan = sampling_plan(n, train.batch_size)
+            out.append((plan.sample_rate, rounds * train.local_epochs * plan.batches_per_epoch))
+        return out
+
+    def planned_run_epsilon(self) -> float:
+        """ε the whole run would spend at this site (DP-SGD at σ plus the Fisher releases)."""
+        sigma = self.noise_multiplier
+        history = [(sigma, q, steps) for q, steps in self.planned_training()]
+        return compose_epsilon([*history, *self.planned_fisher_releases()], self.delta, "rdp")
+
+    def noise_refusal(self, phase: str = "train") -> PolicyRefusal | None:
+        """``privacy.min_noise_multiplier``: the σ of the release this round would make.
+
+        Training: DP-SGD's σ (the experiment's, or planned here for ``dp.epsilon``); a
+        consolidation: the DP Fisher's (``continual.fisher_noise_multiplier``).
+        """
+        floor = self.policy.min_noise_multiplier
+        if floor is None:
+            return None
+        if phase == "consolidate":
+            sigma = self.consolidation_release().noise_multiplier
+            what, source = "DP Fisher σ", "continual.fisher_noise_multiplier"
+        else:
+            sigma = self.noise_multiplier
+            what, source = "σ", "dp.noise_multiplier"
+            if self.spec.noise_multiplier is None:
+                source = f"planned at this site for dp.epsilon = {self.spec.epsilon:g}"
+        if sigma >= floor:
+            return None
+        return PolicyRefusal(
+            "privacy.min_noise_multiplier",
+            f"site policy privacy.min_noise_multiplier = {float(floor)}: the experiment's {what} "
+            f"would be {sigma:.3g} ({source})",
+        )
 
     def planned_fisher_releases(self) -> list[tuple[float, float, int]]:
         """The method's releases besides training, ``(σ, q, steps)``: one per consolidated task.
@@ -93,7 +219,6 @@ class SitePrivacy:
         releases in the history we search σ the same way (bisection) over Opacus' accountant.
         """
         from fedcl.privacy.dp import DPConfigError
-        from fedcl.privacy.ledger import compose_epsilon
 
         target = float(self.spec.epsilon)
 
@@ -129,8 +254,25 @@ class SitePrivacy:
             delta=self.delta,
         )
 
-    def charge(self, release: DPRelease) -> SpendDecision:
-        """Record ``release`` if the budget allows it (atomically), else refuse."""
+    def charge(self, release: DPRelease) -> SpendDecision | PolicyRefusal:
+        """Record ``release`` if the policy and the budget allow it, else refuse (nothing paid).
+
+        ``privacy.max_epsilon_per_run`` first (this run's releases at this site plus this one),
+        then the lifetime budget, checked and recorded atomically by the ledger. A run's rounds
+        come one at a time, so the per-run check needs no lock of its own.
+        """
+        cap = self.policy.max_epsilon_per_run
+        if cap is not None:
+            history = self.ledger.history(run_id=self.job.run_id)
+            after = compose_epsilon([*history, release.history], release.delta, "rdp")
+            if after > cap:
+                before = compose_epsilon(history, release.delta, "rdp")
+                return PolicyRefusal(
+                    "privacy.max_epsilon_per_run",
+                    f"site policy privacy.max_epsilon_per_run = {float(cap)}: this round would "
+                    f"bring the run to ε = {after:.3g} at δ={self.delta} (spent in this run so "
+                    f"far: {before:.3g})",
+                )
         return self.ledger.try_spend(
             release,
             budget=self.budget,
@@ -139,14 +281,19 @@ class SitePrivacy:
             server_round=self.job.server_round,
         )
 
-    def refusal(self, decision: SpendDecision) -> str:
+    def refusal(self, decision: SpendDecision | PolicyRefusal) -> str:
+        if isinstance(decision, PolicyRefusal):
+            return decision.reason
         return (
             f"privacy budget: ε would reach {decision.epsilon_after:.3f} > budget "
             f"{decision.budget} at δ={self.delta} (spent so far: {decision.epsilon_before:.3f})"
         )
 
     def metrics(self) -> dict[str, float]:
-        """ε spent so far, this run and over the site's lifetime (what the registry records)."""
+        """ε spent so far, this run and over the site's lifetime (what the registry records).
+
+        The only privacy numbers a reply carries: no sample rate, expected batch or steps.
+        """
         out = {
             P.DP_EPSILON_RUN: self.ledger.epsilon(self.delta, run_id=self.job.run_id),
             P.DP_EPSILON_LIFETIME: self.ledger.epsilon(self.delta),

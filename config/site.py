@@ -7,9 +7,9 @@ and *how much privacy it will spend*. Nothing in this file is ever taken from th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class _Strict(BaseModel):
@@ -49,11 +49,50 @@ class DataSource(_Strict):
 
 
 class PrivacyPolicy(_Strict):
-    """``[privacy]`` of site.toml: the site's own privacy budget; the site refuses a round that
-    would exceed it (enforced by ``fedcl.client.privacy_site.SitePrivacy``)."""
+    """``[privacy]`` of site.toml: the site's own privacy policy, which no experiment overrides.
+
+    The coordinator proposes DP settings; the site refuses (status *refused*, naming the rule)
+    a train or consolidation round they fall short of, before it touches its data, and pays
+    nothing for it (``fedcl.client.privacy_site``; docs/DESIGN.md §9):
+
+    * ``epsilon_budget``: the lifetime ε this site will ever spend, over all runs.
+    * ``delta``: the δ at which the site accounts ε.
+    * ``require_dp``: never train (nor evaluate) without DP-SGD. Default: true whenever the site
+      sets a budget, a least σ or a most ε per run (each means "not without DP"); false when it
+      sets none of them. An explicit value wins.
+    * ``min_noise_multiplier``: the least σ the site accepts, for DP-SGD and for every other
+      Gaussian release it makes (the EWC DP Fisher).
+    * ``max_epsilon_per_run``: the most ε one run may spend at this site.
+    """
 
     epsilon_budget: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    require_dp: bool = False  # filled in from the other fields unless given (``_dp_default``)
+    min_noise_multiplier: float | None = Field(None, gt=0)
+    max_epsilon_per_run: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("require_dp") is None:
+            data = {**data, "require_dp": _limits_dp(data)}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _omit_derived(self, handler: Any) -> Any:
+        """Leave ``require_dp`` out when it is the default, so that a site.toml written from
+        this policy and then given a budget by hand still defaults to requiring DP."""
+        data = handler(self)
+        if isinstance(data, dict) and self.require_dp == _limits_dp(data):
+            data.pop("require_dp", None)
+        return data
+
+
+def _limits_dp(fields: dict) -> bool:
+    return any(
+        fields.get(name) is not None
+        for name in ("epsilon_budget", "min_noise_multiplier", "max_epsilon_per_run")
+    )
 
 
 class SiteConfig(_Strict):

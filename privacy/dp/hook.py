@@ -155,7 +155,13 @@ class DPHook:
         return None
 
     def finish(self, model: nn.Module, result: Any) -> None:
-        """Unwrap the module (no hooks, no ``_module.`` keys) and report what was spent."""
+        """Unwrap the module (no hooks, no ``_module.`` keys) and report what was spent.
+
+        The report is the site's own: the sample rate is 1/ceil(N/B) and the expected batch
+        N·q, so together they give the training-set size N. The ClientApp never sends them (its
+        reply lets through only ``fedcl.client.privacy_site.RELEASED_HOOK_METRICS``); they go
+        to the site's log, and the ledger keeps (σ, q, steps).
+        """
         self._unwrap()
         result.metrics.update(
             {
