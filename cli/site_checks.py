@@ -31,7 +31,7 @@ def check_site(
     problems: list[str] = []
     notes: list[str] = []
     problems += _budget_problems(site, exp, src, xsrc)
-    problems += _policy_problems(site, exp, src, xsrc, notes)
+    problems += _policy_problems(site, exp, src, xsrc)
     if exp.he.enabled:
         problems += _key_problems(site, exp, src)
     problems += _data_problems(site, src)
@@ -65,33 +65,98 @@ def _budget_problems(site: SiteConfig, exp: ExperimentConfig, src: str, xsrc: st
     return []
 
 
-def _policy_problems(
-    site: SiteConfig, exp: ExperimentConfig, src: str, xsrc: str, notes: list[str]
-) -> list[str]:
-    """The site's own DP policy (``[privacy]`` fields, where this fedcl has them)."""
+def _policy_problems(site: SiteConfig, exp: ExperimentConfig, src: str, xsrc: str) -> list[str]:
+    """The site's own DP policy (``[privacy]``), as its rounds would apply it.
+
+    What needs this site's data (the σ it would plan for ``dp.epsilon``, the ε a given
+    ``dp.noise_multiplier`` would spend over the run) is planned as the first round would.
+    """
     policy, dp, out = site.privacy, exp.dp, []
-    if getattr(policy, "require_dp", False) and not dp.enabled:
-        out.append(
-            f"{src}: field 'privacy.require_dp': this site trains only with DP-SGD, but {xsrc} "
-            "has no [dp] (set dp.epsilon or dp.noise_multiplier)"
-        )
-    floor = getattr(policy, "min_noise_multiplier", None)
-    if floor is not None and dp.enabled:
-        if dp.noise_multiplier is not None and dp.noise_multiplier < floor:
+    if not dp.enabled:
+        if policy.require_dp:
             out.append(
-                f"{src}: field 'privacy.min_noise_multiplier': {floor:g} is above the "
-                f"experiment's dp.noise_multiplier = {dp.noise_multiplier:g} ({xsrc})"
+                f"{src}: field 'privacy.require_dp': this site trains only with DP-SGD (true "
+                f"by default when the site sets a budget or a limit), but {xsrc} has DP "
+                "off (set dp.epsilon or dp.noise_multiplier): it would refuse every round and "
+                "every evaluation"
             )
-        elif dp.noise_multiplier is None:
-            notes.append("σ comes from dp.epsilon at this site: min_noise_multiplier is checked "
-                         "when the first round plans it")  # fmt: skip
-    cap = getattr(policy, "max_epsilon_per_run", None)
-    if cap is not None and dp.enabled and dp.epsilon is not None and dp.epsilon > cap:
+        return out
+    floor, cap = policy.min_noise_multiplier, policy.max_epsilon_per_run
+    field_floor = f"{src}: field 'privacy.min_noise_multiplier'"
+    field_cap = f"{src}: field 'privacy.max_epsilon_per_run'"
+    if floor is not None and dp.noise_multiplier is not None and dp.noise_multiplier < floor:
         out.append(
-            f"{src}: field 'privacy.max_epsilon_per_run': {cap:g} is below the experiment's "
-            f"dp.epsilon = {dp.epsilon:g} ({xsrc})"
+            f"{field_floor}: {floor:g} is above the experiment's dp.noise_multiplier = "
+            f"{dp.noise_multiplier:g} ({xsrc}): this site would refuse every training round"
         )
+    if floor is not None and _consolidates(exp) and exp.continual.fisher_noise_multiplier < floor:
+        out.append(
+            f"{field_floor}: {floor:g} is above the experiment's continual."
+            f"fisher_noise_multiplier = {exp.continual.fisher_noise_multiplier:g} ({xsrc}): this "
+            "site would refuse every consolidation round"
+        )
+    if cap is not None and dp.epsilon is not None and dp.epsilon > cap:
+        out.append(
+            f"{field_cap}: {cap:g} is below the experiment's dp.epsilon = {dp.epsilon:g} "
+            f"({xsrc}): this site would refuse the rounds that bring the run above {cap:g}"
+        )
+    given = dp.noise_multiplier is not None
+    if not ((floor is not None and not given) or (given and (cap or policy.epsilon_budget))):
+        return out
+    privacy, problem = _planned_privacy(site, exp, xsrc)
+    if problem:
+        return [*out, problem]
+    if privacy is None:
+        return out  # the data does not load: data_table says why
+    if not given and floor is not None and privacy.noise_multiplier < floor:
+        out.append(
+            f"{field_floor}: {floor:g} is above the σ = {privacy.noise_multiplier:.3g} this site "
+            f"plans for the experiment's dp.epsilon = {dp.epsilon:g} at its data ({xsrc}): it "
+            "would refuse every training round; ask for a smaller dp.epsilon"
+        )
+    if given:
+        spend = privacy.planned_run_epsilon()
+        what = f"the ε = {spend:.2f} that dp.noise_multiplier = {dp.noise_multiplier:g} ({xsrc})"
+        if cap is not None and spend > cap:
+            out.append(
+                f"{field_cap}: {cap:g} is below {what} would spend over the run at this site's "
+                "data: the rounds that bring the run above it would be refused"
+            )
+        if policy.epsilon_budget is not None:
+            spent = privacy.ledger.epsilon(policy.delta)
+            remaining = policy.epsilon_budget - spent
+            if spend > remaining:
+                out.append(
+                    f"{src}: field 'privacy.epsilon_budget': {policy.epsilon_budget:g}, of which "
+                    f"{spent:.2f} is spent: {remaining:.2f} remains, less than {what} would "
+                    "spend over the run at this site's data"
+                )
     return out
+
+
+def _consolidates(exp: ExperimentConfig) -> bool:
+    from fedcl.continual.methods import get_method
+
+    return get_method(exp.continual.method).consolidates and not exp.is_joint
+
+
+def _planned_privacy(site: SiteConfig, exp: ExperimentConfig, xsrc: str):
+    """(SitePrivacy over this site's data, None), (None, a problem) or (None, None)."""
+    from fedcl.client.privacy_site import SitePlan, SitePrivacy
+    from fedcl.client.site import load_site_data
+    from fedcl.config import FedclError
+    from fedcl.privacy.dp import DPConfigError
+
+    try:
+        data = load_site_data(exp, site)
+    except FedclError:
+        return None, None
+    privacy = SitePrivacy(SitePlan(exp, site, data))
+    try:
+        privacy.noise_multiplier  # noqa: B018 - plans σ (and raises what the round would)
+    except DPConfigError as err:
+        return None, f"{xsrc}: field 'dp': at the data of site {site.site_id}: {err}"
+    return privacy, None
 
 
 def _key_problems(site: SiteConfig, exp: ExperimentConfig, src: str) -> list[str]:

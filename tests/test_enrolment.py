@@ -199,7 +199,7 @@ def test_site_check_catches_what_rounds_would_refuse(tmp_path, capsys) -> None:
     assert "Traceback" not in err
     if "require_dp" in PrivacyPolicy.model_fields:  # the site's policy (config/site.py)
         text = (state / "site.toml").read_text()
-        text = text.replace("[privacy]", "[privacy]\nrequire_dp = true")
+        text = text.replace("\n[privacy]\n", "\n[privacy]\nrequire_dp = true\n")
         (state / "site.toml").write_text(text)
         exp.write_text(exp.read_text().replace("[dp]\nepsilon = 8.0\n", ""))
         assert main(["site", "check", str(state), "--experiment", str(exp)]) == 2
