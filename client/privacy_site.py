@@ -24,6 +24,7 @@ from typing import Any
 
 from fedcl.config import ExperimentConfig, SiteConfig
 from fedcl.config import protocol as P
+from fedcl.continual.plan import RunPlan
 from fedcl.privacy.dp import DPHook, plan_noise, planned_release, sampling_plan
 from fedcl.privacy.ledger import DPRelease, PrivacyLedger, SpendDecision, compose_epsilon
 
@@ -59,6 +60,10 @@ class SitePlan:
     run_id: str = "planned"
     task_index: int = 0
     server_round: int = 0
+
+    @property
+    def plan(self) -> RunPlan:
+        return RunPlan.of(self.experiment)
 
 
 def admit(job: SiteJob, phase: str = "train") -> tuple[SitePrivacy | None, PolicyRefusal | None]:
@@ -126,21 +131,22 @@ class SitePrivacy:
         if self.spec.noise_multiplier is not None:
             return float(self.spec.noise_multiplier)
         training = self.planned_training()
-        steps = sum(s for _q, s in training)
         rate = max((q for q, _s in training), default=0.0)
+        groups = self.planned_training_groups()
+        steps = {g: 0 for g in groups}
+        for (_q, s), g in zip(training, groups, strict=True):
+            steps[g] += s
         fisher = self.planned_fisher_releases()
-        if not fisher:
+        if not fisher and set(steps) <= {1}:
             return plan_noise(
-                epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps
+                epsilon=self.spec.epsilon, delta=self.delta, sample_rate=rate, steps=steps.get(1, 0)
             )
         return self._plan_with_fisher(rate, steps, fisher)
 
     def planned_training(self) -> list[tuple[float, int]]:
         """The run's DP-SGD at this site, ``(q, steps)`` per task, at its own data sizes."""
         train = self.job.experiment.train
-        rounds = train.rounds_per_task
-        if self.job.experiment.is_joint:  # one task, as many rounds as the whole sequence
-            rounds *= len(self.job.data.stream.evaluation_tasks)
+        rounds = self.job.plan.rounds_per_task  # the coordinator's schedule, not a second count
         out = []
         for k in range(self.job.data.stream.num_tasks):
             n = len(self.job.data.train_set(k))
@@ -150,10 +156,25 @@ class SitePrivacy:
             out.append((plan.sample_rate, rounds * train.local_epochs * plan.batches_per_epoch))
         return out
 
+    def planned_training_groups(self) -> list[int]:
+        """The DP group size of each task's DP-SGD in :meth:`planned_training` (2 with replay)."""
+        from .continual_site import task_group_size
+
+        return [
+            task_group_size(self.job, k)
+            for k in range(self.job.data.stream.num_tasks)
+            if len(self.job.data.train_set(k))
+        ]
+
     def planned_run_epsilon(self) -> float:
         """ε the whole run would spend at this site (DP-SGD at σ plus the Fisher releases)."""
         sigma = self.noise_multiplier
-        history = [(sigma, q, steps) for q, steps in self.planned_training()]
+        history = [
+            (sigma, q, steps, group)
+            for (q, steps), group in zip(
+                self.planned_training(), self.planned_training_groups(), strict=True
+            )
+        ]
         return compose_epsilon([*history, *self.planned_fisher_releases()], self.delta, "rdp")
 
     def noise_refusal(self, phase: str = "train") -> PolicyRefusal | None:
@@ -211,7 +232,7 @@ class SitePrivacy:
         return DPRelease.of(consolidation_release(self.job), self.delta)
 
     def _plan_with_fisher(
-        self, rate: float, steps: int, fisher: list[tuple[float, float, int]]
+        self, rate: float, steps: dict[int, int], fisher: list[tuple[float, float, int]]
     ) -> float:
         """σ of DP-SGD so that DP-SGD *and* the Fisher releases together meet ``dp.epsilon``.
 
@@ -223,7 +244,8 @@ class SitePrivacy:
         target = float(self.spec.epsilon)
 
         def eps(sigma: float) -> float:
-            return compose_epsilon([(sigma, rate, steps), *fisher], self.delta, "rdp")
+            training = [(sigma, rate, n, group) for group, n in steps.items()]
+            return compose_epsilon([*training, *fisher], self.delta, "rdp")
 
         if compose_epsilon(fisher, self.delta, "rdp") >= target:
             raise DPConfigError(
@@ -235,17 +257,25 @@ class SitePrivacy:
         while eps(high) > target:
             low, high = high, high * 2
             if high > 1e4:
-                raise DPConfigError(f"dp.epsilon = {target} cannot be met with {steps} steps")
+                raise DPConfigError(
+                    f"dp.epsilon = {target} cannot be met with {sum(steps.values())} steps"
+                )
         for _ in range(30):
             mid = (low + high) / 2
             low, high = (mid, high) if eps(mid) > target else (low, mid)
         return high
 
     def training_release(self, n_examples: int) -> DPRelease:
+        """This message's DP-SGD over ``n_examples``, at group size 2 over a replay buffer."""
+        from dataclasses import replace
+
+        from .continual_site import training_group_size
+
         train = self.job.experiment.train
-        return planned_release(
+        release = planned_release(
             n_examples, train.batch_size, train.local_epochs, self.noise_multiplier, self.delta
         )
+        return replace(release, group_size=training_group_size(self.job))
 
     def hook(self) -> DPHook:
         return DPHook(
