@@ -67,6 +67,12 @@ def train(msg: Message, context: Context) -> Message:
             return _refused(msg, job, privacy, refusal)
         model = job.global_model()
         received = state_sha256(model.state_dict())
+        cached = job.replies.lookup("train", job.server_round, received)
+        if cached is not None:  # asked again: the same answer, no new noise, no new ε
+            logger.info(
+                "site %s: re-sending its reply to round %d", job.site.site_id, job.server_round
+            )
+            return Message(cached, reply_to=msg)
         from fedcl.continual.methods import get_method
 
         from .continual_site import site_context
@@ -79,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
         if privacy is not None:  # DP on: the policy's most ε per run, then the budget
-            decision = privacy.charge(privacy.training_release(len(data)))
+            decision = _charge_once(job, privacy, "train", privacy.training_release(len(data)))
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
             hooks.insert(0, privacy.hook())  # first: the others add to the privatised gradient
@@ -116,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     except FedclError as err:
         return _failure(msg, context, err)
     records[P.METRICS] = MetricRecord({**metrics, **stats})
-    return _reply(msg, job, records, **extra)
+    return _kept(job, "train", received, _reply(msg, job, records, **extra))
 
 
 @app.train("consolidate")
@@ -129,10 +135,14 @@ def consolidate(msg: Message, context: Context) -> Message:
             return _refused(msg, job, privacy, refusal)
         model = job.global_model()
         base = state_sha256(model.state_dict())
+        cached = job.replies.lookup("consolidate", job.server_round, base)
+        if cached is not None:  # asked again: the same Fisher, no new noise, no new ε
+            return Message(cached, reply_to=msg)
         if privacy is not None:
             # The DP Fisher is a release like any other: paid before it is computed, as the
             # method states it (site_fisher refuses to send a Fisher computed otherwise).
-            decision = privacy.charge(privacy.consolidation_release())
+            release = privacy.consolidation_release()
+            decision = _charge_once(job, privacy, "consolidate", release)
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
         fisher, n, _release = site_fisher(job, model)
@@ -143,7 +153,37 @@ def consolidate(msg: Message, context: Context) -> Message:
     if privacy is not None:
         stats.update(privacy.metrics())
     records[P.METRICS] = MetricRecord(stats)
-    return _reply(msg, job, records, **{P.MODEL_SHA256: base})
+    return _kept(job, "consolidate", base, _reply(msg, job, records, **{P.MODEL_SHA256: base}))
+
+
+def _kept(job: SiteJob, kind: str, base: str, reply: Message) -> Message:
+    """Keep a reply at the site before it leaves, so a repeated question gets the same answer."""
+    job.replies.store(kind, job.server_round, base, reply.content)
+    return reply
+
+
+def _charge_once(job: SiteJob, privacy, kind: str, release):
+    """Charge ``release``, unless this round already paid for it and nothing of it left the site.
+
+    A site that died between paying and replying released nothing (replies are kept before they
+    leave: :func:`_kept`), so the retry reuses that charge instead of paying twice.
+    """
+    from fedcl.privacy.ledger import SpendDecision
+
+    from .retries import paid_but_unsent
+
+    unsent = not job.replies.has(kind, job.server_round) and paid_but_unsent(
+        privacy.ledger,
+        run_id=job.run_id,
+        server_round=job.server_round,
+        mechanism=release.mechanism,
+        release=release,
+    )
+    if not unsent:
+        return privacy.charge(release)
+    logger.info("site %s: round %d was paid for and never sent", job.site.site_id, job.server_round)
+    spent = privacy.ledger.epsilon(privacy.delta)
+    return SpendDecision(True, spent, spent, privacy.budget)
 
 
 @app.evaluate()

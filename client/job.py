@@ -19,6 +19,7 @@ from fedcl.config import protocol as P
 from fedcl.continual.plan import RunPlan
 
 from .codec import UpdateCodec, codec_for
+from .retries import ReplyCache
 from .site import SiteData, load_site_data, resolve_site_config
 
 
@@ -53,6 +54,11 @@ class SiteJob:
     def plan(self) -> RunPlan:
         """The run's schedule and model, as the coordinator computes them."""
         return RunPlan.of(self.experiment)
+
+    @cached_property
+    def replies(self) -> ReplyCache:
+        """The replies this site produced in this run (an idempotent retry re-sends them)."""
+        return ReplyCache(self.state_dir / "replies")
 
     @cached_property
     def codec(self) -> UpdateCodec:
