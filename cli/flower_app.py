@@ -9,6 +9,7 @@ any installer resolve an unrelated PyPI package of that name (our distribution i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedcl.config import ExperimentConfig, to_json
@@ -24,6 +25,7 @@ def write_flower_app(
     run_id: str,
     scenario: str = "custom",
     artifacts_dir: str | None = None,
+    site_nodes: dict[str, str] | None = None,
 ) -> Path:
     """A thin Flower app: components point at the installed fedcl, config carries the run."""
     import tomli_w
@@ -37,6 +39,8 @@ def write_flower_app(
     }
     if artifacts_dir:  # model versions (default: next to a SQLite registry)
         config["artifacts-dir"] = artifacts_dir
+    if site_nodes:  # the node each enrolled site's key was registered as (SuperNode auth)
+        config["site-nodes"] = json.dumps({site: int(node) for site, node in site_nodes.items()})
     pyproject = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {

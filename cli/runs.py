@@ -111,6 +111,7 @@ class Submission:
 
     def __init__(self, folder: CoordinatorDir, run_id: str):
         self.dir = folder.runs / run_id
+        self.nodes_file = folder.superlink / "nodes.json"  # site id -> node id, from enrolment
         self.run_id = run_id
         self.info_file = self.dir / "flower.json"
         self.log_proc: subprocess.Popen | None = None
@@ -127,9 +128,10 @@ class Submission:
         from .flower_app import write_flower_app
 
         app = self.dir / "app"
+        nodes = json.loads(self.nodes_file.read_text()) if self.nodes_file.is_file() else {}
         write_flower_app(
             exp, app, registry_url=registry_url, run_id=self.run_id, scenario="deployment",
-            artifacts_dir=str(artifacts),
+            artifacts_dir=str(artifacts), site_nodes=nodes,
         )  # fmt: skip
         got = flwr_json(["run", str(app), spec.name], timeout=180)
         if not got.get("success") or not got.get("run-id"):

@@ -5,7 +5,9 @@ In a deployment, ``flwr run`` starts it with a run config written by ``fedcl coo
 * ``experiment``: path to the experiment TOML, or the experiment as inline JSON;
 * ``registry-url``: SQLAlchemy URL of the registry (default: ``sqlite:///fedcl-registry.db``);
 * ``run-id``: the run to start or resume (default: derived from the experiment's name);
-* ``scenario``: a label recorded with the run.
+* ``scenario``: a label recorded with the run;
+* ``site-nodes``: JSON ``{site id: node id}`` of the enrolled sites, as the SuperLink registered
+  their keys (``fedcl coordinator up``): a reply's site is then its authenticated node's.
 
 Simulations build the same app with :func:`make_server_app` and pass the options directly.
 """
@@ -48,6 +50,10 @@ def options_from_run_config(run_config: dict) -> CoordinatorOptions:
         run_id=str(run_config.get("run-id") or experiment.name),
         scenario=str(run_config.get("scenario") or "custom"),
         artifacts_dir=str(run_config["artifacts-dir"]) if run_config.get("artifacts-dir") else None,
+        site_nodes={
+            str(site): int(node)
+            for site, node in json.loads(str(run_config.get("site-nodes") or "{}")).items()
+        },
     )
 
 

@@ -52,6 +52,8 @@ class CoordinatorOptions:
     sites_dir: str | None = None
     artifacts_dir: str | None = None
     observers: Sequence[RunObserver] = field(default_factory=tuple)
+    #: Site id -> the node id its key was registered as (SuperNode authentication).
+    site_nodes: dict[str, int] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -64,6 +66,8 @@ class Coordinator:
         self.plan = RunPlan.of(self.experiment)
         self.initial = self.plan.initial_model()
         self.strategy = build_strategy(self.experiment, initial=self.initial)
+        for site, node in options.site_nodes.items():  # authenticated: no reply can claim them
+            self.strategy.sites.bind(node, site)
         self.registry = Registry.open(options.registry_url, artifacts_dir=options.artifacts_dir)
         self.run_id = options.run_id
         self.versions = VersionStore(self.registry, self.run_id)

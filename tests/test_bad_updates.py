@@ -312,3 +312,32 @@ def test_encrypted_faults_cost_only_their_site(tmp_path, kind, status, reason) -
     assert all(r.status == "completed" for r in rounds)
     # The round after the fault starts from a model every site can decrypt: all three train.
     assert [p.status for p in participation(url, 3, "site-1")] == ["ok"]
+
+
+def test_an_enrolled_node_is_its_registered_site_from_the_first_round(tmp_path) -> None:
+    """With SuperNode auth the coordinator knows which node each enrolled key is (site-nodes)."""
+    import json
+
+    from fedcl.server.app import options_from_run_config
+
+    exp = small_experiment()
+    opts = options_from_run_config(
+        {
+            "experiment": json.dumps(exp.model_dump(mode="json")),
+            "run-id": "faults",
+            "site-nodes": json.dumps({"site-0": 1000, "site-1": 1001, "hospital-x": 1002}),
+        }
+    )
+    assert opts.site_nodes == {"site-0": 1000, "site-1": 1001, "hospital-x": 1002}
+    sites_dir = tmp_path / "sites"
+    write_site_configs(exp, sites_dir)
+    opts.registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    opts.sites_dir = str(sites_dir)
+    from fedcl.client.app import app as client_app
+
+    status = Coordinator(LocalGrid(client_app, 3), opts).run()
+    assert status == "completed"
+    # Node 1002 was enrolled as hospital-x; its site.toml says site-2: every reply is refused.
+    parts = participation(opts.registry_url, 1, "hospital-x")
+    assert parts and parts[0].status == "rejected" and "claims to be site site-2" in parts[0].detail
+    assert participation(opts.registry_url, 1, "site-2") == []
