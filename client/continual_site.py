@@ -21,9 +21,9 @@ from fedcl.continual.replay import (
     ReplayBuffer,
     ReplayBufferMismatch,
     check_replay_size,
-    load_or_create_key,
     mixed_dataset,
 )
+from fedcl.continual.replay_keys import load_or_create_key
 
 from .job import SiteJob
 

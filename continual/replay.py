@@ -4,66 +4,24 @@ EWC alone does not solve class-incremental learning (Hsu et al., 2018; our Split
 baseline: ~0.2 average accuracy, like fine-tuning), because nothing in a task's data asks the
 head to keep scoring the old classes. Mixing a few stored old examples into every later task
 does. The examples never leave the site: the buffer lives in the site state directory and only
-enters training, so under DP it is protected like the rest of the site's data (see "Privacy").
+enters training, so under DP it is protected like the rest of the site's data.
 
-**Membership: keyed bottom-k.** Every example gets a score, a keyed hash
-``HMAC-SHA256(key, content)`` where the content is the example's input bytes (with dtype and
-shape), its training target and its *occurrence number* (the j-th identical copy of the same
-input and target gets ``j``; copies are indistinguishable, so removing "one" of them removes the
-largest ``j``). The buffer keeps the examples with the smallest scores:
-
-* ``"reservoir"``: the ``capacity`` smallest scores overall, i.e. a uniform sample without
-  replacement of everything offered so far (classes kept in proportion to how often they were
-  seen), like Vitter's algorithm R but a function of the *set* of examples, not of a random draw.
-* ``"class-balanced"``: an equal quota per class seen, minority classes kept whole (as in CBRS,
-  Chrysakis & Moens, 2020): class ``c`` keeps its ``m_c`` smallest scores, where the quotas
-  ``m`` are the bottom-``capacity`` of the *virtual keys* ``(r, π(c))`` for ``r < n_c``
-  (``n_c`` examples of class ``c`` seen; ``π(c)`` a keyed hash of the label breaking ties). That
-  is round-robin over the classes: ``min(n_c, L)`` each at the level ``L`` that fills the
-  buffer, the remaining slots to the next classes in ``π`` order.
-
-The buffer is a deterministic function of (the multiset of examples offered, the key, the
-capacity, the policy): the order and the batching of ``add`` calls do not matter, so a site
-that adds an earlier task late (it missed it) holds exactly the buffer of one that never missed
-it, and a buffer can always be rebuilt from the site's own data.
-
-**One slot per example.** Adding or removing one example changes at most one slot, whatever
-the data and the key (``tests/test_replay_bottomk.py`` checks it over many random removals):
-
-* reservoir: bottom-k of a set minus one element ``z`` is the old bottom-k minus ``z`` plus the
-  (k+1)-th smallest (if any), or unchanged when ``z`` was not in it;
-* class-balanced: removing ``z`` of class ``a`` removes one virtual key, ``(n_a - 1, π(a))``,
-  so the quotas change at most by ``m_a - 1`` and ``m_b + 1`` for one other class ``b`` (bottom-k
-  of the virtual keys again). If they do not change, ``m_a < n_a`` and class ``a``'s bottom-
-  ``m_a`` loses at most ``z`` and gains its next example; if they do, ``m_a = n_a`` (class ``a``
-  was kept whole, ``z`` with it): the buffer loses ``z`` and gains class ``b``'s next example.
-
-Adding is the same statement read backwards. In the symmetric difference of the two buffers
-there are therefore at most 2 examples (``z`` and the one it displaced), one slot.
-
-**The key** is 32 random bytes in ``replay.key`` in the site's state directory
-(:func:`load_or_create_key`: created once, mode 0600, reused by every run). The one-slot
-property holds for *every* key; the key's secrecy is defence in depth: without it nobody can
-tell which examples a site keeps or craft examples that take over its buffer. Buffers built
-without a key (``ReplayBuffer(capacity, policy, seed)``, tests and centralised experiments)
-derive one from the seed, which is public.
-
-**Privacy.** The buffer's examples are trained on again in later tasks: the accounting must
-compose every round of every task over the site's whole dataset (the ledger does), and one
-example changes the training set of a later task by up to *two* records under add/remove
-adjacency (itself and the example it displaced from the buffer). See
-:func:`fedcl.client.continual_site.training_set` for how that is charged.
+**Membership is keyed bottom-k**: every example gets a score ``HMAC-SHA256(key, content)`` (its
+bytes, target and occurrence number) and the buffer keeps the smallest — overall
+(``"reservoir"``: a uniform sample without replacement) or per class with equal quotas, minority
+classes whole (``"class-balanced"``, round-robin over keyed class priorities). The buffer is a
+deterministic function of the set of examples offered, the key, the capacity and the policy, so
+a site that missed a task rebuilds exactly the same buffer, and **adding or removing one
+example changes at most one slot** whatever the data and the key. The proof, the key
+(:mod:`.replay_keys`) and what it means for DP (group size 2 under add/remove adjacency) are in
+docs/DESIGN.md §7, "Replay membership".
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import json
 import os
-import secrets
-import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +32,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from fedcl.config import ConfigError, FedclError
 
+from .replay_keys import key_id, seed_key
+
 POLICIES = ("reservoir", "class-balanced")
 FORMAT = "fedcl-replay-v2"
 OLD_FORMATS = ("fedcl-replay-v1",)  # draw-dependent sampling: rebuilt, never continued
-KEY_FILE = "replay.key"
-KEY_BYTES = 32
 _DIGEST_BYTES = 16  # content ids of seen examples (128 bits: collisions are out of reach)
 
 
@@ -120,63 +78,6 @@ def check_replay_policy(policy: str) -> str:
     return policy
 
 
-# -- the key --------------------------------------------------------------------------------------
-
-
-def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
-    """The site's replay key, ``state_dir/replay.key``: created once (mode 0600), then reused.
-
-    Creation is atomic (a complete temporary file is hard-linked into place, which fails if
-    another process got there first, whose key is then used), so concurrent first messages of
-    one site agree on one key. A key file readable by anyone but its owner is refused.
-    """
-    folder = Path(state_dir)
-    path = folder / KEY_FILE
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + KEY_FILE + ".", dir=folder)  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                os.fchmod(fh.fileno(), 0o600)  # whatever the umask says
-                fh.write(secrets.token_bytes(KEY_BYTES))
-                fh.flush()
-                os.fsync(fh.fileno())
-            with contextlib.suppress(FileExistsError):  # another process created it first
-                os.link(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> bytes:
-    try:
-        mode = path.stat().st_mode
-        key = path.read_bytes()
-    except OSError as exc:
-        raise FedclError(f"replay key {path} cannot be read: {exc}") from exc
-    if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
-        raise FedclError(
-            f"replay key {path} has mode {oct(stat.S_IMODE(mode))}: it must be private to the "
-            f"site (chmod 600 {path})"
-        )
-    if len(key) != KEY_BYTES:
-        raise FedclError(
-            f"replay key {path} holds {len(key)} bytes, not {KEY_BYTES}: it is damaged; remove "
-            "it (the buffers are rebuilt from the site's data with a new key)"
-        )
-    return key
-
-
-def _seed_key(seed: int) -> bytes:
-    """A public key from a seed (for buffers built without a site key)."""
-    return hmac.digest(b"fedcl-replay/seed-key", str(int(seed)).encode(), "sha256")
-
-
-def _key_id(key: bytes) -> str:
-    return hmac.digest(key, b"fedcl-replay/key-id", "sha256")[:8].hex()
-
-
 # -- the buffer -----------------------------------------------------------------------------------
 
 
@@ -210,13 +111,13 @@ class ReplayBuffer:
             if seed is None:
                 raise FedclError("a replay buffer needs a key or a seed")
             self.seed: int | None = int(seed)
-            self._key = _seed_key(self.seed)
+            self._key = seed_key(self.seed)
         else:
             if not isinstance(key, bytes) or len(key) < 16:
                 raise FedclError("a replay key must be at least 16 bytes")
             self.seed = None
             self._key = key
-        self.key_id = _key_id(self._key)
+        self.key_id = key_id(self._key)
         self.seen = 0  # examples offered so far
         self._seen_per_class: dict[int, int] = {}
         self._occurrences: dict[bytes, int] = {}  # content id -> copies seen

@@ -19,12 +19,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedcl.config import FedclError
-from fedcl.continual.replay import (
-    KEY_FILE,
-    ReplayBuffer,
-    ReplayBufferMismatch,
-    load_or_create_key,
-)
+from fedcl.continual.replay import ReplayBuffer, ReplayBufferMismatch
+from fedcl.continual.replay_keys import KEY_FILE, load_or_create_key
 
 torch.set_num_threads(1)
 POLICIES = ["reservoir", "class-balanced"]
