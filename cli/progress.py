@@ -81,9 +81,9 @@ def follow(
     from fedcl.server.registry import Registry
 
     printed: set[int] = set()
-    started = time.monotonic()
-    waiting_shown = False
-    while True:
+
+    def show():
+        """Print every round finished since the last look; the run as the registry has it."""
         with Registry.open(registry_url) as reg:
             run = reg.get_run(run_id)
             if run is not None:
@@ -94,14 +94,19 @@ def follow(
                     if rnd.status != "running" and rnd.id not in printed:
                         printed.add(rnd.id)
                         console.print(round_line(reg, run, rnd, num_tasks, per_task))
-                if ended(run):
-                    return run.status, run.reason
-                if not printed and not waiting_shown:
-                    console.print("run started; round 1 waits for the sites ...")
-                    waiting_shown = True
+        return run
+
+    started = time.monotonic()
+    waiting_shown = False
+    while True:
+        run = show()
+        if ended(run):
+            return run.status, run.reason
+        if run is not None and not printed and not waiting_shown:
+            console.print("run started; round 1 waits for the sites ...")
+            waiting_shown = True
         if alive is not None and not alive():
-            with Registry.open(registry_url) as reg:  # one last look: it may just have ended
-                run = reg.get_run(run_id)
+            run = show()  # one last look: it may just have ended, its last rounds unprinted
             if ended(run):
                 return run.status, run.reason
             return None, None

@@ -231,9 +231,12 @@ def test_a_site_that_disagrees_on_the_model_is_flagged_and_not_averaged(tmp_path
         if msg.content[P.CONFIG][P.SERVER_ROUND] != 3:
             return None
         state = msg.content[P.ARRAYS].to_torch_state_dict()
-        from flwr.app import ArrayRecord
+        from flwr.app import ArrayRecord, RecordDict
 
-        msg.content[P.ARRAYS] = ArrayRecord({k: v + 0.01 for k, v in state.items()})
+        # A copy: the grid sends every site the same RecordDict, the others must not see this.
+        content = RecordDict(dict(msg.content.items()))
+        content[P.ARRAYS] = ArrayRecord({k: v + 0.01 for k, v in state.items()})
+        msg.content = content
         return client_app(msg, context)
 
     status, opts, _ = run_inprocess(
