@@ -5,6 +5,9 @@ attempt failed". The supervisor starts it with ``--max-wait-time`` so it gives u
 and prints Flower's reason, turns that reason into one line a site administrator can act on
 (wrong CA, key not enrolled, nothing listening), and starts it again with exponential backoff.
 A SuperNode that ran for a while (then lost a restarted SuperLink) starts again at once.
+
+The SuperNode runs as ``python -m fedcl.cli.supernode`` (:func:`run_flower_supernode`): Flower
+1.41's own ``flower-supernode`` never exits once it gives up on a SuperLink it was connected to.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from fedcl.config import ConfigError
 
 from .federation import SiteDir
-from .superlink import flower_env, listening, log_tail, pid_alive, read_pid, tool
+from .superlink import flower_env, listening, log_tail, pid_alive, read_pid
 
 BACKOFF_START, BACKOFF_MAX = 2.0, 60.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -45,6 +48,11 @@ REASONS = (  # (what Flower logs, what it means for this site)
         "and is this the address and port it printed?",
     ),
     (
+        "No route to host",
+        "the network path to {superlink} is down (no route to host): the link, a VPN or a "
+        "firewall between this site and the coordinator",
+    ),
+    (
         "Name or service not known",
         "the SuperLink's host name in {superlink} does not resolve from this site",
     ),
@@ -61,7 +69,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def supernode_argv(site: SiteDir, superlink: str, port: int, max_wait: float) -> list[str]:
     return [
-        tool("flower-supernode"),
+        sys.executable, "-m", "fedcl.cli.supernode",  # flower-supernode, see run_flower_supernode
         "--superlink", superlink,
         "--root-certificates", str(site.ca_cert),
         "--auth-supernode-private-key", str(site.node_key),
@@ -236,3 +244,29 @@ def connection_state(site: SiteDir) -> dict:
         "last_lines": [ln for ln in text.splitlines() if ln.strip(" \t:INFO")][-5:],
         "supervisor_log": log_tail(folder / "supervisor.log", 5).splitlines(),
     }
+
+
+# --- the SuperNode process itself --------------------------------------------------------------
+GAVE_UP = "the SuperNode gave up reaching the SuperLink (--max-wait-time) and exits"
+
+
+def run_flower_supernode() -> None:
+    """``flower-supernode``, but a process that ends when the SuperNode stops trying.
+
+    When Flower 1.41's SuperNode loses a SuperLink it was connected to (a cut link, a SuperLink
+    down for longer than ``--max-wait-time``), its retries give up, the error is logged and its
+    main function *returns*; its Runtime API server thread is no daemon, so the process lives on,
+    connected to nothing, and a supervisor waiting for it to exit waits forever. Here it exits as
+    on SIGTERM (Flower's exit handlers stop that thread), with an error code and a line saying
+    why, so the :class:`Supervisor` starts a new one.
+    """
+    from flwr.supercore.exit import ExitCode, flwr_exit
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv[0] = "flower-supernode"  # what Flower's messages and exit handling expect
+    flower_supernode()
+    flwr_exit(ExitCode.SUPERNODE_CONNECTION_ERROR, GAVE_UP)
+
+
+if __name__ == "__main__":
+    run_flower_supernode()
