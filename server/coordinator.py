@@ -151,8 +151,9 @@ class Coordinator:
         )
 
     def _evaluate(self, model: GlobalModel, step: PlannedRound) -> Evaluation:
-        # Sites that left since training must not hang Flower's sampling: evaluate who is there.
-        wait_s = self.experiment.train.site_wait_s
+        # Sites that left since training must not hang Flower's sampling: evaluate who is there
+        # (the round already waited for them; only the untrained baseline waits here).
+        wait_s = self.experiment.train.site_wait_s if step.server_round == 0 else 0.0
         self.strategy.await_sites(self.grid, step.server_round, wait_s=wait_s, quorum=1)
         config = self.base_config(step)
         messages = self.strategy.configure_evaluate(step.server_round, model, config, self.grid)
