@@ -42,7 +42,7 @@ class GlobalModel:
         can decrypt the model: then their majority is the reference)."""
         from fedcl.models import state_sha256
 
-        if self.encrypted or is_ciphertext(self.arrays):
+        if self.encrypted or is_encrypted(self.arrays):
             return None
         return state_sha256(self.arrays.to_torch_state_dict())
 
@@ -76,7 +76,7 @@ class Evaluation:
     outcomes: list[SiteOutcome]
 
 
-def is_ciphertext(arrays: ArrayRecord | None) -> bool:
+def is_encrypted(arrays: ArrayRecord | None) -> bool:
     """Whether an ArrayRecord holds CKKS blocks (rather than plaintext weights)."""
     if not arrays:
         return False

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedcl.config import ConfigError, ExperimentConfig
@@ -32,18 +32,15 @@ from fedcl.privacy.ckks.codec import Layout, Packing
 from fedcl.privacy.ckks.errors import CKKSKeyError, ReplyRejected
 from fedcl.privacy.ckks.wire import EncryptedSum, ExpectedReply, WireMeta
 
-from .contract import Aggregate, Evaluation, GlobalModel, Verify, is_ciphertext
+from .contract import Aggregate, Evaluation, GlobalModel, Verify, is_encrypted
 from .outcomes import SiteOutcome
 from .sites import SiteStrategy
 
 logger = logging.getLogger("fedcl.strategies")
 
+__all__ = ["CONTRIBUTORS", "Encrypted", "is_encrypted", "majority_base"]
+
 CONTRIBUTORS = "contributors"  # metric: how many sites' ciphertexts were summed
-
-
-def is_encrypted(arrays: ArrayRecord | None) -> bool:
-    """Whether an ArrayRecord holds CKKS blocks (rather than plaintext weights)."""
-    return is_ciphertext(arrays)
 
 
 class Encrypted:
