@@ -62,3 +62,60 @@ def test_all_sites_refused_ends_the_run_cleanly(tmp_path) -> None:
     with Registry.open(opts.registry_url) as reg:
         run = reg.get_run(opts.run_id)
     assert "every site refused" in run.reason and "site-0" in run.reason
+
+
+# --- DP that fits each site (issue 12) ---------------------------------------------------------
+#: 3 sites, 2 tasks, batch 32: site-2's second task has 27 training examples, fewer than the
+#: batch (it used to fail every round: "batch_size 32 >= 27 ... q = 1.0").
+FITS = [*SMALL, "data.num_tasks=2", "data.partition.alpha=0.1", "train.batch_size=32"]
+
+
+def _dp_sgd(ledger: PrivacyLedger, run_id: str) -> dict[int, object]:
+    return {e.server_round: e for e in ledger.entries(run_id=run_id) if e.mechanism == "dp-sgd"}
+
+
+def test_a_task_smaller_than_the_batch_gets_its_own_plan_and_trains(tmp_path) -> None:
+    exp = load_scenario("digits-domain-il", [*FITS, "dp.epsilon=8"])[1]
+    status, opts, _ = run_inprocess(exp, tmp_path)
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+        run = reg.get_run(opts.run_id)
+    assert run.reason is None and results["lost_site_rounds"]["total"] == 0
+    for site, s in results["sites"].items():
+        assert s["rounds_trained"] == 2 and not s["failed_rounds"], (site, s["errors"])
+        assert 7.9 <= s["epsilon"] <= 8.0 + 1e-6, (site, s["epsilon"])  # planned at its sizes
+    # site-2, task 1 (27 examples < batch 32): two Poisson draws per epoch of expected size 13.5,
+    # charged as such before training (2 local epochs: 4 steps).
+    small = _dp_sgd(PrivacyLedger(tmp_path / "sites" / "site-2"), opts.run_id)[2]
+    assert (small.sample_rate, small.steps) == (0.5, 4)
+
+
+def test_a_task_no_plan_fits_is_refused_at_its_site_and_the_run_says_so(tmp_path) -> None:
+    exp = load_scenario("digits-domain-il", [*FITS, "dp.epsilon=8", "dp.min_expected_batch=14"])[1]
+    status, opts, _ = run_inprocess(exp, tmp_path)
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+        run = reg.get_run(opts.run_id)
+        refused = [p for p in reg.list_participations(opts.run_id) if p.status == "refused"]
+    # Only site-2's second round (27 examples: expected batch 13.5 < 14); nothing else is lost.
+    assert [(p.site_id, p.server_round) for p in refused] == [("site-2", 2)]
+    assert refused[0].detail.startswith("no DP-SGD plan for task 1 at this site")
+    assert "expected batch of 13.5" in refused[0].detail
+    assert results["sites"]["site-2"]["rounds_trained"] == 1
+    assert results["lost_site_rounds"] == {
+        "total": 1, "site_rounds": 6, "failed": 0, "refused": 1, "rejected": 0,
+        "reasons": {"refused: dp.min_expected_batch": 1}, "sites": {"site-2": 1},
+    }  # fmt: skip
+    assert run.status == "completed"  # the schedule finished, but not as a plain success:
+    assert run.reason == "1 of 6 site-rounds lost: 1 refused (dp.min_expected_batch ×1)"
+    assert sorted(_dp_sgd(PrivacyLedger(tmp_path / "sites" / "site-2"), opts.run_id)) == [1]
+    from rich.console import Console
+
+    from fedcl.simulations.report import print_report
+
+    console = Console(record=True, width=200)
+    print_report(results, console)
+    last = console.export_text().strip().splitlines()[-1]
+    assert last == "not a plain success: " + run.reason
