@@ -391,13 +391,13 @@ def _planned_sigma(
     training: tuple[tuple[float, int, int], ...],
     others: tuple[tuple[float, float, int], ...],
 ) -> float:
-    """The smallest σ (to ~0.5%) at which ``training`` plus ``others`` compose to ≤ ε.
+    """The smallest σ (to ~0.6%) at which ``training`` plus ``others`` compose to ≤ ε.
 
     ``training``: ``(q, steps, group size)`` per task, all at the σ sought; ``others``: releases
     of fixed σ (the DP Fisher, the noised evaluations). One homogeneous DP-SGD goes to Opacus'
     ``get_noise_multiplier``; anything else is bisected, first over the integer RDP orders
     (cheap, and never below the ε of all orders, so it overshoots σ), then over the ledger's own
-    composition (:func:`compose_epsilon`, Opacus' orders) between 0.9× that σ and it. Cached:
+    composition (:func:`compose_epsilon`, Opacus' orders) between 0.95× that σ and it. Cached:
     every message of a run plans the same σ.
     """
     from fedcl.privacy.dp import DPConfigError
@@ -433,10 +433,10 @@ def _planned_sigma(
         low, high = (
             (mid, high) if _integer_order_epsilon(history(mid), delta) > epsilon else (low, mid)
         )
-    low = 0.9 * high
+    low = 0.95 * high
     if exact(low) <= epsilon:  # the integer orders were far off: search below as well
         return _planned_sigma_below(exact, epsilon, low)
-    for _ in range(5):
+    for _ in range(3):
         mid = (low + high) / 2
         low, high = (mid, high) if exact(mid) > epsilon else (low, mid)
     return high
