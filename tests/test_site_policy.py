@@ -112,7 +112,11 @@ def test_least_sigma_and_most_epsilon_per_run(tmp_path) -> None:
     from fedcl.privacy.dp import planned_release
 
     exp = small_experiment(
-        "digits-domain-il", *TWO_TASKS, "train.rounds_per_task=2", "dp.noise_multiplier=0.7"
+        "digits-domain-il",
+        *TWO_TASKS,
+        "train.rounds_per_task=2",
+        "dp.noise_multiplier=0.7",
+        'dp.evaluation="withheld"',  # only training spends here (noised evaluation: issue 12)
     )
     sites = tmp_path / "sites"
     write_site_configs(exp, sites)
