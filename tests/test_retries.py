@@ -45,7 +45,11 @@ def test_a_repeated_question_gets_the_same_answer_and_costs_nothing(tmp_path) ->
         assert all(bool((a[k] == b[k]).all()) for k in a)  # no new noise
         assert dict(first.content[P.METRICS]) == dict(again.content[P.METRICS])
     entries = ledgers(tmp_path)["site-0"]
-    assert [e.server_round for e in entries] == [1, 2, 3, 4]  # one charge per round, not two
+    training = [e.server_round for e in entries if e.mechanism == "dp-sgd"]
+    assert training == [1, 2, 3, 4]  # one charge per round, not two
+    # A noised evaluation asked again re-sends its counts (same noise) and is paid once too.
+    evaluations = [e.server_round for e in entries if e.mechanism == "dp-evaluation"]
+    assert evaluations == sorted(set(evaluations)) and 0 in evaluations
 
 
 @pytest.mark.parametrize("where", ["after-reply", "before-reply"])
