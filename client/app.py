@@ -271,3 +271,40 @@ def verify_group(msg: Message, context: Context) -> Message:
     except FedclError as err:
         return _failure(msg, context, err)
     return _reply(msg, job, {P.METRICS: MetricRecord({P.VERIFIED: int(passed)})})
+
+
+@app.query("drift")
+def drift(msg: Message, context: Context) -> Message:
+    """Has this site's data moved? Two scores and their alert bits (:mod:`.drift_site`).
+
+    Under DP the report is charged to the site's ledger before it is computed, and a repeated
+    question gets the kept answer (no new noise, no new ε).
+    """
+    from . import drift_site
+    from .privacy_site import SitePrivacy
+
+    try:
+        job = SiteJob(msg, context)
+        refusal = drift_site.refusal(job)  # the site's policy, before data is used
+        privacy = SitePrivacy(job) if job.experiment.dp.enabled or refusal else None
+        if refusal is not None:
+            return _refused(msg, job, privacy, refusal)
+        model = job.global_model()
+        base = state_sha256(model.state_dict())
+        cached = job.replies.lookup("drift", job.server_round, base)
+        if cached is not None:
+            return Message(cached, reply_to=msg)
+        drift_site.plan_window(job)  # sizes only: a site too small says so before paying
+        metrics: dict[str, float] = {}
+        if privacy is not None:
+            release = DPRelease.of(drift_site.release(job), privacy.delta)
+            decision = _charge_once(job, privacy, "drift", release)
+            if not decision.accepted:
+                return _refused(msg, job, privacy, decision)
+        metrics.update(drift_site.report(job, model).released())
+    except FedclError as err:
+        return _failure(msg, context, err)
+    if privacy is not None:
+        metrics.update(privacy.metrics())
+    reply = _reply(msg, job, {P.METRICS: MetricRecord(metrics)}, **{P.MODEL_SHA256: base})
+    return _kept(job, "drift", base, reply)

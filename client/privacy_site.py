@@ -166,7 +166,11 @@ class SitePrivacy:
         if self.spec.noise_multiplier is not None:
             return float(self.spec.noise_multiplier)
         training = tuple((t.sample_rate, t.steps, t.group_size) for t in self._tasks if t.ok)
-        others = tuple(self.planned_fisher_releases() + self.planned_evaluation_releases())
+        others = tuple(
+            self.planned_fisher_releases()
+            + self.planned_evaluation_releases()
+            + self.planned_drift_releases()
+        )
         return _planned_sigma(float(self.spec.epsilon), self.delta, training, others)
 
     @cached_property
@@ -227,7 +231,11 @@ class SitePrivacy:
         """ε the whole run would spend at this site (DP-SGD at σ, the Fisher, the evaluations)."""
         sigma = self.noise_multiplier
         history = [(sigma, t.sample_rate, t.steps, t.group_size) for t in self._tasks if t.ok]
-        others = self.planned_fisher_releases() + self.planned_evaluation_releases()
+        others = (
+            self.planned_fisher_releases()
+            + self.planned_evaluation_releases()
+            + self.planned_drift_releases()
+        )
         return compose_epsilon([*history, *others], self.delta, "rdp")
 
     def planned_evaluation_releases(self) -> list[tuple[float, float, int]]:
@@ -239,6 +247,15 @@ class SitePrivacy:
         from .private_eval import planned_releases
 
         return planned_releases(self.job.experiment, self.job.plan)
+
+    def planned_drift_releases(self) -> list[tuple[float, float, int]]:
+        """The drift reports the run can ask of this site under DP, ``(σ, 1, 1)`` each.
+
+        One per training round and per monitoring round (:mod:`fedcl.continual.drift`).
+        """
+        from fedcl.continual.drift import planned_drift_releases
+
+        return planned_drift_releases(self.job.experiment, self.job.plan)
 
     def noise_refusal(self, phase: str = "train") -> PolicyRefusal | None:
         """``privacy.min_noise_multiplier``: the σ of the release this round would make.

@@ -190,6 +190,89 @@ class ContinualSpec(_Strict):
     replay_policy: Literal["reservoir", "class-balanced"] = "class-balanced"
 
 
+class DriftTriggerSpec(_Strict):
+    """When drift opens the next task (``drift.action = "new-task"``): a continual update.
+
+    Tasks after the first wait for a trigger in up to ``watch_rounds`` monitoring rounds after
+    the previous task's training: ``min_sites`` sites alerting in one round, or one site whose
+    predicted rate of some class moved by more than ``rate_change`` (the seeds' 5 %: 0.05).
+    A task nothing triggers is never opened, and the run ends there.
+    """
+
+    min_sites: int | None = Field(None, ge=1)
+    rate_change: float | None = Field(None, gt=0, lt=1)
+    watch_rounds: int = Field(3, ge=1)
+
+
+class DriftSpec(_Strict):
+    """The drift monitor at every site (``fedcl.continual.drift``; docs/DESIGN.md §12).
+
+    Any key in ``[drift]`` turns it on unless ``enabled`` says otherwise. After every training
+    round (and in monitoring rounds) each site compares a window of ``window`` examples of its
+    data with a reference of ``reference`` examples of the current task's data, on a ``dim``-
+    dimensional projection of the global model's embeddings and on its predicted classes, and
+    sends only a score and an alert bit (noised and charged to its ledger under DP, at
+    ``noise_multiplier``; features clipped to ``clip_norm``). The threshold is the ``quantile``
+    of the site's own no-drift bootstrap (``calibration = "bootstrap"``, ``bootstrap``
+    resamples), a fixed ``threshold`` (``"fixed"``: the seeds' KL > 0.15 is ``detector = "kl"``,
+    ``threshold = 0.15``) or the detector's own test at level 1 − quantile (``"test"``).
+    """
+
+    enabled: bool = False
+    detector: Literal["ks", "mmd", "kl", "psi"] = "ks"
+    calibration: Literal["bootstrap", "fixed", "test"] = "bootstrap"
+    threshold: float | None = Field(None, gt=0)
+    quantile: float = Field(0.99, gt=0.5, lt=1)
+    window: int = Field(200, ge=10)
+    reference: int = Field(600, ge=20)
+    bootstrap: int = Field(500, ge=50, le=20_000)
+    projection: Literal["random", "pca"] = "random"
+    dim: int = Field(8, ge=1, le=256)
+    bins: int = Field(10, ge=2, le=100)
+    clip_norm: float = Field(4.0, gt=0)
+    noise_multiplier: float = Field(2.0, gt=0)
+    action: Literal["alert", "new-task"] = "alert"
+    trigger: DriftTriggerSpec = Field(default_factory=DriftTriggerSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_when_configured(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data and "enabled" not in data:
+            data = {**data, "enabled": True}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DriftSpec:
+        if self.calibration == "fixed" and self.threshold is None:
+            raise ValueError("drift.calibration = 'fixed' needs drift.threshold (e.g. 0.15)")
+        if self.threshold is not None and self.calibration != "fixed":
+            raise ValueError("drift.threshold is only read with drift.calibration = 'fixed'")
+        if self.reference <= self.window:
+            raise ValueError(
+                f"drift.reference ({self.reference}) must be larger than drift.window "
+                f"({self.window}); 3x is a good start"
+            )
+        trigger = self.trigger
+        if self.action == "new-task" and trigger.min_sites is None and trigger.rate_change is None:
+            raise ValueError(
+                "drift.action = 'new-task' needs drift.trigger.min_sites or "
+                "drift.trigger.rate_change"
+            )
+        return self
+
+
+class DriftEventSpec(_Strict):
+    """Simulations only: from server round ``round`` on, virtual site ``site`` sees task ``task``.
+
+    The site's incoming data (its drift windows) comes from that task's data before the
+    federation trains it: its lighting or material changed (``[[simulation.drift]]``).
+    """
+
+    site: int = Field(ge=0)
+    round: int = Field(ge=1)
+    task: int = Field(1, ge=1)
+
+
 class FaultSpec(_Strict):
     """One misbehaviour of one virtual site, on demand (``[[simulation.faults]]``).
 
@@ -215,6 +298,7 @@ class SimulationSpec(_Strict):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     faults: list[FaultSpec] = Field(default_factory=list)
+    drift: list[DriftEventSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _faults_name_sites(self) -> SimulationSpec:
@@ -228,6 +312,12 @@ class SimulationSpec(_Strict):
                 raise ValueError(
                     f"faults[{i}]: a {fault.kind} needs round >= 2 (the site must have "
                     "answered a round before)"
+                )
+        for i, event in enumerate(self.drift):
+            if event.site >= self.num_sites:
+                raise ValueError(
+                    f"drift[{i}].site = {event.site}, but there are only {self.num_sites} "
+                    f"virtual sites (0..{self.num_sites - 1})"
                 )
         return self
 
@@ -251,6 +341,30 @@ class ExperimentConfig(_Strict):
     he: HESpec = Field(default_factory=HESpec)
     continual: ContinualSpec = Field(default_factory=ContinualSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+
+    @model_validator(mode="after")
+    def _drift_under_dp(self) -> ExperimentConfig:
+        """Under DP the drift report is a Gaussian mechanism: it needs a sensitivity bound."""
+        drift = self.drift
+        if not (drift.enabled and self.dp.enabled):
+            return self
+        if drift.detector not in ("mmd", "ks"):
+            raise ValueError(
+                f"drift.detector = {drift.detector!r} has no sensitivity bound, so it cannot run "
+                "under DP (dp is on); use 'mmd' or 'ks'"
+            )
+        if drift.calibration != "bootstrap":
+            raise ValueError(
+                f"drift.calibration = {drift.calibration!r} cannot run under DP (dp is on): "
+                "only the keyed bootstrap has a sensitivity bound; use 'bootstrap'"
+            )
+        if drift.projection != "random":
+            raise ValueError(
+                "drift.projection = 'pca' is fitted on private data, so it cannot run under DP "
+                "(dp is on); use 'random'"
+            )
+        return self
 
     @property
     def is_joint(self) -> bool:

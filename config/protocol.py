@@ -49,6 +49,14 @@ DP_EPSILON_LIFETIME = "dp-epsilon-lifetime"
 DP_DELTA = "dp-delta"
 DP_BUDGET = "dp-budget"
 
+# Drift (docs/DESIGN.md §12): the coordinator asks each site about the model it holds; the reply
+# carries two scores and their alert bits, nothing else about the site's data.
+DRIFT = "query.drift"  # message type of a drift report
+DRIFT_SCORE = "drift-score"  # the distribution test's calibrated score: alerts above 1
+DRIFT_ALERT = "drift-alert"  # 1 when it alerts
+DRIFT_RATE_SHIFT = "drift-rate-shift"  # largest move of one predicted class's rate
+DRIFT_RATE_ALERT = "drift-rate-alert"  # 1 when that move exceeds drift.trigger.rate_change
+
 # What a site may say of its own reply (``rejected`` is the coordinator's word, not a site's).
 STATUS_OK = SiteStatus.OK
 STATUS_FAILED = SiteStatus.FAILED

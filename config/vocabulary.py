@@ -48,10 +48,15 @@ class RunStatus(StrEnum):
 
 
 class RoundKind(StrEnum):
-    """What a server round does: train the model, or consolidate a task (EWC's Fisher)."""
+    """What a server round does: train the model, consolidate a task (EWC's Fisher), or watch.
+
+    ``monitor`` rounds sit between two tasks when the next one opens on drift
+    (``drift.action = "new-task"``): the sites only report drift on the model they hold.
+    """
 
     TRAIN = "train"
     CONSOLIDATE = "consolidate"
+    MONITOR = "monitor"
 
 
 class RoundStatus(StrEnum):

@@ -63,15 +63,31 @@ class RunPlan:
         method = get_method(self.experiment.continual.method)
         return method.consolidates and not self.experiment.is_joint
 
+    @property
+    def watch_rounds(self) -> int:
+        """Monitoring rounds before each task after the first (0: tasks follow each other).
+
+        With ``drift.action = "new-task"`` the next task opens on drift: the coordinator runs
+        up to this many monitoring rounds after a task, and skips the rest once one triggers.
+        """
+        drift = self.experiment.drift
+        if not drift.enabled or drift.action != "new-task" or self.experiment.is_joint:
+            return 0
+        return drift.trigger.watch_rounds
+
     @cached_property
     def schedule(self) -> list[PlannedRound]:
-        """Every server round in order: a task's training rounds, then its consolidation."""
+        """Every server round in order: a task's training rounds, its consolidation, watching."""
         plan: list[tuple[int, int, RoundKind]] = []
         last = self.stream.num_tasks - 1
         for t in range(self.stream.num_tasks):
             plan += [(t, r, RoundKind.TRAIN) for r in range(self.rounds_per_task)]
+            after = self.rounds_per_task
             if self.consolidates and t < last:
-                plan.append((t, self.rounds_per_task, RoundKind.CONSOLIDATE))
+                plan.append((t, after, RoundKind.CONSOLIDATE))
+                after += 1
+            if t < last:
+                plan += [(t, after + w, RoundKind.MONITOR) for w in range(self.watch_rounds)]
         return [PlannedRound(i + 1, t, r, kind) for i, (t, r, kind) in enumerate(plan)]
 
     def count(self, kind: RoundKind) -> int:

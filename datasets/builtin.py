@@ -1,6 +1,7 @@
 """Built-in datasets that need no download, so demos, tests and simulations run offline.
 
-``digits`` is scikit-learn's bundled 8x8 handwritten digits (real data, one domain).
+``digits`` is scikit-learn's bundled 8x8 handwritten digits (real data, one domain; with the
+``domains`` option the same images under other intensities or contrasts, for drift).
 ``defects`` is a procedurally generated industrial surface-inspection set whose domains
 (material x lighting) give domain-incremental and domain-skewed federations something real to
 adapt to: the same four defect classes look different on brushed steel under dim light than on
@@ -43,11 +44,14 @@ def load_builtin(name: str, *, seed: int = 0, **options: Any) -> LabeledImages:
     """
     key = str(name).strip().lower()
     if key == "digits":
-        if options:
+        unknown = sorted(set(options) - {"domains"})
+        if unknown:
             raise DataError(
-                f"built-in dataset 'digits' takes no options; got {sorted(options)}. "
-                "Remove them from data.options."
+                f"built-in dataset 'digits' takes only the option 'domains' (a subset of "
+                f"{', '.join(DIGIT_DOMAINS)}); got {unknown}. Remove them from data.options."
             )
+        if "domains" in options:
+            return digits_domains(options["domains"])
         return _load_digits()
     if key == "defects":
         unknown = sorted(set(options) - set(_DEFECTS_OPTIONS))
@@ -76,6 +80,43 @@ def _load_digits() -> LabeledImages:
         domain=np.zeros(len(y), dtype=np.int64),
         class_names=tuple(str(c) for c in bunch.target_names),
         domain_names=(DEFAULT_DOMAIN,),
+    )
+
+
+#: Intensity / contrast versions of the digits (the pixel map applied to values in [0, 1]).
+DIGIT_DOMAINS: dict[str, tuple[float, float]] = {
+    "original": (0.0, 1.0),  # x
+    "dim": (0.0, 0.5),  # 0.5 x: half the light
+    "low-contrast": (0.3, 0.4),  # 0.3 + 0.4 x: a washed-out sensor
+}
+
+
+def digits_domains(domains: Sequence[str] | str) -> LabeledImages:
+    """The digits once per domain of ``domains`` (``DIGIT_DOMAINS``: an affine pixel map each).
+
+    Deterministic (no randomness at all): domain ``d`` holds every image as ``a + b·x``, so a
+    stream can move a site from ``original`` to ``low-contrast`` mid-run (a drift scenario).
+    """
+    names = [domains] if isinstance(domains, str) else [str(d).strip().lower() for d in domains]
+    bad = [d for d in names if d not in DIGIT_DOMAINS]
+    if bad or not names or len(set(names)) != len(names):
+        raise DataError(
+            f"digits option domains={list(names)!r} is not valid; choose distinct names "
+            f"among: {', '.join(DIGIT_DOMAINS)}"
+        )
+    base = _load_digits()
+    xs, ys, doms = [], [], []
+    for i, name in enumerate(names):
+        offset, scale = DIGIT_DOMAINS[name]
+        xs.append((offset + scale * base.x).astype(np.float32))
+        ys.append(base.y)
+        doms.append(np.full(len(base.y), i, dtype=np.int64))
+    return LabeledImages(
+        x=np.concatenate(xs),
+        y=np.concatenate(ys),
+        domain=np.concatenate(doms),
+        class_names=base.class_names,
+        domain_names=tuple(names),
     )
 
 

@@ -33,6 +33,7 @@ from fedcl.strategies import (
     record_bytes,
 )
 
+from .drift import DriftWatch
 from .integrity import reports_corrupt, site_verifier
 from .losses import lost_site_rounds
 from .observers import RunObserver
@@ -85,6 +86,7 @@ class Coordinator:
             ),
         )
         self.memory = ContinualMemory()
+        self.drift = DriftWatch(self.experiment, self.plan, self.registry, self.run_id)
         self.experiment_json = to_json(self.experiment)
         self.timeout = self.experiment.train.round_timeout_s
 
@@ -120,6 +122,12 @@ class Coordinator:
             if done == 0:
                 self._baseline_evaluation(model)
             for step in schedule[done:]:
+                if step.kind == RoundKind.MONITOR:  # between tasks: until drift opens the next
+                    if self.drift.waiting(step):
+                        self._monitor(model, step)
+                    continue
+                if step.round_in_task == 0 and not self.drift.begin(step):
+                    break  # a task only drift opens, and nothing did: the run ends here
                 if step.kind == RoundKind.CONSOLIDATE:
                     result = self._consolidate(model, step)
                     if result.model is None:
@@ -221,6 +229,7 @@ class Coordinator:
         if P.TRAIN_LOSS in result.metrics:
             rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
         self.registry.record_metrics(self.run_id, round_id, rows)
+        self._drift(result.model, step, round_id)
         next_model = self.versions.after_canary(result.model, self.experiment.canary_max_drop)
         seconds = time.perf_counter() - start
         self.registry.complete_round(
@@ -297,6 +306,32 @@ class Coordinator:
             "task %d consolidated: Fisher from %d sites", step.task_index, len(result.contributors)
         )
         return result
+
+    # --- drift (docs/DESIGN.md §12) -------------------------------------------------------------
+    def _drift(self, model: GlobalModel, step: PlannedRound, round_id: int) -> tuple[int, int]:
+        """Ask every site whether its data moved from the current task's; record, maybe open.
+
+        Returns the bytes (up, down) the reports took.
+        """
+        if not self.drift.enabled:
+            return 0, 0
+        content = RecordDict({P.ARRAYS: model.arrays, P.CONFIG: self.base_config(step)})
+        messages = [Message(content, node, P.DRIFT) for node in self._all_nodes()]
+        self.strategy.attach(messages, P.ARRAYS, model)
+        outcomes, _ = self.strategy.screen(step.server_round, self._send(messages))
+        self.recorder.privacy(round_id, outcomes)  # a DP drift report spends ε
+        self.drift.record(round_id, step, outcomes)
+        return sum(o.bytes_up for o in outcomes), sum(record_bytes(m.content) for m in messages)
+
+    def _monitor(self, model: GlobalModel, step: PlannedRound) -> None:
+        """A monitoring round between two tasks: only the sites' drift reports."""
+        start = time.perf_counter()
+        round_id = self._begin(step)
+        self._await_sites(step, round_id)
+        up, down = self._drift(model, step, round_id)
+        self.registry.complete_round(
+            round_id, seconds=time.perf_counter() - start, bytes_up=up, bytes_down=down
+        )
 
     def _await_sites(self, step: PlannedRound, round_id: int) -> None:
         train = self.experiment.train

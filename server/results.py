@@ -116,6 +116,27 @@ def build_results(
         "evaluation": _evaluation(registry, run_id, config, len(eval_tasks)),
         "lost_site_rounds": lost.to_dict(),
         "lost_site_rounds_summary": lost.describe(),
+        # Drift (docs/DESIGN.md §12): why each task began, and the reports that alerted.
+        "task_starts": [
+            {
+                "task": t.task_index,
+                "server_round": t.server_round,
+                "trigger": t.trigger,
+                "reason": t.reason,
+            }
+            for t in registry.list_task_starts(run_id)
+        ],  # fmt: skip
+        "drift_alerts": [
+            {
+                "server_round": e.server_round,
+                "site": e.site_id,
+                "score": e.score,
+                "rate_shift": e.rate_shift,
+                "rate_alert": e.rate_alert,
+            }
+            for e in registry.list_drift(run_id)
+            if e.alert or e.rate_alert
+        ],  # fmt: skip
         "sites": sites,
         "rounds": [
             {

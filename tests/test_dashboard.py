@@ -349,6 +349,7 @@ API_GETS = [
     f"/api/runs/{DEMO_RUN}/metrics",
     f"/api/runs/{DEMO_RUN}/accuracy-matrix",
     f"/api/runs/{DEMO_RUN}/charts",
+    f"/api/runs/{DEMO_RUN}/drift",
     "/api/sites",
     "/api/sites/site-0",
     "/api/versions",
@@ -869,6 +870,49 @@ def test_pages_need_login_and_render(ro: Dash) -> None:
     assert "site-0" not in site.get("/sites").text
     logout = site.post("/logout", follow_redirects=False)
     assert logout.status_code == 303 and TOKEN_COOKIE in logout.headers["set-cookie"]
+
+
+def test_drift_map_alerts_and_task_starts(dash: Dash) -> None:
+    """The run page's drift panel, its API and the Prometheus drift metrics (issue 16)."""
+    reg = dash.registry
+    reg.create_run("drift-run", name="d", scenario="digits-drift", config={}, tasks=["a", "b"])
+    for server_round, kind in ((1, "train"), (2, "monitor")):
+        rid = reg.begin_round(
+            "drift-run", task_index=0, round_in_task=server_round - 1,
+            server_round=server_round, kind=kind,
+        )  # fmt: skip
+        for site in SITES:
+            moved = server_round == 2 and site == "site-1"
+            reg.record_drift(
+                "drift-run", rid, site, score=1.9 if moved else 0.4, alert=moved, rate_shift=0.02
+            )
+        reg.complete_round(rid, seconds=1.0, bytes_up=10, bytes_down=10)
+    reg.record_task_start("drift-run", 0, server_round=1, trigger="scheduled", reason="schedule")
+    reg.record_task_start(
+        "drift-run", 1, server_round=4, trigger="drift", reason="drift at 1 site(s) in round 2"
+    )
+
+    drift = dash.get("/api/runs/drift-run/drift", "viewer").json()
+    assert drift["sites"] == list(SITES) and drift["server_rounds"] == [1, 2]
+    assert drift["scores"][1] == [0.4, 1.9]  # site-1 over rounds 1, 2
+    assert [(a["site_id"], a["server_round"]) for a in drift["alerts"]] == [("site-1", 2)]
+    assert [t["trigger"] for t in drift["task_starts"]] == ["scheduled", "drift"]
+    mine = dash.get("/api/runs/drift-run/drift", "site-1").json()
+    assert mine["sites"] == ["site-1"]  # a site token sees only its own reports
+    charts = dash.get("/api/runs/drift-run/charts").json()
+    assert charts["drift"] == drift
+    assert dash.get("/api/runs/no-such-run/drift").status_code == 404
+
+    page = _page_client(dash, "admin").get("/runs/drift-run").text
+    assert 'id="panel-drift"' in page and 'id="panel-drift" hidden' not in page
+    assert "round 2: site-1 drift (score 1.90)" in page
+    assert "task 1 began at round 4: drift at 1 site(s) in round 2" in page
+
+    text = dash.get("/metrics", "viewer").text
+    assert _sample(text, 'fedcl_site_drift_alert{run="drift-run",site="site-1"}') == 1
+    assert _sample(text, 'fedcl_site_drift_alert{run="drift-run",site="site-0"}') == 0
+    assert _sample(text, 'fedcl_site_drift_score{run="drift-run",site="site-1"}') == 1.9
+    assert _sample(text, 'fedcl_drift_alerts_total{run="drift-run"}') == 1
 
 
 # ==============================================================================================

@@ -201,6 +201,35 @@ def test_run_page_draws_every_panel_and_updates_live(
     assert not browser.find_element(By.ID, "live").is_displayed()
 
 
+def test_run_page_draws_the_drift_map_and_its_alerts(
+    served: tuple[str, Dash], browser: Any
+) -> None:
+    """A run whose task drift opened (issue 16): the site x round map and the alert list."""
+    base, dash = served
+    reg = dash.registry
+    reg.create_run("drift-browser", name="d", scenario="digits-drift", config={}, tasks=["a", "b"])
+    for server_round, kind in ((1, "train"), (2, "monitor")):
+        rid = reg.begin_round(
+            "drift-browser", task_index=0, round_in_task=server_round - 1,
+            server_round=server_round, kind=kind,
+        )  # fmt: skip
+        for site in ("site-0", "site-1"):
+            moved = server_round == 2 and site == "site-1"
+            reg.record_drift("drift-browser", rid, site, score=1.9 if moved else 0.4, alert=moved)
+        reg.complete_round(rid, seconds=1.0, bytes_up=10, bytes_down=10)
+    reg.record_task_start("drift-browser", 1, server_round=4, trigger="drift", reason="site-1")
+    reg.set_run_status("drift-browser", "completed")
+    _sign_in(browser, base, dash.tokens["admin"])
+    browser.get(f"{base}/runs/drift-browser")
+    _wait(browser, lambda d: _svg_children(d, "chart-drift") > 5, "drift map drawn")
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart-drift .heatmaplayer image")
+    alerts = browser.find_element(By.ID, "drift-alerts").text
+    assert "round 2: site-1 drift (score 1.90)" in alerts
+    assert "task 1 began at round 4" in alerts
+    assert _browser_errors(browser) == []
+    _screenshot(browser, "dashboard-drift.png", 1200)
+
+
 def _click_version_action(driver: Any, version_id: int, action: str) -> None:
     row = driver.find_element(By.ID, f"version-{version_id}")
     row.find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]').click()

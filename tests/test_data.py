@@ -141,7 +141,7 @@ def test_defects_options_size_and_channels() -> None:
 def test_builtin_errors_name_the_problem() -> None:
     with pytest.raises(DataError, match=r"'mnist'.*digits, defects"):
         load_builtin("mnist")
-    with pytest.raises(DataError, match="no options"):
+    with pytest.raises(DataError, match="only the option .domains."):
         load_builtin("digits", image_size=16)
     with pytest.raises(DataError, match=r"\['colour'\].*n_per_class_per_domain"):
         load_builtin("defects", colour=True)

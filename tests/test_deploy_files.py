@@ -1117,3 +1117,44 @@ if __name__ == "__main__":
         write_rendered()
     else:
         sys.exit("usage: python tests/test_deploy_files.py --render")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus alert rules (drift, issue 16)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prometheus_alert_rules_name_metrics_the_dashboard_exports(tmp_path: Path) -> None:
+    """deploy/prometheus/fedcl-alerts.yaml: Prometheus' rule-file shape, and every metric an
+    expression names is one the dashboard's collector really exports (read from a registry)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fedcl.server.dashboard.collector import RegistryCollector
+    from fedcl.server.registry import Registry
+
+    path = DEPLOY / "prometheus" / "fedcl-alerts.yaml"
+    rules = yaml.safe_load(path.read_text())
+    assert set(rules) == {"groups"}
+    alerts = {}
+    for group in rules["groups"]:
+        assert set(group) <= {"name", "rules", "interval"} and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert re.fullmatch(r"\d+[smh]", rule.get("for", "0m")), rule
+            assert rule["labels"]["severity"] in {"warning", "critical"}
+            alerts[rule["alert"]] = rule["expr"]
+    assert "fedcl_site_drift_alert" in alerts["FedclSiteDrift"]
+    assert "(fedcl_site_drift_alert)" in alerts["FedclSiteDrift"]
+
+    with Registry.open(f"sqlite:///{tmp_path / 'r.db'}") as reg:
+        reg.create_run("r1", name="r", scenario="s", config={}, tasks=["a"])
+        rid = reg.begin_round("r1", task_index=0, round_in_task=0, server_round=1)
+        reg.record_drift("r1", rid, "site-1", score=1.8, alert=True, rate_shift=0.02)
+        prom = CollectorRegistry()
+        prom.register(RegistryCollector(reg))
+        exported = generate_latest(prom).decode()
+    assert 'fedcl_site_drift_alert{run="r1",site="site-1"} 1.0' in exported
+    assert 'fedcl_site_drift_score{run="r1",site="site-1"} 1.8' in exported
+    for expr in alerts.values():
+        for name in re.findall(r"\bfedcl_\w+", expr):
+            assert re.search(rf"^{name}[{{ ]", exported, re.M), f"{name} is not exported"

@@ -31,6 +31,8 @@ from fedcl.server.registry import (
 from fedcl.server.registry.models import ApiToken, Base, Round
 
 REGISTRY_TABLES = {
+    "drift_events",
+    "task_starts",
     "runs",
     "tasks",
     "rounds",

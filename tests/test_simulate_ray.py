@@ -67,7 +67,13 @@ def test_simulate_on_ray_writes_the_contract(tmp_path) -> None:
 def test_simulate_list_and_user_errors(tmp_path) -> None:
     listing = fedcl("simulate", "--list")
     assert listing.returncode == 0
-    for name in ("digits-domain-il", "digits-class-il", "digits-task-il", "defects-domain-il"):
+    for name in (
+        "digits-domain-il",
+        "digits-class-il",
+        "digits-task-il",
+        "defects-domain-il",
+        "digits-drift",
+    ):
         assert name in listing.stdout
     bad = fedcl("simulate", "digits-domain-il", "--set", "train.rounds=2", "--out", str(tmp_path))
     assert bad.returncode == 2
@@ -227,3 +233,58 @@ def test_faults_on_demand_on_ray_cost_only_their_site(tmp_path, he) -> None:
         assert parts[(3, "site-1")].status == "rejected"
         assert "corrupts the encrypted aggregate" in parts[(3, "site-1")].detail
     assert results["avg_accuracy"] > 0.6
+
+
+def test_drift_scenario_on_ray_opens_a_task_and_shows_on_the_dashboard(tmp_path) -> None:
+    """digits-drift through Ray (issue 16): site-1's contrast drops at round 2, its monitor
+    alerts, the alert opens task 1 (round 3 is skipped), the accuracy matrix has its row, and
+    the run page shows the alert and why the task began."""
+    from fastapi.testclient import TestClient
+
+    from fedcl.server.dashboard import create_app
+
+    out = tmp_path / "out"
+    proc = fedcl(
+        "simulate",
+        "digits-drift",
+        "--set",
+        "train.rounds_per_task=1",
+        "--set",
+        "train.local_epochs=1",
+        "--set",
+        "simulation.num_sites=2",
+        "--set",
+        "drift.trigger.watch_rounds=2",
+        "--set",
+        "simulation.drift=[{site = 1, round = 2, task = 1}]",
+        "--out",
+        str(out),
+        "--run-id",
+        "drift-run",
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 2  # the task drift opened was trained
+    assert [(r["server_round"], r["kind"]) for r in results["rounds"]] == [
+        (1, "train"),
+        (2, "monitor"),
+        (4, "train"),
+    ]  # round 3 (a second monitoring round) was not needed
+    app = create_app(f"sqlite:///{out / 'registry.db'}", artifacts_dir=out / "artifacts")
+    registry = app.state.registry
+    try:
+        alerts = {(e.server_round, e.site_id) for e in registry.list_drift("drift-run") if e.alert}
+        assert alerts == {(2, "site-1")}
+        starts = registry.list_task_starts("drift-run")
+        assert [(t.task_index, t.server_round, t.trigger) for t in starts] == [
+            (0, 1, "scheduled"),
+            (1, 4, "drift"),
+        ]
+        token = registry.create_token("ci", "viewer")
+        client = TestClient(app)
+        drift = client.get(
+            "/api/runs/drift-run/drift", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        assert [(a["site_id"], a["server_round"]) for a in drift["alerts"]] == [("site-1", 2)]
+    finally:
+        registry.close()

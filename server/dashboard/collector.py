@@ -125,6 +125,19 @@ class RegistryCollector(Collector):
         versions = GaugeMetricFamily(
             "fedcl_model_versions", "Model versions by status", labels=["run", "status"]
         )
+        drift_score = GaugeMetricFamily(
+            "fedcl_site_drift_score",
+            "Latest drift score a site released for the run (it alerts above 1)",
+            labels=["run", "site"],
+        )
+        drift_alert = GaugeMetricFamily(
+            "fedcl_site_drift_alert",
+            "1 if a site's latest drift report alerted (distribution or class rate)",
+            labels=["run", "site"],
+        )
+        drift_alerts = CounterMetricFamily(
+            "fedcl_drift_alerts", "Drift reports that alerted, summed over rounds", labels=["run"]
+        )
 
         latest_report: dict[str, PrivacyInfo] = {}
         for run in shown:
@@ -163,6 +176,17 @@ class RegistryCollector(Collector):
                 counts[v.status] += 1
             for status_, n in sorted(counts.items()):
                 versions.add_metric([run.id, status_], n)
+            latest_drift = {}
+            alerted = 0
+            for e in reg.list_drift(run.id):  # by round: the last one per site wins
+                latest_drift[e.site_id] = e
+                alerted += e.alert or e.rate_alert
+            for site, e in sorted(latest_drift.items()):
+                if finite(e.score) is not None:
+                    drift_score.add_metric([run.id, site], float(e.score))
+                drift_alert.add_metric([run.id, site], float(e.alert or e.rate_alert))
+            if latest_drift:
+                drift_alerts.add_metric(labels, alerted)
         for site, report in sorted(latest_report.items()):
             lifetime, site_budget = finite(report.epsilon_lifetime), finite(report.budget)
             if lifetime is not None:
@@ -186,4 +210,7 @@ class RegistryCollector(Collector):
             epsilon_lifetime,
             budget,
             versions,
+            drift_score,
+            drift_alert,
+            drift_alerts,
         ]

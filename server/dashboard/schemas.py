@@ -273,6 +273,40 @@ class EpsilonSeries(_Out):
     budget: FiniteOrNull
 
 
+class DriftEventOut(_Out):
+    """A site's drift report for a round: the two scores and alert bits it released."""
+
+    server_round: int
+    task_index: int
+    site_id: str
+    status: str = Field(description="The report's status: ok, refused (budget, policy), failed")
+    score: FiniteOrNull = Field(description="Calibrated drift score: the site alerts above 1")
+    alert: bool
+    rate_shift: FiniteOrNull = Field(description="Largest move of one predicted class's rate")
+    rate_alert: bool
+
+
+class TaskStartOut(_Out):
+    """When a task began and why: ``scheduled``, or opened by ``drift`` / a class ``rate``."""
+
+    task_index: int
+    server_round: int
+    trigger: str
+    reason: str
+
+
+class DriftMap(_Out):
+    """The run's drift at a glance: score per site (rows) and server round (columns)."""
+
+    sites: list[str] = Field(default_factory=list)
+    server_rounds: list[int] = Field(default_factory=list)
+    scores: list[list[FiniteOrNull]] = Field(
+        default_factory=list, description="scores[i][j]: site i in server round j (null: none)"
+    )
+    alerts: list[DriftEventOut] = Field(default_factory=list, description="Reports that alerted")
+    task_starts: list[TaskStartOut] = Field(default_factory=list)
+
+
 class RunCharts(_Out):
     """Everything the run page draws, in one response so the page can poll a single endpoint."""
 
@@ -284,6 +318,7 @@ class RunCharts(_Out):
     matrix: AccuracyMatrixOut
     privacy: list[EpsilonSeries]
     rounds: list[RoundOut]
+    drift: DriftMap = Field(default_factory=DriftMap)
 
 
 class Problem(_Out):

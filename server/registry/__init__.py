@@ -9,6 +9,7 @@ from .engine import default_sqlite_url
 from .errors import RegistryError
 from .info import (
     AuditInfo,
+    DriftInfo,
     MetricInfo,
     MetricRow,
     ModelVersionInfo,
@@ -17,6 +18,7 @@ from .info import (
     RoundInfo,
     RunInfo,
     SiteInfo,
+    TaskStartInfo,
     TokenInfo,
 )
 from .store import Registry
@@ -37,6 +39,7 @@ __all__ = [
     "RUN_STATUSES",
     "VERSION_STATUSES",
     "AuditInfo",
+    "DriftInfo",
     "MetricInfo",
     "MetricRow",
     "ModelVersionInfo",
@@ -47,6 +50,7 @@ __all__ = [
     "RoundInfo",
     "RunInfo",
     "SiteInfo",
+    "TaskStartInfo",
     "TokenInfo",
     "default_sqlite_url",
 ]

@@ -180,3 +180,31 @@ class TokenInfo(Record):
     role: str
     created_at: datetime
     revoked_at: datetime | None = None
+
+
+class DriftInfo(Record):
+    """A site's drift report for a round (scores NULL when the site refused or failed)."""
+
+    id: int
+    run_id: str
+    round_id: int
+    server_round: int
+    task_index: int
+    site_id: str
+    status: str
+    score: float | None
+    alert: bool
+    rate_shift: float | None
+    rate_alert: bool
+    created_at: datetime
+
+
+class TaskStartInfo(Record):
+    """When a task began (its first server round) and why: ``scheduled`` or opened by drift."""
+
+    run_id: str
+    task_index: int
+    server_round: int
+    trigger: str
+    reason: str
+    created_at: datetime

@@ -233,6 +233,43 @@ class PrivacySpend(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class DriftEvent(Base):
+    """A site's drift report for one round: the two scores and alert bits it released.
+
+    ``status`` is the reply's (a site may refuse a report its budget or policy does not allow,
+    then the scores are NULL).
+    """
+
+    __tablename__ = "drift_events"
+    __table_args__ = (Index("ix_drift_events_run_id_site_id", "run_id", "site_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"))
+    site_id: Mapped[str] = mapped_column(ForeignKey("sites.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    alert: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    rate_shift: Mapped[float | None] = mapped_column(Float)
+    rate_alert: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class TaskStart(Base):
+    """When and why a task of a run began: on schedule, or opened by drift (and by whom)."""
+
+    __tablename__ = "task_starts"
+    __table_args__ = (UniqueConstraint("run_id", "task_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    task_index: Mapped[int] = mapped_column(Integer)
+    server_round: Mapped[int] = mapped_column(Integer)
+    trigger: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
 class AuditEvent(Base):
     """Append-only audit log.
 

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Self
 
 from .audit import AuditLog
+from .drift import DriftRecords
 from .engine import open_database
 from .metrics import Metrics
 from .participations import Participations
@@ -32,6 +33,7 @@ class Registry(
     Metrics,
     ModelVersions,
     PrivacyRecords,
+    DriftRecords,
     AuditLog,
     Tokens,
 ):

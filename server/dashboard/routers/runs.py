@@ -25,6 +25,7 @@ from ..deps import (
 from ..schemas import (
     AccuracyMatrixOut,
     CanaryOut,
+    DriftMap,
     MetricOut,
     Problem,
     RoundOut,
@@ -149,6 +150,17 @@ def get_accuracy_matrix(
 )
 def get_charts(run_id: RunId, registry: RegistryDep, principal: Reader) -> RunCharts:
     return service.run_charts(registry, get_run_or_404(registry, run_id), principal)
+
+
+@router.get(
+    "/{run_id}/drift",
+    response_model=DriftMap,
+    summary="Drift: score per site and round, the alerts, and why each task began",
+    description="A site token sees only its own reports; task starts are the run's.",
+)
+def get_drift(run_id: RunId, registry: RegistryDep, principal: Reader) -> DriftMap:
+    get_run_or_404(registry, run_id)
+    return service.drift_map(registry, run_id, principal)
 
 
 @router.post(

@@ -11,7 +11,7 @@ registry's snapshots (``model_validate``), never filled in field by field.
 """
 
 from .audit import audit_list
-from .charts import run_charts
+from .charts import drift_map, run_charts
 from .rounds import federation_accuracy_by_round, metric_list, round_list
 from .runs import all_runs, list_runs, matrix_out, run_detail, task_list
 from .sites import site_detail, site_list
@@ -26,6 +26,7 @@ __all__ = [
     "metric_list",
     "one_version",
     "round_list",
+    "drift_map",
     "run_charts",
     "run_detail",
     "site_detail",

@@ -11,7 +11,14 @@ from fedcl.config.vocabulary import RunStatus
 from fedcl.server.registry import PrivacyInfo, Registry, RunInfo
 
 from ..auth import Principal
-from ..schemas import AccuracySeries, EpsilonSeries, RunCharts
+from ..schemas import (
+    AccuracySeries,
+    DriftEventOut,
+    DriftMap,
+    EpsilonSeries,
+    RunCharts,
+    TaskStartOut,
+)
 from .rounds import federation_accuracy_by_round, round_list
 from .runs import federation_matrix, run_out
 
@@ -34,6 +41,24 @@ def epsilon_series(registry: Registry, run_id: str, principal: Principal) -> lis
             )
         )
     return series
+
+
+def drift_map(registry: Registry, run_id: str, principal: Principal) -> DriftMap:
+    """The site x round drift scores, the alerts and the task starts (a site sees only itself)."""
+    events = registry.list_drift(run_id, site_id=principal.site_id)
+    sites = sorted({e.site_id for e in events})
+    rounds = sorted({e.server_round for e in events})
+    col = {r: j for j, r in enumerate(rounds)}
+    scores: list[list[float | None]] = [[None] * len(rounds) for _ in sites]
+    for e in events:
+        scores[sites.index(e.site_id)][col[e.server_round]] = e.score
+    return DriftMap(
+        sites=sites,
+        server_rounds=rounds,
+        scores=scores,
+        alerts=[DriftEventOut.model_validate(e) for e in events if e.alert or e.rate_alert],
+        task_starts=[TaskStartOut.model_validate(t) for t in registry.list_task_starts(run_id)],
+    )
 
 
 def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCharts:
@@ -61,4 +86,5 @@ def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCha
         matrix=matrix,
         privacy=epsilon_series(registry, run.id, principal),
         rounds=rounds,
+        drift=drift_map(registry, run.id, principal),
     )

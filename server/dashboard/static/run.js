@@ -103,6 +103,33 @@
     }), config);
   }
 
+  function drawDrift(d) {
+    const m = d.drift;
+    if (!m.sites.length) return;
+    const x = m.server_rounds.map(function (r) { return "round " + r; });
+    const text = m.scores.map(function (row) {
+      return row.map(function (v) { return v === null ? "" : v.toFixed(2); });
+    });
+    Plotly.react(sized("chart-drift", Math.max(200, 80 + 40 * m.sites.length)), [{
+      type: "heatmap", z: m.scores, x: x, y: m.sites.map(esc), text: text, texttemplate: "%{text}",
+      zmin: 0, zmax: 2, colorscale: [[0, "#e8f5e9"], [0.5, "#fff59d"], [1, "#c62828"]],
+      hovertemplate: "%{y}, %{x}: score %{z:.2f}<extra></extra>",
+    }], layout({
+      margin: { l: 90, r: 30, t: 10, b: 40 },
+      yaxis: { autorange: "reversed", type: "category" },
+      xaxis: { type: "category" },
+    }), config);
+    const list = document.getElementById("drift-alerts");
+    const items = m.task_starts.filter(function (t) { return t.trigger !== "scheduled"; }).map(function (t) {
+      return '<li class="task-start">task ' + t.task_index + " began at round " + t.server_round + ": " + esc(t.reason) + "</li>";
+    }).concat(m.alerts.map(function (a) {
+      return '<li class="drift-alert">round ' + a.server_round + ": " + esc(a.site_id) +
+        (a.alert ? " drift (score " + (a.score || 0).toFixed(2) + ")" : "") +
+        (a.rate_alert ? " class rate moved by " + (a.rate_shift || 0).toFixed(3) : "") + "</li>";
+    }));
+    list.innerHTML = items.join("");
+  }
+
   // Sites with this status in the phases that count for a round (train, consolidate).
   function sitesWith(round, status) {
     const sites = round.participations
@@ -116,7 +143,7 @@
     const r = d.rounds;
     if (!r.length) return;
     const x = r.map(function (o) { return o.server_round; });
-    const label = function (o) { return "task " + o.task_index + (o.kind === "consolidate" ? " (consolidation)" : "") + ", " + o.status; };
+    const label = function (o) { return "task " + o.task_index + (o.kind === "consolidate" ? " (consolidation)" : o.kind === "monitor" ? " (monitoring)" : "") + ", " + o.status; };
     const hover = function (status) {
       return r.map(function (o) {
         const sites = sitesWith(o, status);
@@ -198,6 +225,7 @@
     show("panel-matrix", matrixFilled);
     show("panel-privacy", d.privacy.length > 0);
     show("panel-rounds", d.rounds.length > 0);
+    show("panel-drift", d.drift.sites.length > 0);
     show("panel-bytes", d.rounds.some(function (o) { return o.bytes_up > 0 || o.bytes_down > 0; }));
     show("no-data", d.rounds.length === 0);
   }
@@ -210,6 +238,7 @@
     drawPrivacy(d);
     drawRounds(d);
     drawBytes(d);
+    drawDrift(d);
     document.body.dataset.rendered = String(Number(document.body.dataset.rendered || 0) + 1);
   }
 
