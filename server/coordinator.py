@@ -28,6 +28,7 @@ from fedcl.strategies import (
     Evaluation,
     GlobalModel,
     SitesUnavailable,
+    answered_for,
     build_strategy,
     record_bytes,
 )
@@ -141,7 +142,7 @@ class Coordinator:
             getattr(obs, event)(*args)
 
     def _send(self, messages: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        return answered_for(messages, self.grid.send_and_receive(messages, timeout=self.timeout))
 
     def _baseline_evaluation(self, model: GlobalModel) -> None:
         """Accuracy of the untrained model on every task: the b_j of forward transfer."""

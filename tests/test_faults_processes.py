@@ -8,17 +8,18 @@ that reaches the coordinator only over its veth link (tests/netns_helpers.py; 10
 exists only inside this machine). Where namespaces are not permitted the sites run on
 127.0.0.1, the link-cut test skips with the reason and the kill/resume test still runs.
 
-* ``test_cut_site_link_mid_run``: a site's link goes down as round 1 starts and comes back as
-  round 2 starts; round 1 completes with the other two within its timeout and names the site
-  and why, round 2 waits for the site, whose supervised SuperNode reconnected, and it trains.
-  Seconds to detect, rounds missed and seconds to rejoin are printed (``faults:`` lines, -s).
+* ``test_cut_site_link_mid_run``: a site's link goes down as round 1 starts; round 1 completes
+  with the other two within its timeout and names the site and why; the link comes back, round 2
+  waits for the site, whose supervised SuperNode reconnected, and it trains. Seconds to detect,
+  rounds missed and seconds to rejoin are printed (``faults:`` lines, -s).
 * ``test_coordinator_killed_mid_run_resumes``: DP + HE + EWC; the ServerApp (the process the
   SuperLink's SuperExec starts for a run: the coordinator) and `fedcl coordinator run` are
-  SIGKILLed once round 2 (EWC's consolidation) is stored, the dead Flower run is stopped
-  (`flwr stop`), and `fedcl coordinator run --resume` finishes it. An uninterrupted run of the
-  same experiment runs alongside as the reference: same schedule and rows, the same releases
-  and ε at every site, accuracy within the DP noise (exact equality cannot hold: the noise
-  comes from OS entropy).
+  SIGKILLed once round 2 (EWC's consolidation) is stored; `fedcl coordinator stop` ends the dead
+  run and `fedcl coordinator run --resume` finishes it. The same experiment runs
+  uninterrupted alongside, on the same sites through the in-process grid (same apps, same
+  registry, same ledgers), as the reference: same schedule and rows, the same releases and ε at
+  every site, accuracy within the DP noise (exact equality cannot hold: the noise comes from OS
+  entropy).
 
 Every process, namespace and veth the module made is removed, also when a test fails.
 """
@@ -32,8 +33,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,8 @@ CUT_REASONS = ("no reply before the round timeout", "Node Unavailable")
 # this experiment agree exactly: across 7 deployed runs (5 uninterrupted) single entries spread
 # by up to 0.31 (task 1 after task 1: 0.52-0.83), the structural checks being exact.
 ACCURACY_TOLERANCE = 0.35
+# A healthy round here takes seconds (2 busy cores: ~10 s); the cut site costs round 1 this.
+ROUND_TIMEOUT = 30
 
 FEDERATION = """\
 name = "faults"
@@ -311,16 +314,51 @@ def _teardown(fed: Federation) -> None:
         assert fed.net.leftovers() == [], "namespaces or links left behind"
 
 
+class ReferenceRun(threading.Thread):
+    """The same experiment, uninterrupted, on the same sites (their site.toml, data, keys and
+    ledgers), run in this process through the in-process grid while the deployed run goes on.
+
+    It is the reference the resumed run is compared with: same ServerApp and ClientApp code,
+    same experiment as ``fedcl coordinator run`` checks it, same registry; only the transport
+    differs, so no second set of ClientApp processes (one per message) competes for the CPU.
+    """
+
+    def __init__(self, fed: Federation, experiment: Path, run_id: str):
+        super().__init__(daemon=True)
+        from fedcl.cli.federation import CoordinatorDir
+        from fedcl.cli.run_cmd import resolve
+
+        exp, _ = resolve(CoordinatorDir(fed.coord), experiment, run_id, None)
+        sim = exp.simulation.model_copy(update={"num_sites": len(SITES)})
+        self.experiment = exp.model_copy(update={"simulation": sim})
+        self.fed, self.run_id = fed, run_id
+        self.status: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from federation_helpers import run_inprocess
+
+        configs = [{"site-config": str(self.fed.state(s) / "site.toml")} for s in SITES]
+        try:
+            self.status, _, _ = run_inprocess(
+                self.experiment, self.fed.root / f"ref-{self.run_id}", registry_url=self.fed.url,
+                run_id=self.run_id, node_configs=configs,
+            )  # fmt: skip
+        except BaseException as exc:  # reported by the test, not lost in this thread
+            self.error = exc
+
+
 # --- 1. a site's link cut mid-run --------------------------------------------------------------
 def test_cut_site_link_mid_run(federation: Federation) -> None:
     fed = federation
     if fed.net is None:
         pytest.skip(fed.skip_reason)
     wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=1)
-    # Two training rounds (one per task). Round 2 waits up to site_wait_s for the site coming
-    # back: its SuperNode retries with backoff (Flower: up to 20 s between tries) or restarts.
+    # Two training rounds (one per task). Round 1 gives up on the cut site at its timeout;
+    # round 2 waits up to site_wait_s for it: its SuperNode retries with backoff (Flower: up to
+    # 20 s between tries), or its supervisor starts a new one once it gave up.
     exp = fed.experiment(
-        "cut", method="naive", lr=0.1, batch_size=32, site_wait=30, round_timeout=60,
+        "cut", method="naive", lr=0.1, batch_size=32, site_wait=90, round_timeout=ROUND_TIMEOUT,
         quorum="quorum = 2",
     )  # fmt: skip
     start = time.monotonic()
@@ -337,14 +375,9 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
         t["cut"] = time.monotonic()
         (failure,) = wait_for(lambda: cut_site_rows(1), 240, f"{CUT} to fail round 1", every=0.5)
         t["detected"] = time.monotonic()
-        wait_for(lambda: len(fed.rounds("cut")) >= 2, 240, "round 2 to begin", every=0.2)
-        t["round 2 began"] = time.monotonic()
-        offline_at_round_2 = CUT not in fed.online()
     finally:
-        fed.net.restore(CUT)
+        fed.net.restore(CUT)  # the link comes back as soon as the round has given up on it
     t["restored"] = time.monotonic()
-    wait_for(lambda: CUT in fed.online(), 240, f"{CUT} online again", every=1)
-    t["rejoined"] = time.monotonic()
     code = proc.wait(timeout=480)
     t["run ended"] = time.monotonic()
     assert code == 0, fed.run_log("cut")
@@ -357,35 +390,35 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
         return {p.site_id for p in here if p.status == "ok"}
 
     # Round 1 went on with the other two, within its timeout, and names the site and why.
-    assert took_part(1, "train") == took_part(1, "evaluate") == {"site-a", "site-b"}
+    assert took_part(1, "train") == {"site-a", "site-b"}
+    assert took_part(1, "evaluate") >= {"site-a", "site-b"}  # the site may be back for this
     assert (failure.phase, failure.status) == ("train", "failed")
     assert any(r in (failure.detail or "") for r in CUT_REASONS), failure.detail
     train_phase_s = (failure.created_at - rounds[0].started_at).total_seconds()
-    assert train_phase_s <= 60 + 10, train_phase_s  # round_timeout_s, plus what precedes it
-    # Round 2 began with the site offline (Flower had given up on it), waited for it, and the
-    # site trained from the current global model like the others (the hash agreement).
-    assert offline_at_round_2
+    assert train_phase_s <= ROUND_TIMEOUT + 10, train_phase_s  # the timeout, and what precedes it
+    # Round 2: the site is back and trained from the current global model like the others
+    # (every model-hash agreement metric is 1.0).
     assert took_part(2, "train") == took_part(2, "evaluate") == set(SITES), fed.run_log("cut")
     assert [p for p in cut_site_rows(2) if p.status != "ok"] == []
     with Registry.open(fed.url) as reg:
         agreement = {m.name: m.value for m in reg.list_metrics("cut")
                      if m.name.endswith("-agreement") and m.server_round == 2}  # fmt: skip
     assert agreement.get("model-sha256-agreement") == 1.0 and set(agreement.values()) == {1.0}
-    # Its supervisor saw the SuperNode give up on the SuperLink, said why and started another.
-    log = read(fed.state(CUT) / "supernode" / "supervisor.log")
-    assert "SuperNode exited with code 1" in log and log.count("SuperNode started") >= 2, log
-    phantoms = sorted({p.site_id for p in parts} - set(SITES))
-    if phantoms:  # Flower's own error replies come from node 1 (the SuperLink itself)
-        warnings.warn(f"participations name unknown sites {phantoms}", stacklevel=1)
+    rejoined = next(p.created_at for p in cut_site_rows(2) if p.phase == "train")
+    # Only our sites are named: an error the SuperLink makes up for a lost node ("Node
+    # Unavailable", sent from node 1) is that node's (strategies/outcomes.py answered_for).
+    assert {p.site_id for p in parts} == set(SITES), sorted({p.site_id for p in parts})
 
+    log = read(fed.state(CUT) / "supernode" / "supervisor.log")
     fed.timings["cut test"] = t["run ended"] - start
     print(
         f"\nfaults: link cut as round 1 began; the coordinator recorded {CUT} failed "
         f"({failure.detail!r}) {t['detected'] - t['cut']:.1f} s later (train phase "
-        f"{train_phase_s:.1f} s); link down {t['restored'] - t['cut']:.1f} s; {CUT} online "
-        f"{t['rejoined'] - t['restored']:.1f} s after the restore and trained round 2 "
-        f"(it missed round 1 only); federation rounds lost: 0 of {len(rounds)}; round seconds "
-        f"{[round(r.seconds, 1) for r in rounds]}; log of {CUT}'s supervisor:\n{log}"
+        f"{train_phase_s:.1f} s, round timeout {ROUND_TIMEOUT} s); link down "
+        f"{t['restored'] - t['cut']:.1f} s; {CUT}'s round-2 update arrived "
+        f"{(rejoined - rounds[1].started_at).total_seconds():.1f} s after round 2 began (it "
+        f"missed round 1 only); federation rounds lost: 0 of {len(rounds)}; round seconds "
+        f"{[round(r.seconds, 1) for r in rounds]}; {CUT}'s supervisor:\n{log}"
     )
 
 
@@ -401,7 +434,8 @@ def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     pids = wait_for(lambda: processes(*serverapp) - before, 180, "the ServerApp of resume-me")
     assert len(pids) == 1, pids
     (victim,) = pids
-    straight = fed.start_run(exp, "straight")  # the reference, alongside
+    reference = ReferenceRun(fed, exp, "straight")  # the uninterrupted run, alongside
+    reference.start()
 
     def completed(run_id: str) -> list[int]:
         return [r.server_round for r in fed.rounds(run_id) if r.status == "completed"]
@@ -419,9 +453,12 @@ def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     done_at_kill = max(r for r, info in before_kill.items() if info.status == "completed")
     assert status_at_kill == "running" and done_at_kill == 2, before_kill
 
+    # What the README says to do after a crash: stop the dead run (Flower would list it as
+    # running for another ~60 s and `--resume` refuses a running run), then resume it.
     flower_id = json.loads((fed.coord / "runs" / "resume-me" / "flower.json").read_text())
-    stopped = fed.flwr("stop", str(flower_id["flower_run_id"]), "faults")
-    assert stopped.get("success"), stopped  # Flower would list the dead run as running ~60 s
+    stop_began = time.monotonic()
+    fed.fedcl("coordinator", "stop", "resume-me", "-d", fed.coord, "--reason", "it crashed")
+    fed.timings["coordinator stop of a dead run"] = time.monotonic() - stop_began
     for pid in processes("flwr", "log", str(flower_id["flower_run_id"])):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # the killed follower's `flwr log --stream`
@@ -429,7 +466,8 @@ def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     resumed = fed.start_run(exp, "resume-me", "--resume", "resume-me")
     assert resumed.wait(timeout=600) == 0, fed.run_log("resume-me")
     ended = time.monotonic()
-    assert straight.wait(timeout=600) == 0, fed.run_log("straight")
+    reference.join(timeout=600)
+    assert reference.status == "completed", reference.error
     fed.timings["kill/resume test"] = time.monotonic() - start
 
     with Registry.open(fed.url) as reg:
