@@ -15,7 +15,6 @@ from flwr.app import Error, Message
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import SiteStatus
 
-
 SUPERLINK_NODE_ID = 1  # Flower's: the SuperLink signs the errors it makes up with this node id
 
 
