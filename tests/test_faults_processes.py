@@ -9,9 +9,11 @@ exists only inside this machine). Where namespaces are not permitted the sites r
 127.0.0.1, the link-cut test skips with the reason and the kill/resume test still runs.
 
 * ``test_cut_site_link_mid_run``: a site's link goes down as round 1 starts; round 1 completes
-  with the other two within its timeout and names the site and why; the link comes back, round 2
-  waits for the site, whose supervised SuperNode reconnected, and it trains. Seconds to detect,
-  rounds missed and seconds to rejoin are printed (``faults:`` lines, -s).
+  with the other two as soon as the SuperLink reports the site unavailable (2 missed heartbeats,
+  well inside the round timeout), names the site and why, and does not ask it to evaluate; the
+  link comes back, round 2 waits for the site, whose supervised SuperNode reconnected, and it
+  trains. Seconds to detect, rounds missed and seconds to rejoin are printed (``faults:``
+  lines, -s).
 * ``test_coordinator_killed_mid_run_resumes``: DP + HE + EWC; the ServerApp (the process the
   SuperLink's SuperExec starts for a run: the coordinator) and `fedcl coordinator run` are
   SIGKILLed once round 2 (EWC's consolidation) is stored; `fedcl coordinator stop` ends the dead
@@ -49,16 +51,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.process_faults]
 BIN = Path(sys.executable).parent
 SITES = ("site-a", "site-b", "site-c")
 CUT = "site-c"
-# Why a site whose link is down fails the round it was sent: our round timeout, or Flower's
-# SuperLink answering for it once it missed its heartbeats (2 x 30 s in Flower 1.41).
-CUT_REASONS = ("no reply before the round timeout", "Node Unavailable")
 # |accuracy(resumed) - accuracy(uninterrupted)| allowed per entry of the accuracy matrix.
 # DP-SGD and the DP Fisher draw their noise from OS entropy at every site, so no two runs of
 # this experiment agree exactly: across 7 deployed runs (5 uninterrupted) single entries spread
 # by up to 0.31 (task 1 after task 1: 0.52-0.83), the structural checks being exact.
 ACCURACY_TOLERANCE = 0.35
-# A healthy round here takes seconds (2 busy cores: ~10 s); the cut site costs round 1 this.
-ROUND_TIMEOUT = 30
+# Flower's SuperLink answers for a node that missed 2 heartbeats (30 s apart) with "Node
+# Unavailable": that, not our round timeout, is how fast a cut site is noticed. The round
+# timeout stays long, so that healthy sites on a busy box are never cut off with it.
+HEARTBEAT_PATIENCE_S = 2 * 30
 
 FEDERATION = """\
 name = "faults"
@@ -354,12 +355,12 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
     if fed.net is None:
         pytest.skip(fed.skip_reason)
     wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=1)
-    # Two training rounds (one per task). Round 1 gives up on the cut site at its timeout and
-    # the link comes back; the site's SuperNode, still retrying (cli/supernode.py MAX_WAIT_S),
-    # reconnects in the same session, round 1's messages to it have expired (TTL), and it
-    # trains round 2.
+    # Two training rounds (one per task). Round 1 goes on without the cut site once the
+    # SuperLink says it is unavailable, and the link comes back; the site's SuperNode, still
+    # retrying (cli/supernode.py MAX_WAIT_S), reconnects, round 2 waits for it (site_wait_s)
+    # and it trains.
     exp = fed.experiment(
-        "cut", method="naive", lr=0.1, batch_size=32, site_wait=90, round_timeout=ROUND_TIMEOUT,
+        "cut", method="naive", lr=0.1, batch_size=32, site_wait=180, round_timeout=300,
         quorum="quorum = 2",
     )  # fmt: skip
     start = time.monotonic()
@@ -395,9 +396,9 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
     asked = {(p.phase, p.status) for p in cut_site_rows(1)}
     assert asked == {("train", "failed")}, asked  # not asked to evaluate: no second timeout
     assert (failure.phase, failure.status) == ("train", "failed")
-    assert any(r in (failure.detail or "") for r in CUT_REASONS), failure.detail
+    assert "Node Unavailable" in (failure.detail or ""), failure.detail
     train_phase_s = (failure.created_at - rounds[0].started_at).total_seconds()
-    assert train_phase_s <= ROUND_TIMEOUT + 10, train_phase_s  # the timeout, and what precedes it
+    assert train_phase_s <= HEARTBEAT_PATIENCE_S + 30, train_phase_s  # not the 300 s timeout
     # Round 2: the site is back and trained from the current global model like the others
     # (every model-hash agreement metric is 1.0).
     assert took_part(2, "train") == took_part(2, "evaluate") == set(SITES), fed.run_log("cut")
@@ -416,7 +417,7 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
     print(
         f"\nfaults: link cut as round 1 began; the coordinator recorded {CUT} failed "
         f"({failure.detail!r}) {t['detected'] - t['cut']:.1f} s later (train phase "
-        f"{train_phase_s:.1f} s, round timeout {ROUND_TIMEOUT} s); link down "
+        f"{train_phase_s:.1f} s; round timeout 300 s); link down "
         f"{t['restored'] - t['cut']:.1f} s; {CUT}'s round-2 update arrived "
         f"{(rejoined - rounds[1].started_at).total_seconds():.1f} s after round 2 began (it "
         f"missed round 1 only); federation rounds lost: 0 of {len(rounds)}; round seconds "
