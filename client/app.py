@@ -19,7 +19,9 @@ from fedcl.config import FedclError
 from fedcl.config import protocol as P
 from fedcl.models import state_sha256
 from fedcl.privacy.ckks.errors import AggregateIntegrityError
+from fedcl.privacy.ledger import DPRelease
 
+from . import private_eval
 from .continual_site import site_fisher, training_set
 from .job import SiteJob
 from .privacy_site import admit, released_metrics  # (no Opacus: it loads when DP-SGD runs)
@@ -84,8 +86,11 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
-        if privacy is not None:  # DP on: the policy's most ε per run, then the budget
-            decision = _charge_once(job, privacy, "train", privacy.training_release(len(data)))
+        if privacy is not None:  # DP on: a plan for this N, the most ε per run, the budget
+            release = privacy.training_release(len(data))
+            if not isinstance(release, DPRelease):  # no sampling plan fits this task here
+                return _refused(msg, job, privacy, release)
+            decision = _charge_once(job, privacy, "train", release)
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)
             hooks.insert(0, privacy.hook())  # first: the others add to the privatised gradient
@@ -108,8 +113,9 @@ def train(msg: Message, context: Context) -> Message:
         _check_finite(model, job.site.site_id)
     except FedclError as err:
         return _failure(msg, context, err)
-    metrics = {P.TRAIN_LOSS: result.loss}
-    metrics.update(released_metrics(job, result.metrics))  # no counts, no DP sampling internals
+    # Under DP the training loss (a mean over the site's examples, not noised) stays here.
+    metrics = {} if privacy is not None else {P.TRAIN_LOSS: result.loss}
+    metrics.update(released_metrics(job, result.metrics, dp=privacy is not None))
     if privacy is not None:
         metrics.update(privacy.metrics())
     extra = {P.MODEL_SHA256: received}
@@ -188,30 +194,44 @@ def _charge_once(job: SiteJob, privacy, kind: str, release):
 
 @app.evaluate()
 def evaluate_tasks(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this site's test examples of every task."""
+    """Evaluate the global model on this site's test examples of every task.
+
+    Under DP what leaves is noised and charged first, or withheld (:mod:`.private_eval`).
+    """
     try:
         job = SiteJob(msg, context)
-        privacy, refusal = admit(job, "evaluate")  # a site that requires DP sends no counts
+        privacy, refusal = admit(job, "evaluate")  # the site's policy, before data is used
         if refusal is not None:
             return _refused(msg, job, privacy, refusal)
         model = job.global_model()
-        metrics: dict[str, float | int] = {}
-        total = 0
-        for j in range(len(job.data.stream.evaluation_tasks)):
-            correct, count, loss = evaluate(
+        mode = private_eval.mode_at(job)
+        if mode == "withheld":  # nothing about the data leaves
+            return _reply(msg, job, {P.METRICS: MetricRecord({})})
+        base, charged = state_sha256(model.state_dict()), None
+        if mode == "noised":
+            cached = job.replies.lookup("evaluate", job.server_round, base)
+            if cached is not None:  # asked again: the same noised counts, no new ε
+                return Message(cached, reply_to=msg)
+            charged = private_eval.release(job, privacy.delta)
+            decision = _charge_once(job, privacy, "evaluate", charged)  # before evaluating
+            if not decision.accepted:
+                return _refused(msg, job, privacy, decision)
+        results = [
+            evaluate(
                 model,
                 job.data.test_set(j),
                 output_mask=job.data.stream.eval_mask(j),
                 device=job.site.device,
             )
-            metrics[P.eval_key("correct", j)] = correct
-            metrics[P.eval_key("count", j)] = count
-            metrics[P.eval_key("loss", j)] = loss
-            total += count
-        metrics[P.NUM_EXAMPLES] = total
+            for j in range(len(job.data.stream.evaluation_tasks))
+        ]
+        metrics = private_eval.released_metrics(mode, results, charged)
     except FedclError as err:
         return _failure(msg, context, err)
-    return _reply(msg, job, {P.METRICS: MetricRecord(metrics)})
+    if charged is None:
+        return _reply(msg, job, {P.METRICS: MetricRecord(metrics)})
+    metrics.update(privacy.metrics())
+    return _kept(job, "evaluate", base, _reply(msg, job, {P.METRICS: MetricRecord(metrics)}))
 
 
 def _refused(msg: Message, job: SiteJob, privacy, decision) -> Message:

@@ -104,6 +104,15 @@ class DPSpec(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    #: Smallest expected Poisson batch a task's sampling plan may have; a task whose N gives
+    #: less (at q = 1/2) is refused at that site (``fedcl.privacy.dp.sampling_plan``).
+    min_expected_batch: float = Field(1.0, ge=1)
+    #: What evaluation tells the coordinator under DP: per-task counts with Gaussian noise,
+    #: charged to the site's ledger before they leave (``noised``), nothing (``withheld``), or
+    #: exact counts and losses, unaccounted (``clear``; a site that requires DP refuses it).
+    evaluation: Literal["noised", "withheld", "clear"] = "noised"
+    #: σ of the noised evaluation counts, relative to their L2 sensitivity √2.
+    evaluation_noise_multiplier: float = Field(20.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +123,11 @@ class DPSpec(_Strict):
         if configured and "enabled" not in data:
             data = {**data, "enabled": True}
         return data
+
+    @property
+    def evaluation_mode(self) -> str:
+        """What evaluation sends: ``clear`` without DP, else :attr:`evaluation`."""
+        return self.evaluation if self.enabled else "clear"
 
     @model_validator(mode="after")
     def _needs_noise(self) -> DPSpec:

@@ -20,6 +20,26 @@ class SiteStatus(StrEnum):
     REJECTED = "rejected"  # the coordinator dropped the reply (failed validation)
 
 
+class RefusalRule(StrEnum):
+    """Why a site refused a round: the setting that said no (the start of a refusal's detail).
+
+    A refusal's detail names its rule in words a person reads and this enum's value, which
+    :func:`refusal_rule` finds again, so a run's lost rounds can be counted by reason.
+    """
+
+    BUDGET = "privacy.epsilon_budget"  # the site's lifetime budget would be exceeded
+    REQUIRE_DP = "privacy.require_dp"  # the experiment has DP off (or evaluates in clear)
+    MIN_NOISE = "privacy.min_noise_multiplier"  # the release's σ is below the site's least σ
+    MAX_EPSILON_PER_RUN = "privacy.max_epsilon_per_run"  # the run would spend more than that
+    DP_PLAN = "dp.min_expected_batch"  # no DP-SGD sampling plan fits the task's N
+
+
+def refusal_rule(detail: str) -> str:
+    """The :class:`RefusalRule` a refusal's detail names first, or ``"other"``."""
+    found = [(detail.find(rule.value), rule.value) for rule in RefusalRule if rule.value in detail]
+    return min(found)[1] if found else "other"
+
+
 class RunStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
@@ -65,6 +85,9 @@ class Metric(StrEnum):
     BASELINE_ACCURACY = "baseline_accuracy"
     BASELINE_LOSS = "baseline_loss"
     TRAIN_LOSS = "train_loss"
+    #: Standard deviation of a federation accuracy's DP noise (noised evaluation only).
+    ACCURACY_NOISE_SD = "accuracy_noise_sd"
+    BASELINE_ACCURACY_NOISE_SD = "baseline_accuracy_noise_sd"
 
 
 def values(enum: type[StrEnum]) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ _EXPORTS = {
     "GRAD_SAMPLE_MODES": "dp",
     "DPConfigError": "dp",
     "DPHook": "dp",
+    "NoSamplingPlan": "dp",
     "SamplingPlan": "dp",
     "check_sample_rate": "dp",
     "choose_grad_sample_mode": "dp",

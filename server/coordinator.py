@@ -23,6 +23,7 @@ from fedcl.config import ExperimentConfig, FedclError, to_json
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus
 from fedcl.continual.plan import PlannedRound, RunPlan
+from fedcl.privacy.dp.counts import count_noise_sd
 from fedcl.strategies import (
     Aggregate,
     Evaluation,
@@ -34,6 +35,7 @@ from fedcl.strategies import (
 )
 
 from .integrity import reports_corrupt, site_verifier
+from .losses import lost_site_rounds
 from .observers import RunObserver
 from .recording import RunRecorder
 from .registry import MetricRow, Registry
@@ -73,8 +75,16 @@ class Coordinator:
         self.registry = Registry.open(options.registry_url, artifacts_dir=options.artifacts_dir)
         self.run_id = options.run_id
         self.versions = VersionStore(self.registry, self.run_id)
+        dp = self.experiment.dp
         self.recorder = RunRecorder(
-            self.registry, self.run_id, len(self.plan.stream.evaluation_tasks)
+            self.registry,
+            self.run_id,
+            len(self.plan.stream.evaluation_tasks),
+            count_noise_sd=(
+                count_noise_sd(dp.evaluation_noise_multiplier)
+                if dp.evaluation_mode == "noised"
+                else None
+            ),
         )
         self.memory = ContinualMemory()
         self.experiment_json = to_json(self.experiment)
@@ -132,9 +142,13 @@ class Coordinator:
             self.registry.set_run_status(self.run_id, status, reason)
             self._notify("run_finished", self.run_id, status, reason)
             raise
+        if status == RunStatus.COMPLETED:  # completed, but not a plain success if sites were lost
+            lost = lost_site_rounds(self.registry.list_participations(self.run_id))
+            reason = lost.describe() if lost.total else None
         self.registry.set_run_status(self.run_id, status, reason)
         if reason:
-            logger.error("run %s %s: %s", self.run_id, status, reason)
+            log = logger.warning if status == RunStatus.COMPLETED else logger.error
+            log("run %s %s: %s", self.run_id, status, reason)
         self._notify("run_finished", self.run_id, status, reason)
         return status
 
@@ -157,6 +171,7 @@ class Coordinator:
     def _baseline_evaluation(self, model: GlobalModel) -> None:
         """Accuracy of the untrained model on every task: the b_j of forward transfer."""
         evaluation = self._evaluate(model, PlannedRound(0, 0, 0, RoundKind.TRAIN))
+        self.recorder.privacy(None, evaluation.outcomes)  # a noised evaluation spends ε
         self.registry.record_metrics(
             self.run_id, None, self.recorder.accuracy_rows(evaluation, baseline=True)
         )
@@ -221,6 +236,7 @@ class Coordinator:
         self.recorder.participation(
             round_id, Phase.EVALUATE, evaluation.outcomes, None, self.strategy.sites
         )
+        self.recorder.privacy(round_id, evaluation.outcomes)  # a noised evaluation spends ε
         rows = self.recorder.accuracy_rows(evaluation)
         if P.TRAIN_LOSS in result.metrics:
             rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))

@@ -15,7 +15,7 @@ from collections import Counter
 from flwr.app import Message
 
 from fedcl.config import protocol as P
-from fedcl.config.vocabulary import Metric, Phase, RunStatus, SiteStatus
+from fedcl.config.vocabulary import Metric, Phase, RunStatus, SiteStatus, refusal_rule
 from fedcl.continual.plan import PlannedRound
 from fedcl.strategies import Aggregate, Evaluation, SiteDirectory, SiteOutcome
 
@@ -30,10 +30,19 @@ NO_REPLY = "no reply before the round timeout (site dropped?)"
 class RunRecorder:
     """Writes one run's rounds into the registry."""
 
-    def __init__(self, registry: Registry, run_id: str, num_eval_tasks: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        run_id: str,
+        num_eval_tasks: int,
+        *,
+        count_noise_sd: float | None = None,
+    ) -> None:
         self.registry = registry
         self.run_id = run_id
         self.num_eval_tasks = num_eval_tasks
+        #: sd of the noise on each site's evaluation counts (DP-noised evaluation), or None.
+        self.count_noise_sd = count_noise_sd
 
     def replies(
         self,
@@ -117,7 +126,7 @@ class RunRecorder:
                 detail=f"not connected when the round started (waited {wait_s:g} s)",
             )
 
-    def privacy(self, round_id: int, outcomes: list[SiteOutcome]) -> None:
+    def privacy(self, round_id: int | None, outcomes: list[SiteOutcome]) -> None:
         """ε each site reports having spent (it accounts; the coordinator only records)."""
         for o in outcomes:
             if P.DP_EPSILON_LIFETIME not in o.metrics:
@@ -160,19 +169,34 @@ class RunRecorder:
                 )
 
     def accuracy_rows(self, evaluation: Evaluation, *, baseline: bool = False) -> list[MetricRow]:
-        """Federation accuracy and loss per task, and each site's own accuracy."""
+        """Federation accuracy (and loss, when sent) per task, and each site's own accuracy.
+
+        Under DP-noised evaluation the counts carry noise: an accuracy is clipped to [0, 1], a
+        task whose noised count is not positive gets none, and each federation accuracy gets
+        its noise's standard deviation beside it (``accuracy_noise_sd``, to first order:
+        ``√S·s·√(1 + acc²) / count`` for S sites each adding noise of sd s to both counts).
+        """
         acc = Metric.BASELINE_ACCURACY if baseline else Metric.ACCURACY
         loss = Metric.BASELINE_LOSS if baseline else Metric.LOSS
+        noise = Metric.BASELINE_ACCURACY_NOISE_SD if baseline else Metric.ACCURACY_NOISE_SD
         totals, rows = evaluation.totals, []
         for j in range(self.num_eval_tasks):
-            count = totals.get(P.eval_key("count", j), 0.0)
-            if count:
-                rows.append(MetricRow(acc, totals[P.eval_key("correct", j)] / count, task_index=j))
-                rows.append(MetricRow(loss, totals[P.eval_key("loss", j)] / count, task_index=j))
+            count_key, correct_key = P.eval_key("count", j), P.eval_key("correct", j)
+            loss_key = P.eval_key("loss", j)
+            count = totals.get(count_key, 0.0)
+            if count > 0:
+                value = min(max(totals.get(correct_key, 0.0) / count, 0.0), 1.0)
+                rows.append(MetricRow(acc, value, task_index=j))
+                if loss_key in totals:
+                    rows.append(MetricRow(loss, totals[loss_key] / count, task_index=j))
+                if self.count_noise_sd is not None:
+                    sites = sum(o.ok and count_key in o.metrics for o in evaluation.outcomes)
+                    sd = sites**0.5 * self.count_noise_sd * (1 + value**2) ** 0.5 / count
+                    rows.append(MetricRow(noise, sd, task_index=j))
             for o in evaluation.outcomes:
-                n = o.metrics.get(P.eval_key("count", j), 0.0)
-                if o.ok and n:
-                    value = o.metrics[P.eval_key("correct", j)] / n
+                n = o.metrics.get(count_key, 0.0)
+                if o.ok and n > 0:
+                    value = min(max(o.metrics.get(correct_key, 0.0) / n, 0.0), 1.0)
                     rows.append(MetricRow(acc, value, site_id=o.site_id, task_index=j))
         return rows
 
@@ -210,8 +234,10 @@ class RunRecorder:
     def end_reason(cls, server_round: int, outcomes: list[SiteOutcome]) -> tuple[str, str]:
         """(status, reason) when a round got no usable update: all refused is a clean stop."""
         if outcomes and all(o.status == SiteStatus.REFUSED for o in outcomes):
+            rules = Counter(refusal_rule(o.detail) for o in outcomes)
+            named = ", ".join(f"{rule} ×{n}" for rule, n in rules.most_common())
             return RunStatus.STOPPED, (
-                f"round {server_round}: every site refused (privacy budget spent): "
+                f"round {server_round}: every site refused ({named}): "
                 + "; ".join(f"{o.site_id}: {o.detail}" for o in outcomes)
             )
         return RunStatus.FAILED, cls.no_update_reason(server_round, outcomes)

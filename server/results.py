@@ -11,15 +11,25 @@ from typing import Any
 
 from fedcl.continual.metrics import summarize
 
+from .losses import lost_site_rounds
 from .registry import Registry, RegistryError
 
 RESULTS_VERSION = 1
 
 
 def accuracy_matrix(
-    registry: Registry, run_id: str, *, site_id: str | None = None, num_eval_tasks: int
+    registry: Registry,
+    run_id: str,
+    *,
+    site_id: str | None = None,
+    num_eval_tasks: int,
+    metric: str = "accuracy",
 ) -> tuple[list[list[float | None]], list[float | None]]:
-    """(R, baseline): R[i][j] = accuracy on task j after the last round of training task i."""
+    """(R, baseline): R[i][j] = accuracy on task j after the last round of training task i.
+
+    ``metric = "accuracy_noise_sd"`` gives the same matrix of the DP noise's standard deviation
+    (noised evaluation: :meth:`fedcl.server.recording.RunRecorder.accuracy_rows`).
+    """
     rounds = [r for r in registry.list_rounds(run_id) if r.status == "completed"]
     last_of_task: dict[int, int] = {}
     for r in rounds:
@@ -30,9 +40,9 @@ def accuracy_matrix(
     for m in registry.list_metrics(run_id):
         if m.site_id != site_id or m.task_index is None or m.task_index >= num_eval_tasks:
             continue
-        if m.name == "accuracy" and m.server_round is not None:
+        if m.name == metric and m.server_round is not None:
             by_round[m.server_round][m.task_index] = m.value
-        elif m.name == "baseline_accuracy":
+        elif m.name == f"baseline_{metric}":
             baseline[m.task_index] = m.value
     matrix = []
     for task in sorted(last_of_task):
@@ -62,6 +72,7 @@ def build_results(
             federation_acc[m.server_round][m.task_index] = m.value
 
     participations = registry.list_participations(run_id)
+    lost = lost_site_rounds(participations)
     privacy: dict[str, Any] = {}
     for row in sorted(registry.list_privacy(run_id), key=lambda r: (r.server_round or 0, r.id)):
         privacy[row.site_id] = {
@@ -102,6 +113,9 @@ def build_results(
         "accuracy_matrix": matrix,
         "baseline_accuracy": baseline,
         **summary,
+        "evaluation": _evaluation(registry, run_id, config, len(eval_tasks)),
+        "lost_site_rounds": lost.to_dict(),
+        "lost_site_rounds_summary": lost.describe(),
         "sites": sites,
         "rounds": [
             {
@@ -122,6 +136,29 @@ def build_results(
         ],
         "wall_seconds": wall_seconds,
     }
+
+
+def _evaluation(
+    registry: Registry, run_id: str, config: dict, num_eval_tasks: int
+) -> dict[str, Any]:
+    """How the accuracy matrix was measured: exact counts, or DP-noised (with the noise)."""
+    from fedcl.privacy.dp.counts import count_noise_sd
+
+    dp = config.get("dp", {})
+    mode = dp.get("evaluation", "noised") if dp.get("enabled") else "clear"
+    out: dict[str, Any] = {"mode": mode}
+    if mode == "noised":
+        sigma = float(dp.get("evaluation_noise_multiplier", 0.0))
+        sd, baseline_sd = accuracy_matrix(
+            registry, run_id, num_eval_tasks=num_eval_tasks, metric="accuracy_noise_sd"
+        )
+        out.update(
+            noise_multiplier=sigma,
+            count_noise_sd=count_noise_sd(sigma),  # on each site's correct and count, per task
+            accuracy_noise_sd=sd,  # beside accuracy_matrix, cell by cell
+            baseline_accuracy_noise_sd=baseline_sd,
+        )
+    return out
 
 
 def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:

@@ -33,8 +33,12 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         summary.add_column(col, justify="right")
     rounds = [r for r in results["rounds"] if r["status"] == "completed"]
     per_round = sum(r["seconds"] for r in rounds) / len(rounds) if rounds else None
+    lost = results.get("lost_site_rounds") or {}
+    status = results["status"]
+    if status == "completed" and lost.get("total"):
+        status = f"completed, {lost['total']}/{lost['site_rounds']} site-rounds lost"
     summary.add_row(
-        results["status"],
+        status,
         _fmt(results["avg_accuracy"]),
         _fmt(results["bwt"]),
         _fmt(results["fwt"]),
@@ -43,7 +47,7 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         _fmt(results.get("wall_seconds")),
     )
     console.print(summary)
-    if results.get("reason"):
+    if results.get("reason") and results["status"] != "completed":
         console.print(f"[red]{results['reason']}[/]")
 
     sites = Table(title="Sites")
@@ -64,6 +68,27 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     for site, s in results["sites"].items():
         for err in s["errors"]:
             console.print(f"[red]{site}: {err}[/]")
+    for line in closing_lines(results):
+        console.print(line)
+
+
+def closing_lines(results: dict[str, Any]) -> list[str]:
+    """The report's last lines: how the accuracy was measured, and the site-rounds lost."""
+    lines = []
+    evaluation = results.get("evaluation") or {}
+    if evaluation.get("mode") == "noised":
+        sd = [v for row in evaluation.get("accuracy_noise_sd", []) for v in row if v is not None]
+        spread = f", accuracy noise sd {min(sd):.3f}–{max(sd):.3f}" if sd else ""
+        lines.append(
+            f"evaluation: DP-noised counts (σ = {evaluation['noise_multiplier']:g}, "
+            f"sd {evaluation['count_noise_sd']:.3g} per site and count{spread})"
+        )
+    elif evaluation.get("mode") == "withheld":
+        lines.append("evaluation: withheld by the sites (dp.evaluation = 'withheld'): no accuracy")
+    lost = results.get("lost_site_rounds") or {}
+    if lost.get("total"):
+        lines.append(f"[yellow]not a plain success: {results['lost_site_rounds_summary']}[/]")
+    return lines
 
 
 def plot_accuracy_matrix(results: dict[str, Any], path: str | Path) -> Path:

@@ -176,8 +176,9 @@ class SiteStrategy:
             return Aggregate(None, checked, ignored=ignored)
         arrays = aggregate_arrayrecords([o.message.content for o in good], P.NUM_EXAMPLES)
         n = sum(o.num_examples for o in good)
-        loss = sum(o.metrics.get(P.TRAIN_LOSS, 0.0) * o.num_examples for o in good) / n
-        metrics = {P.NUM_EXAMPLES: float(n), P.TRAIN_LOSS: loss}
+        metrics = {P.NUM_EXAMPLES: float(n)}
+        if all(P.TRAIN_LOSS in o.metrics for o in good):  # under DP sites keep their loss
+            metrics[P.TRAIN_LOSS] = sum(o.metrics[P.TRAIN_LOSS] * o.num_examples for o in good) / n
         return Aggregate(GlobalModel(arrays), checked, metrics, ignored)
 
     def check_update(

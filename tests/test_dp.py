@@ -23,12 +23,14 @@ from fedcl.models import available_models, build_model
 from fedcl.privacy import (
     DPConfigError,
     DPHook,
+    NoSamplingPlan,
     PrivacyLedger,
     check_sample_rate,
     choose_grad_sample_mode,
     noise_from_spec,
     plan_noise,
     planned_release,
+    sampling_plan,
 )
 
 DELTA = 1e-5
@@ -206,26 +208,54 @@ def test_planned_release_equals_what_training_spends() -> None:
     assert result.steps == result.metrics["dp_optimizer_steps"] <= result.metrics["dp_steps"]
 
 
-def test_small_data_guards_name_the_numbers(caplog: pytest.LogCaptureFixture) -> None:
-    with pytest.raises(DPConfigError, match=r"batch_size 32 >= 10 training example\(s\).*q = 1\.0"):
-        planned_release(10, 32, 1, 1.0, DELTA)
-    with pytest.raises(DPConfigError, match=r"batch_size 10 >= 10 .*at most 5"):
-        planned_release(10, 10, 1, 1.0, DELTA)
-    with pytest.raises(DPConfigError, match="1 training example"):
+def test_a_task_smaller_than_the_batch_gets_a_plan_of_its_own(caplog) -> None:
+    """N ≤ B: two Poisson draws of expected size N/2 (q = 1/2), never q = 1; N ≥ B: ceil(N/B)."""
+    assert planned_release(10, 32, 1, 1.0, DELTA).sample_rate == 0.5  # was refused (q = 1)
+    assert sampling_plan(10, 10).batches_per_epoch == 2
+    assert sampling_plan(9, 16).expected_batch_size == 4.5
+    plan = sampling_plan(100, 16)  # a task larger than the batch draws like the plain loader
+    assert (plan.batches_per_epoch, plan.sample_rate) == (7, 1 / 7)
+    assert planned_release(9, 16, 2, 1.0, DELTA).steps == 4  # local_epochs × k
+    # The experiment's floor refuses a task, by name and numbers (NoSamplingPlan, not the run).
+    with pytest.raises(
+        NoSamplingPlan, match=r"1 training example\(s\) give an expected batch of 0\.5"
+    ):
         planned_release(1, 1, 1, 1.0, DELTA)
-    with pytest.raises(DPConfigError, match="at least 1 training example, got 0"):
+    with pytest.raises(NoSamplingPlan, match="dp.min_expected_batch = 3"):
+        sampling_plan(5, 16, min_expected_batch=3)
+    assert sampling_plan(6, 16, min_expected_batch=3).expected_batch_size == 3
+    with pytest.raises(NoSamplingPlan, match="at least 1 training example, got 0"):
         planned_release(0, 8, 1, 1.0, DELTA)
     with pytest.raises(DPConfigError, match=r"0\.005 × 100 = 0\.5 is below 1"):
         check_sample_rate(100, 0.005)
+    with pytest.raises(DPConfigError, match=r"q = 1\.0"):
+        check_sample_rate(10, 1.0, batch_size=32)
     with caplog.at_level(logging.WARNING, logger="fedcl.privacy"):
         check_sample_rate(36, 0.2)
     assert "7.20 is below 8" in caplog.text
     with pytest.raises(DPConfigError, match="noise_multiplier"):
         planned_release(100, 10, 1, -1.0, DELTA)
-    # The trainer clamps the batch to N, so DPHook itself refuses q = 1.0 too.
+    # The trainer clamps its batch to N; DPHook draws the same plan the site charged.
     dp = DPHook(noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA)
-    with pytest.raises(DPConfigError, match=r"q = 1\.0"):
-        LocalTrainer(TrainSpec(batch_size=32)).fit(_model(), _data(5), hooks=[dp])
+    LocalTrainer(TrainSpec(batch_size=32)).fit(_model(), _data(5), hooks=[dp])
+    assert dp.release() == planned_release(5, 32, 1, 1.0, DELTA)
+
+
+def test_noise_and_sampling_do_not_follow_torchs_global_seed() -> None:
+    """Two trainings after the same torch.manual_seed (RunPlan.initial_model seeds it from the
+    experiment seed) differ: noise and Poisson draws come from OS entropy; a test fixes them."""
+
+    def train(noise_seed: int | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _model()
+        dp = DPHook(noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA, noise_seed=noise_seed)
+        LocalTrainer(TrainSpec(batch_size=8, lr=0.5), seed=0).fit(model, _data(40), hooks=[dp])
+        return _flat([p.detach() for p in model.parameters()])
+
+    first, second = train(None), train(None)
+    assert not torch.allclose(first, second)
+    assert float((first - second).abs().max()) > 1e-3
+    torch.testing.assert_close(train(7), train(7))  # fixed on request only
 
 
 def test_plan_noise_lands_the_run_at_the_target(tmp_path) -> None:

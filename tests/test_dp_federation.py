@@ -62,3 +62,54 @@ def test_all_sites_refused_ends_the_run_cleanly(tmp_path) -> None:
     with Registry.open(opts.registry_url) as reg:
         run = reg.get_run(opts.run_id)
     assert "every site refused" in run.reason and "site-0" in run.reason
+
+
+# --- DP that fits each site (issue 12) ---------------------------------------------------------
+#: 3 sites, 2 tasks, batch 128: site-0's first task (102 examples) and site-2's second (27) are
+#: smaller than the batch; each used to fail every round ("batch_size 128 >= 102 ... q = 1.0").
+FITS = [*SMALL, "data.num_tasks=2", "data.partition.alpha=0.1", "train.batch_size=128"]
+
+
+def _dp_sgd(ledger: PrivacyLedger, run_id: str) -> dict[int, object]:
+    return {e.server_round: e for e in ledger.entries(run_id=run_id) if e.mechanism == "dp-sgd"}
+
+
+def test_small_tasks_get_their_own_plan_and_only_one_no_plan_fits_is_refused(tmp_path) -> None:
+    """site-0's 102 examples train at q = 1/2 (expected batch 51); site-2's 27 would give 13.5,
+    below dp.min_expected_batch = 20: that task is refused at that site, the run says so."""
+    exp = load_scenario("digits-domain-il", [*FITS, "dp.epsilon=8", "dp.min_expected_batch=20"])[1]
+    status, opts, _ = run_inprocess(exp, tmp_path)
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+        run = reg.get_run(opts.run_id)
+        refused = [p for p in reg.list_participations(opts.run_id) if p.status == "refused"]
+    small = _dp_sgd(PrivacyLedger(tmp_path / "sites" / "site-0"), opts.run_id)[1]
+    assert (small.sample_rate, small.steps) == (0.5, 4)  # 2 draws × 2 local epochs, charged
+    for site, s in results["sites"].items():
+        assert not s["failed_rounds"], (site, s["errors"])
+        assert 7.5 <= s["epsilon"] <= 8.0 + 1e-6, (site, s["epsilon"])  # planned at its sizes
+    # Only site-2's second round; nothing else is lost, and nothing was charged for it.
+    assert [(p.site_id, p.server_round) for p in refused] == [("site-2", 2)]
+    assert refused[0].detail.startswith("no DP-SGD plan for task 1 at this site")
+    assert "expected batch of 13.5" in refused[0].detail
+    assert sorted(_dp_sgd(PrivacyLedger(tmp_path / "sites" / "site-2"), opts.run_id)) == [1]
+    assert [results["sites"][s]["rounds_trained"] for s in ("site-0", "site-1", "site-2")] == [
+        2,
+        2,
+        1,
+    ]
+    assert results["lost_site_rounds"] == {
+        "total": 1, "site_rounds": 6, "failed": 0, "refused": 1, "rejected": 0,
+        "reasons": {"refused: dp.min_expected_batch": 1}, "sites": {"site-2": 1},
+    }  # fmt: skip
+    assert run.status == "completed"  # the schedule finished, but not as a plain success:
+    assert run.reason == "1 of 6 site-rounds lost: 1 refused (dp.min_expected_batch ×1)"
+    from rich.console import Console
+
+    from fedcl.simulations.report import print_report
+
+    console = Console(record=True, width=200)
+    print_report(results, console)
+    last = console.export_text().strip().splitlines()[-1]
+    assert last == "not a plain success: " + run.reason

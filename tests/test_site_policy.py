@@ -84,13 +84,15 @@ def test_a_site_that_requires_dp_refuses_an_experiment_without_dp(tmp_path) -> N
     _set_policy(sites, 0, "epsilon_budget = 5.0")  # a budget: require_dp defaults to true
     status, opts, _ = run_inprocess(exp, tmp_path)
     # The other sites train every round, so the run completes; the refusals are recorded per
-    # site and round (results' refused_rounds, participations with the rule), not in the run's
-    # status or reason.
+    # site and round (results' refused_rounds, participations with the rule), and the run's
+    # reason says it is not a plain success (issue 12: it used to say nothing).
     assert status == "completed"
     with Registry.open(opts.registry_url) as reg:
         run = reg.get_run(opts.run_id)
         results = build_results(reg, opts.run_id)
-    assert run.status == "completed" and run.reason is None
+    assert run.status == "completed"
+    assert run.reason == "2 of 6 site-rounds lost: 2 refused (privacy.require_dp ×2)"
+    assert results["lost_site_rounds"]["reasons"] == {"refused: privacy.require_dp": 2}
     s0 = results["sites"]["site-0"]
     assert s0["rounds_trained"] == 0 and s0["refused_rounds"] == [1, 2]
     assert all(results["sites"][s]["rounds_trained"] == 2 for s in ("site-1", "site-2"))
@@ -110,7 +112,11 @@ def test_least_sigma_and_most_epsilon_per_run(tmp_path) -> None:
     from fedcl.privacy.dp import planned_release
 
     exp = small_experiment(
-        "digits-domain-il", *TWO_TASKS, "train.rounds_per_task=2", "dp.noise_multiplier=0.7"
+        "digits-domain-il",
+        *TWO_TASKS,
+        "train.rounds_per_task=2",
+        "dp.noise_multiplier=0.7",
+        'dp.evaluation="withheld"',  # only training spends here (noised evaluation: issue 12)
     )
     sites = tmp_path / "sites"
     write_site_configs(exp, sites)
@@ -187,7 +193,6 @@ def test_no_reply_under_dp_and_he_reveals_a_sites_training_set_size(tmp_path) ->
 
     # What a train or consolidation reply may carry, and why none of it is a count:
     allowed_metrics = {
-        P.TRAIN_LOSS,  # the mean training loss (a mean, not a count; not noised: README)
         P.DP_EPSILON_RUN,  # ε this run spent at the site: its ledger's word, which the registry
         P.DP_EPSILON_LIFETIME,  # records; a function of (σ, q = 1/ceil(N/B), steps) with σ
         P.DP_DELTA,  # planned from the same N, so not N itself (ceil(N/B) at most, see the
@@ -223,10 +228,11 @@ def test_no_reply_under_dp_and_he_reveals_a_sites_training_set_size(tmp_path) ->
         assert site[P.STATUS] == P.STATUS_OK, site
         metrics = dict(content.metric_records.get(P.METRICS, {}))
         if kind == "evaluate":
-            # Evaluation (issue 12) still sends per-task test counts in clear, not the
-            # training-set size; nothing else.
-            assert all(k.startswith(("correct-t", "count-t", "loss-t")) or k == P.NUM_EXAMPLES
+            # Under DP evaluation sends noised per-task (correct, count), charged first, and ε;
+            # no loss and no exact count (tests/test_private_evaluation.py checks the values).
+            assert all(k.startswith(("correct-t", "count-t")) or k in allowed_metrics
                        for k in metrics), metrics  # fmt: skip
+            assert P.NUM_EXAMPLES not in metrics and P.TRAIN_LOSS not in metrics
             continue
         assert set(metrics) <= allowed_metrics, set(metrics) - allowed_metrics
         assert P.NUM_EXAMPLES not in metrics and not any(k.startswith("dp_") for k in metrics)

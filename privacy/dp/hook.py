@@ -3,12 +3,19 @@
 A fresh ``PrivacyEngine`` per call, the caller's module wrapped anew and unwrapped in
 :meth:`DPHook.finish`, exactly the planned number of Poisson draws, and each draw counted as one
 run of the mechanism: the docstring of :mod:`fedcl.privacy.dp` says why.
+
+**Randomness the adversary must not know.** The noise and the Poisson draws come from generators
+seeded from the OS (:mod:`secrets`), never from torch's global RNG or the trainer's loader: a
+simulation seeds those from the experiment seed (``RunPlan.initial_model``), which is public, so
+noise drawn from them could be recomputed and subtracted, and the amplification by subsampling
+assumes the sample is secret. Only a test asks for fixed draws (``noise_seed``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +25,7 @@ from torch import nn
 
 from ..ledger import DPRelease
 from .grad_sample import _valid_mode, choose_grad_sample_mode
-from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, check_sample_rate
+from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, sampling_plan
 
 logger = logging.getLogger("fedcl.privacy")
 
@@ -104,15 +111,14 @@ class DPHook:
                 "not finished); pass the plain nn.Module (opacus#608)"
             )
         n = len(loader.dataset)
-        batches = len(loader)
-        if batches < 1:
-            raise DPConfigError(f"DP-SGD needs at least 1 training example, got {n}")
-        sample_rate = 1.0 / batches
-        check_sample_rate(n, sample_rate, batch_size=getattr(loader, "batch_size", None))
+        # The plan the site charged (planning.sampling_plan over N at the trainer's batch size,
+        # which is min(B, N): the same k, since ceil(N/min(B, N)) and ceil(N/B) agree for B ≤ N
+        # and both give the floor of 2 draws otherwise).
+        plan = sampling_plan(n, int(getattr(loader, "batch_size", None) or n))
+        batches, sample_rate = plan.batches_per_epoch, plan.sample_rate
         mode = choose_grad_sample_mode(model, self.grad_sample_mode_override)
-        generator = None
-        if self.noise_seed is not None:
-            generator = torch.Generator(device=_device_of(model)).manual_seed(self.noise_seed)
+        noise_seed, sample_seed = self._seeds()
+        generator = torch.Generator(device=_device_of(model)).manual_seed(noise_seed)
         with warnings.catch_warnings():
             # Opacus warns on every engine that its noise comes from torch's PRNG rather than a
             # CSPRNG (secure_mode needs torchcsprng); say it once per process, not per round.
@@ -132,7 +138,10 @@ class DPHook:
             )
         except UnsupportedModuleError as err:
             raise DPConfigError(f"the model cannot be trained with DP-SGD: {err}") from err
-        dp_loader.batch_sampler.steps = batches  # k = ceil(N/B) draws, not int(1/(1/k))
+        sampler = dp_loader.batch_sampler
+        sampler.sample_rate = dp_loader.sample_rate = sample_rate  # 1/k, not 1/len(loader)
+        sampler.steps = batches  # k draws, not int(1/(1/k))
+        sampler.generator = torch.Generator().manual_seed(sample_seed)  # not the loader's
         dp_optimizer.expected_batch_size = n * sample_rate  # a float: no truncation bias
         previous_hook = dp_optimizer.step_hook
 
@@ -190,6 +199,12 @@ class DPHook:
 
     # -- internals
 
+    def _seeds(self) -> tuple[int, int]:
+        """(noise seed, sampling seed): from the OS, or derived from ``noise_seed`` in tests."""
+        if self.noise_seed is not None:
+            return self.noise_seed, self.noise_seed + 1
+        return secrets.randbits(63), secrets.randbits(63)
+
     def _count_draw(self) -> None:
         self.draws += 1
 
@@ -225,7 +240,10 @@ def _note_insecure_rng_once() -> None:
     global _RNG_NOTED
     if not _RNG_NOTED:
         _RNG_NOTED = True
-        logger.info("DP-SGD noise comes from torch's PRNG (Opacus secure_mode is off)")
+        logger.info(
+            "DP-SGD noise and sampling come from torch generators seeded from the OS "
+            "(Opacus secure_mode, a CSPRNG, is off)"
+        )
 
 
 def _device_of(model: nn.Module) -> torch.device:

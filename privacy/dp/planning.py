@@ -25,10 +25,24 @@ logger = logging.getLogger("fedcl.privacy")
 
 MECHANISM_DP_SGD = "dp-sgd"
 SMALL_EXPECTED_BATCH = 8.0
+#: Fewest Poisson draws per epoch: q ≤ 1/2, so every example sits out half the draws and
+#: subsampling amplifies; with q = 1 every draw holds every example and nothing does.
+MIN_BATCHES_PER_EPOCH = 2
+#: The smallest expected batch a plan may have unless the experiment says otherwise
+#: (``dp.min_expected_batch``): below one example most draws are empty.
+MIN_EXPECTED_BATCH = 1.0
 
 
 class DPConfigError(FedclError, ValueError):
     """DP-SGD cannot run as configured (too little data, bad σ, unsupported mode or layer)."""
+
+
+class NoSamplingPlan(DPConfigError):
+    """No sampling plan within the experiment's bounds fits this task's N at this site.
+
+    A property of one task at one site, not of the run: the site refuses that task's rounds
+    (a status naming the numbers) and trains the others.
+    """
 
 
 @dataclass(frozen=True)
@@ -85,19 +99,37 @@ def check_sample_rate(
         )
 
 
-def sampling_plan(n_examples: int, batch_size: int) -> SamplingPlan:
-    """The sampling DP-SGD will use for the trainer's loader over ``n_examples``.
+def sampling_plan(
+    n_examples: int, batch_size: int, *, min_expected_batch: float = MIN_EXPECTED_BATCH
+) -> SamplingPlan:
+    """The Poisson sampling DP-SGD uses for one task's ``n_examples``, fitted to that N.
 
-    Mirrors the trainer (``batch_size = min(batch_size, N)``) and Opacus
-    (``q = 1 / len(loader)``), and applies :func:`check_sample_rate`.
+    The rule, with B = ``train.batch_size`` (the largest expected batch the experiment allows)
+    and m = ``dp.min_expected_batch`` (the smallest):
+
+    * batches per epoch ``k = max(ceil(N / B), 2)``, sample rate ``q = 1 / k``: a task with
+      at least B examples draws like the non-private loader (``ceil(N/B)`` batches of
+      expected size ``N/k ≤ B``); a smaller one gets two draws of expected size ``N/2``
+      instead of q = 1, where subsampling amplifies nothing (Opacus ignores ``drop_last``);
+    * steps: ``local_epochs × k`` (:func:`planned_release`), so each epoch still sees every
+      example once in expectation;
+    * a task whose expected batch ``N·q`` falls below m has no plan: :class:`NoSamplingPlan`
+      (the site refuses that task, not the run). Below 8 expected examples it warns: the noise
+      σ·C/(N·q) then swamps the averaged gradient.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DPConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     if n_examples < 1:
-        raise DPConfigError(f"DP-SGD needs at least 1 training example, got {n_examples}")
-    b = min(batch_size, n_examples)
-    batches = -(-n_examples // b)
+        raise NoSamplingPlan(f"DP-SGD needs at least 1 training example, got {n_examples}")
+    batches = max(-(-n_examples // batch_size), MIN_BATCHES_PER_EPOCH)
     plan = SamplingPlan(n_examples, batch_size, batches, 1.0 / batches)
+    if plan.expected_batch_size < min_expected_batch:
+        raise NoSamplingPlan(
+            f"{n_examples} training example(s) give an expected batch of "
+            f"{plan.expected_batch_size:.3g} at the largest sample rate q = 1/"
+            f"{MIN_BATCHES_PER_EPOCH} that still amplifies, below dp.min_expected_batch = "
+            f"{min_expected_batch:g}"
+        )
     check_sample_rate(n_examples, plan.sample_rate, batch_size=batch_size)
     return plan
 
@@ -108,17 +140,20 @@ def planned_release(
     local_epochs: int,
     noise_multiplier: float,
     delta: float,
+    *,
+    min_expected_batch: float = MIN_EXPECTED_BATCH,
 ) -> DPRelease:
     """What one local training call with DP-SGD will spend, known before it starts.
 
-    ``steps = local_epochs × ceil(N / B)``: exactly the Poisson draws :class:`DPHook` takes,
+    ``steps = local_epochs × k`` with k from :func:`sampling_plan`: exactly the Poisson draws
+    :class:`DPHook` takes,
     so ``ledger.would_exceed(planned_release(...), budget, delta)`` decides the round
     before any example is touched.
     """
     if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1:
         raise DPConfigError(f"local_epochs must be a positive int, got {local_epochs!r}")
     _check_noise(noise_multiplier)
-    plan = sampling_plan(n_examples, batch_size)
+    plan = sampling_plan(n_examples, batch_size, min_expected_batch=min_expected_batch)
     return DPRelease(
         mechanism=MECHANISM_DP_SGD,
         sample_rate=plan.sample_rate,

@@ -35,6 +35,11 @@ class RunOut(_Out):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    lost_site_rounds: int = Field(
+        0,
+        description="Train/consolidate site-rounds that did not contribute (failed, refused or "
+        "rejected): a completed run with any is not a plain success",
+    )
 
 
 class RunPage(_Out):

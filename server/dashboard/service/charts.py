@@ -11,9 +11,9 @@ from fedcl.config.vocabulary import RunStatus
 from fedcl.server.registry import PrivacyInfo, Registry, RunInfo
 
 from ..auth import Principal
-from ..schemas import AccuracySeries, EpsilonSeries, RunCharts, RunOut
+from ..schemas import AccuracySeries, EpsilonSeries, RunCharts
 from .rounds import federation_accuracy_by_round, round_list
-from .runs import federation_matrix
+from .runs import federation_matrix, run_out
 
 
 def epsilon_series(registry: Registry, run_id: str, principal: Principal) -> list[EpsilonSeries]:
@@ -53,7 +53,7 @@ def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCha
     for r in rounds:
         first_of_task.setdefault(r.task_index, r.server_round)
     return RunCharts(
-        run=RunOut.model_validate(run),
+        run=run_out(registry, run),
         poll=run.status == RunStatus.RUNNING,
         eval_tasks=matrix.eval_tasks,
         task_boundaries=sorted(v for k, v in first_of_task.items() if k > 0),

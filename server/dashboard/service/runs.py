@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from fedcl.config.vocabulary import RoundKind, RoundStatus
+from fedcl.server.losses import lost_site_rounds
 from fedcl.server.registry import Registry, RunInfo
 from fedcl.server.results import accuracy_matrix, build_results
 
@@ -25,6 +26,16 @@ def all_runs(registry: Registry) -> list[RunInfo]:
             return runs
 
 
+def lost_count(registry: Registry, run_id: str) -> int:
+    """Site-rounds the run lost (``fedcl.server.losses``: the count results.json reports)."""
+    return lost_site_rounds(registry.list_participations(run_id)).total
+
+
+def run_out(registry: Registry, run: RunInfo) -> RunOut:
+    """A run as listed, with the site-rounds it lost (the badge tells a lossy run apart)."""
+    return RunOut.model_validate({**dict(run), "lost_site_rounds": lost_count(registry, run.id)})
+
+
 def list_runs(
     registry: Registry, *, status: str | None, limit: int, offset: int
 ) -> tuple[list[RunOut], int]:
@@ -32,7 +43,7 @@ def list_runs(
     runs = all_runs(registry)
     if status is not None:
         runs = [r for r in runs if r.status == status]
-    return [RunOut.model_validate(r) for r in runs[offset : offset + limit]], len(runs)
+    return [run_out(registry, r) for r in runs[offset : offset + limit]], len(runs)
 
 
 def matrix_out(
@@ -101,6 +112,7 @@ def run_detail(registry: Registry, run: RunInfo, principal: Principal) -> RunDet
         "avg_accuracy": matrix.avg_accuracy,
         "bwt": matrix.bwt,
         "fwt": matrix.fwt,
+        "lost_site_rounds": lost_site_rounds(participations).total,
     }
     return RunDetail.model_validate({**dict(run), **progress})
 

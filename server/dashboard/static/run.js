@@ -181,8 +181,9 @@
   function drawStatus(d) {
     const badge = document.querySelector("#run-status .badge");
     if (badge) {
-      badge.textContent = d.run.status;
-      badge.className = "badge badge-" + d.run.status;
+      const lost = d.run.status === "completed" && d.run.lost_site_rounds > 0;
+      badge.textContent = lost ? "completed · " + d.run.lost_site_rounds + " site-rounds lost" : d.run.status;
+      badge.className = "badge badge-" + (lost ? "completed-lost" : d.run.status);
     }
     show("live", d.poll);
   }

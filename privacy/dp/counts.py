@@ -1,0 +1,73 @@
+"""Private evaluation: a site's per-task (correct, count) released with Gaussian noise.
+
+The mechanism, stated before it runs (docs/DESIGN.md §15, "a privacy mechanism"): the vector of
+every evaluation task's ``(correct_j, count_j)`` over the site's test examples, plus
+``N(0, (σ·√2)²)`` on each coordinate. One test example more or less changes ``count_j`` by 1 and
+``correct_j`` by at most 1 for the one task it belongs to (the evaluation tasks' test sets are
+disjoint), so the L2 sensitivity is √2 and this is one Gaussian mechanism of noise multiplier σ:
+a full-data release (``sample_rate = 1``, ``steps = 1``) the site's ledger composes with its
+DP-SGD and Fisher releases. The losses are not released (their sensitivity is unbounded unless
+clipped, and the accuracy matrix does not need them).
+
+:func:`evaluation_release` is what the site charges *before* it evaluates; :func:`noised_counts`
+runs the mechanism with exactly that σ and returns it with the noise. The noise comes from a
+generator seeded from the OS (:mod:`secrets`): an experiment seed is public.
+
+Loads no torch at import (the coordinator reads :data:`COUNT_SENSITIVITY` to state the noise).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+
+from ..ledger import DPRelease
+from .planning import DPConfigError, _check_noise
+
+MECHANISM_EVALUATION = "dp-evaluation"
+#: L2 sensitivity of the per-task (correct, count) vector to one test example.
+COUNT_SENSITIVITY = math.sqrt(2.0)
+
+
+def evaluation_release(noise_multiplier: float, delta: float) -> DPRelease:
+    """What one noised evaluation spends: one Gaussian release at σ over the whole test set."""
+    _check_noise(noise_multiplier)
+    if noise_multiplier <= 0:
+        raise DPConfigError("a noised evaluation needs dp.evaluation_noise_multiplier > 0")
+    return DPRelease(
+        mechanism=MECHANISM_EVALUATION,
+        sample_rate=1.0,
+        noise_multiplier=float(noise_multiplier),
+        steps=1,
+        delta=delta,
+    )
+
+
+def count_noise_sd(noise_multiplier: float) -> float:
+    """Standard deviation of the noise on each released count (σ times the sensitivity)."""
+    return float(noise_multiplier) * COUNT_SENSITIVITY
+
+
+def noised_counts(
+    counts: Sequence[tuple[int, int]],
+    release: DPRelease,
+    *,
+    seed: int | None = None,
+) -> list[tuple[float, float]]:
+    """``(correct_j, count_j)`` for every task, each plus Gaussian noise of sd σ·√2.
+
+    ``release`` is what the site charged (:func:`evaluation_release`); the mechanism refuses any
+    other. ``seed`` only for tests: the default draws from OS entropy.
+    """
+    import torch
+
+    if release.mechanism != MECHANISM_EVALUATION or (release.sample_rate, release.steps) != (1, 1):
+        raise DPConfigError(f"noised_counts runs the evaluation release only, not {release}")
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+    sd = count_noise_sd(release.noise_multiplier)
+    noise = torch.randn(len(counts), 2, generator=generator, dtype=torch.float64) * sd
+    return [
+        (float(correct) + float(e[0]), float(count) + float(e[1]))
+        for (correct, count), e in zip(counts, noise, strict=True)
+    ]
