@@ -22,6 +22,7 @@ from .superlink import flower_env, flwr_json, listening, pid_alive, read_pid, to
 
 TERMINAL = ("completed", "failed", "stopped")
 FLOWER_POLL_S = 10.0
+STOP_GRACE_S = 10.0  # how long `coordinator stop` lets a ServerApp record its own end
 
 
 def load_experiment(path: Path) -> ExperimentConfig:
@@ -208,7 +209,9 @@ def stop_run(folder: CoordinatorDir, spec: FederationSpec, run_id: str, reason: 
         note = f"Flower run {sub.flower_run_id}: " + (
             "stopped" if got.get("success") else str(got.get("error-message", got))
         )
-        deadline = time.monotonic() + 30
+        # A live ServerApp sees the stopped run at its next poll of the SuperLink (seconds) and
+        # records its end; a dead one (the reason to stop it) never does: wait a little only.
+        deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline:  # let the ServerApp record its end first ...
             with Registry.open(url) as reg:
                 current = reg.get_run(run_id)

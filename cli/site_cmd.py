@@ -18,6 +18,7 @@ from rich.console import Console
 from fedcl.config import ConfigError, SiteConfig, load_toml
 
 from .federation import SiteDir
+from .supernode import MAX_WAIT_S
 
 app = typer.Typer(help="Site: enrol, check config and data, run and watch the SuperNode.")
 console = Console(soft_wrap=True)
@@ -103,7 +104,9 @@ def check(
 def up(
     state: Path = typer.Argument(..., help="The site's state folder."),
     port: int | None = typer.Option(None, "--port", help="SuperNode port (default: a free one)."),
-    max_wait: float = typer.Option(30.0, "--max-wait", help="Seconds to retry before a restart."),
+    max_wait: float = typer.Option(
+        MAX_WAIT_S, "--max-wait", help="Seconds to retry a lost SuperLink before a restart."
+    ),
     detach: bool = typer.Option(False, "--detach", help="Supervise in the background."),
 ) -> None:
     """Start and supervise this site's SuperNode (TLS, its key); restart it with backoff."""

@@ -27,6 +27,10 @@ from .federation import SiteDir
 from .superlink import flower_env, listening, log_tail, pid_alive, read_pid
 
 BACKOFF_START, BACKOFF_MAX = 2.0, 60.0
+# How long a SuperNode retries a SuperLink it lost before it gives up (and is restarted). Long
+# enough that a link that comes back within it resumes the same session: a new session could
+# not activate sooner anyway, since the SuperLink counts the old one online for up to 2 x 30 s.
+MAX_WAIT_S = 120.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HEALTHY_AFTER = 60.0  # a SuperNode that ran this long was fine: restart without waiting
 
@@ -39,8 +43,10 @@ REASONS = (  # (what Flower logs, what it means for this site)
     ),
     (
         "Failed to activate SuperNode",
-        "the SuperLink does not know this site's key {pub}: send that file to the coordinator "
-        "(it goes into federation.toml's [[sites]], then `fedcl coordinator init` and `up`)",
+        "the SuperLink refused this site's key {pub}: either it is not enrolled (send that file "
+        "to the coordinator: it goes into federation.toml's [[sites]], then `fedcl coordinator "
+        "init` and `up`), or the SuperLink still counts this site's previous connection as "
+        "online (after a lost link Flower takes up to a minute, 2 missed heartbeats, to notice)",
     ),
     (
         "Connection refused",
@@ -92,7 +98,7 @@ def explain(log_text: str, site: SiteDir, superlink: str) -> str:
 class Supervisor:
     """Runs one SuperNode until SIGTERM/SIGINT; every start and exit goes to supervisor.log."""
 
-    def __init__(self, site: SiteDir, *, port: int | None, max_wait: float = 30.0):
+    def __init__(self, site: SiteDir, *, port: int | None, max_wait: float = MAX_WAIT_S):
         self.site = site
         self.spec = site.bundle_spec()
         self.fixed_port = port

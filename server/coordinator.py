@@ -29,6 +29,7 @@ from fedcl.strategies import (
     Evaluation,
     GlobalModel,
     SitesUnavailable,
+    answered_for,
     build_strategy,
     record_bytes,
 )
@@ -41,6 +42,7 @@ from .recording import RunRecorder
 from .registry import MetricRow, Registry
 from .versions import ContinualMemory, VersionStore
 
+TTL_MARGIN_S = 10.0  # a message outlives its round's timeout by this much (clock skew)
 logger = logging.getLogger("fedcl.server")
 
 
@@ -163,7 +165,16 @@ class Coordinator:
             getattr(obs, event)(*args)
 
     def _send(self, messages: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        """Send and wait up to the round timeout; a message expires with its round.
+
+        Without a TTL a site that was away would find the messages of rounds that gave up on
+        it when it comes back, and work through them (training on stale models, one ClientApp
+        each) before it gets to the round that waits for it.
+        """
+        if self.timeout is not None:
+            for msg in messages:
+                msg.metadata.ttl = self.timeout + TTL_MARGIN_S
+        return answered_for(messages, self.grid.send_and_receive(messages, timeout=self.timeout))
 
     def _baseline_evaluation(self, model: GlobalModel) -> None:
         """Accuracy of the untrained model on every task: the b_j of forward transfer."""
@@ -173,13 +184,18 @@ class Coordinator:
             self.run_id, None, self.recorder.accuracy_rows(evaluation, baseline=True)
         )
 
-    def _evaluate(self, model: GlobalModel, step: PlannedRound) -> Evaluation:
+    def _evaluate(
+        self, model: GlobalModel, step: PlannedRound, silent: frozenset[int] = frozenset()
+    ) -> Evaluation:
         # Sites that left since training must not hang Flower's sampling: evaluate who is there
-        # (the round already waited for them; only the untrained baseline waits here).
+        # (the round already waited for them; only the untrained baseline waits here). A site
+        # that gave no reply to this round's training is not asked again: a lost site costs a
+        # round its timeout once, not once per phase.
         wait_s = self.experiment.train.site_wait_s if step.server_round == 0 else 0.0
         self.strategy.await_sites(self.grid, step.server_round, wait_s=wait_s, quorum=1)
         config = self.base_config(step)
         messages = self.strategy.configure_evaluate(step.server_round, model, config, self.grid)
+        messages = [m for m in messages if m.metadata.dst_node_id not in silent]
         return self.strategy.aggregate_evaluate(step.server_round, self._send(messages))
 
     def _begin(self, step: PlannedRound) -> int:
@@ -203,7 +219,11 @@ class Coordinator:
         messages = self.strategy.configure_train(step.server_round, model, config, self.grid)
         self._attach_memory(messages)
         bytes_down = sum(record_bytes(m.content) for m in messages)
-        result = self.strategy.aggregate_train(step.server_round, self._send(messages), sent=model)
+        replies = self._send(messages)
+        silent = frozenset(m.metadata.dst_node_id for m in messages) - {
+            r.metadata.src_node_id for r in replies
+        }
+        result = self.strategy.aggregate_train(step.server_round, replies, sent=model)
         self.recorder.replies(
             round_id, Phase.TRAIN, result, messages, self.strategy.sites, expected=model.digest()
         )
@@ -215,7 +235,7 @@ class Coordinator:
             round_id, task_index=step.task_index, server_round=step.server_round,
             model=result.model,
         )  # fmt: skip
-        evaluation = self._evaluate(result.model, step)
+        evaluation = self._evaluate(result.model, step, silent)
         if reports_corrupt(evaluation):
             result, evaluation, reason = self._recover(step, round_id, model, result)
             if evaluation is None:

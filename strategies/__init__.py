@@ -8,7 +8,7 @@
 """
 
 from .contract import Aggregate, Evaluation, GlobalModel, RoundStrategy
-from .outcomes import SiteDirectory, SiteOutcome, record_bytes
+from .outcomes import SiteDirectory, SiteOutcome, answered_for, record_bytes
 from .sites import SiteStrategy, SitesUnavailable
 from .table import STRATEGIES, build_strategy
 
@@ -19,6 +19,7 @@ __all__ = [
     "GlobalModel",
     "RoundStrategy",
     "SiteDirectory",
+    "answered_for",
     "SiteOutcome",
     "SiteStrategy",
     "SitesUnavailable",

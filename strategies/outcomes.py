@@ -10,10 +10,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message
+from flwr.app import Error, Message
 
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import SiteStatus
+
+SUPERLINK_NODE_ID = 1  # Flower's: the SuperLink signs the errors it makes up with this node id
+
+
+def answered_for(sent: Iterable[Message], replies: Iterable[Message]) -> list[Message]:
+    """The replies, each from the node its message went to.
+
+    When a node misses its heartbeats, the SuperLink answers for it with an error *from itself*
+    (node 1, "Node Unavailable"), so the round would record a failure of a site "node-1" that
+    does not exist and none of the site that was lost. Such an error becomes the error reply of
+    the node its message was sent to (Flower's own ``Message(error, reply_to=...)``).
+    """
+    by_id = {m.metadata.message_id: m for m in sent}
+    out = []
+    for reply in replies:
+        original = by_id.get(reply.metadata.reply_to_message_id)
+        if reply.has_error() and reply.metadata.src_node_id == SUPERLINK_NODE_ID and original:
+            error = Error(code=reply.error.code, reason=reply.error.reason)
+            reply = Message(error, reply_to=original)
+        out.append(reply)
+    return out
 
 
 @dataclass

@@ -219,6 +219,28 @@ def test_a_reply_is_the_site_of_its_node_not_what_it_claims(tmp_path) -> None:
     assert theirs.status == "rejected" and "claims to be site site-0" in theirs.detail
 
 
+def test_an_error_the_superlink_makes_up_for_a_lost_node_names_that_site(tmp_path) -> None:
+    """Flower's "Node Unavailable" reply comes from node 1 (the SuperLink): it is site-2's."""
+    from federation_helpers import run_inprocess
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message as superlink_error,
+    )
+
+    def lose(node_id, msg, context):
+        if node_id != 1002 or msg.content[P.CONFIG][P.SERVER_ROUND] != 2:
+            return None
+        return superlink_error(msg.metadata, "node_unavail")  # what the SuperLink sends
+
+    status, opts, _ = run_inprocess(small_experiment(), tmp_path, intercept=lose, run_id="faults")
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        parts = reg.list_participations("faults")
+    assert {p.site_id for p in parts} == {"site-0", "site-1", "site-2"}  # no "node-1"
+    lost = [p for p in parts if p.site_id == "site-2" and p.server_round == 2]
+    assert {(p.phase, p.status) for p in lost} == {("train", "failed"), ("evaluate", "failed")}
+    assert all("Node Unavailable" in p.detail for p in lost), [p.detail for p in lost]
+
+
 def test_a_site_that_disagrees_on_the_model_is_flagged_and_not_averaged(tmp_path) -> None:
     """Hash consensus through the coordinator: site-1 trains from another model in round 3."""
     from federation_helpers import run_inprocess

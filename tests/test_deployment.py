@@ -62,14 +62,17 @@ epsilon = 8.0
 enabled = true
 public_context = "{public}"
 [continual]
-method = "ewc"
+method = "replay"
 [simulation]
 num_sites = 2
 """
 
 
 def test_two_tasks_on_superlink_and_two_supernodes(tmp_path) -> None:
-    """Plus every capability: DP-SGD, CKKS aggregation (keys from `fedcl keys init`), EWC."""
+    """Bring your own SuperLink: DP-SGD, CKKS (keys from `fedcl keys init`), replay.
+
+    EWC's consolidation round through a real SuperLink is in tests/test_faults_processes.py.
+    """
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
@@ -179,17 +182,15 @@ def test_two_tasks_on_superlink_and_two_supernodes(tmp_path) -> None:
             results = build_results(reg, "deploy-1")
             rounds = reg.list_rounds("deploy-1")
             versions = reg.list_model_versions("deploy-1")
-        assert [(r.server_round, r.kind) for r in rounds] == [
-            (1, "train"),
-            (2, "consolidate"),
-            (3, "train"),
-        ]
+        assert [(r.server_round, r.kind) for r in rounds] == [(1, "train"), (2, "train")]
         assert all(r.num_participants == 2 for r in rounds)
         assert set(results["sites"]) == {"hospital-0", "hospital-1"}  # from each --node-config
         assert len(results["accuracy_matrix"]) == 2
         assert results["accuracy_matrix"][0][0] > 0.4  # five digits per task: chance is 0.2
         assert all(0 < s["epsilon"] <= 8.0 for s in results["sites"].values())
         assert all(v.encrypted for v in versions)  # the coordinator only ever held ciphertexts
+        for i in range(2):  # each site kept its replay buffer on its own disk
+            assert (tmp_path / f"state-{i}" / "runs" / "deploy-1" / "replay.safetensors").is_file()
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):

@@ -225,7 +225,7 @@ def _status(site: str, sites: Path, env: dict) -> dict:
 
 def _check_outsiders(sites: Path) -> None:
     log = sites / "intruder" / "supernode" / "supervisor.log"
-    wait_for(lambda: "does not know this site's key" in read(log), 60, "the intruder's reason")
+    wait_for(lambda: "refused this site's key" in read(log), 60, "the intruder's reason")
     assert "SuperNode ID:" not in read(sites / "intruder" / "supernode" / "supernode.log")
     log = sites / "wrong-ca" / "supernode" / "supervisor.log"
     wait_for(lambda: "TLS: the SuperLink's certificate is not signed by the CA" in read(log), 60,

@@ -250,7 +250,6 @@ def test_two_rounds_sites_agree_on_the_decrypted_model(keys) -> None:
         sent = result.model  # later rounds: the sites' majority (the coordinator cannot decrypt)
     applied = [decode_aggregate(arrays, meta, secret, layout=layout)[0] for _ in sites]
     digests = {
-        state_sha256({k: torch.as_tensor(np.asarray(m[k])) for k in layout.names})
-        for m in applied
+        state_sha256({k: torch.as_tensor(np.asarray(m[k])) for k in layout.names}) for m in applied
     }
     assert len(digests) == 1

@@ -267,7 +267,7 @@ def test_supervisor_turns_flower_errors_into_reasons(tmp_path) -> None:
     site = SiteDir(tmp_path)
     tls = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer"
     assert "not signed by the CA" in explain(tls, site, "h:1")
-    assert "does not know this site's key" in explain(
+    assert "refused this site's key" in explain(
         "[code: 2004] Failed to activate SuperNode.", site, "h:1"
     )
     assert "nothing listens at h:1" in explain("[Errno 111] Connection refused", site, "h:1")

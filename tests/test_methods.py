@@ -37,9 +37,7 @@ def test_declarations_match_todays_methods(name: str) -> None:
     method = get_method(name)
     assert method.consolidates == (name in USES_EWC)  # the coordinator's schedule is unchanged
     assert method.replays == (name in USES_REPLAY)
-    assert (method.consolidation_release(ExperimentConfig(), 10) is not None) == (
-        name in USES_EWC
-    )
+    assert (method.consolidation_release(ExperimentConfig(), 10) is not None) == (name in USES_EWC)
 
 
 def test_available_methods_is_the_table() -> None:

@@ -58,9 +58,7 @@ def test_a_resumed_round_is_charged_once(tmp_path, where, monkeypatch) -> None:
     exp = small_experiment("digits-domain-il", *DP)
     status, _, _ = run_inprocess(exp, tmp_path / "whole")
     assert status == "completed"
-    reference = {
-        site: [e.release for e in es] for site, es in ledgers(tmp_path / "whole").items()
-    }
+    reference = {site: [e.release for e in es] for site, es in ledgers(tmp_path / "whole").items()}
 
     from fedcl.client import codec
 

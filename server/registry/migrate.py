@@ -8,6 +8,8 @@ at the packaged ``migrations`` folder, so no ``alembic.ini`` is needed at runtim
 
 from __future__ import annotations
 
+import threading
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +20,10 @@ from sqlalchemy import Connection, Engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ALEMBIC_INI = Path(__file__).resolve().parent / "alembic.ini"
+# Alembic's ``context`` and ``op`` are module-level proxies, set for the migration that runs:
+# two threads of one process migrating at once (the dashboard's request threads, a test that
+# reads the registry while an in-process run writes it) overwrite each other's (KeyError).
+_MIGRATING = threading.Lock()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -37,14 +43,20 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the database behind ``engine`` to ``revision`` in one transaction."""
-    with engine.begin() as connection:
+    """Upgrade the database behind ``engine`` to ``revision`` in one transaction.
+
+    A database already at the head is left alone without running Alembic's environment, so
+    opening the registry (every poll of `coordinator status`, every dashboard request) is cheap.
+    """
+    if revision == "head" and current_revision(engine) == head_revision():
+        return
+    with _MIGRATING, engine.begin() as connection:
         command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:
     """Downgrade the database behind ``engine`` to ``revision`` (``base`` drops every table)."""
-    with engine.begin() as connection:
+    with _MIGRATING, engine.begin() as connection:
         command.downgrade(alembic_config(connection), revision)
 
 
@@ -54,6 +66,7 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+@cache
 def head_revision() -> str | None:
-    """The newest revision shipped with this version of fedcl."""
+    """The newest revision shipped with this version of fedcl (fixed for a process)."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
