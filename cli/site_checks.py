@@ -280,7 +280,7 @@ def print_status(info: dict, console: Console) -> None:
     budget = f" of {p['budget']:g} (remaining {p['remaining']:.3f})" if p["budget"] else ""
     console.print(f"ε spent {eps}{budget} at δ = {p['delta']:g}")
     if info["last_rounds"]:
-        table = Table(title="last privacy releases (rounds this site trained)")
+        table = Table(title="last privacy releases (training, Fisher, noised evaluations)")
         for col in ("run", "task", "round", "release", "at"):
             table.add_column(col)
         for r in info["last_rounds"]:

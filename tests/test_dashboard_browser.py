@@ -192,10 +192,17 @@ def test_run_page_draws_every_panel_and_updates_live(
     _screenshot(browser, "dashboard-running-run.png", 1500)
     rendered = int(browser.execute_script("return document.body.dataset.rendered"))
     dash.registry.set_run_status(DP_RUN, "completed")
+    # Its refused and failed site-rounds make it no plain success: the badge says so.
     _wait(
         browser,
-        lambda d: d.find_element(By.CSS_SELECTOR, "#run-status .badge").text == "completed",
+        lambda d: d.find_element(By.CSS_SELECTOR, "#run-status .badge").text.startswith(
+            "completed · "
+        ),
         "status badge updated by polling",
+    )
+    badge = browser.find_element(By.CSS_SELECTOR, "#run-status .badge")
+    assert badge.text.endswith("site-rounds lost") and "completed-lost" in badge.get_attribute(
+        "class"
     )
     assert int(browser.execute_script("return document.body.dataset.rendered")) > rendered
     assert not browser.find_element(By.ID, "live").is_displayed()

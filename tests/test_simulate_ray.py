@@ -96,7 +96,7 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
         "simulate",
         "digits-domain-il",
         "--set", "train.rounds_per_task=1",
-        "--set", "data.num_tasks=3",
+        "--set", "data.num_tasks=2",
         "--set", "simulation.num_sites=3",
         "--set", "dp.epsilon=8",
         "--set", "he.enabled=true",
@@ -109,7 +109,7 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
     kinds = [r["kind"] for r in results["rounds"]]
-    assert kinds.count("train") == 3 and kinds.count("consolidate") == 2
+    assert kinds.count("train") == 2 and kinds.count("consolidate") == 1
     assert all(r["participants"] == 3 for r in results["rounds"])
     for site in results["sites"].values():
         assert 0 < site["epsilon"] <= 8.0 + 1e-6
