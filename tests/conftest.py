@@ -14,10 +14,11 @@ from fedcl.server.registry import Registry
 # ==============================================================================================
 # Order: the longest files first
 #
-# The suite runs on two xdist workers, a file each (pyproject's addopts). Started last, the
-# real-process files (minutes each, mostly waiting on Flower's heartbeats and polls) ran one
-# after the other at the end; started first, the quick files fill in around them. Durations
-# measured serially on 2 cores (2026-12-01): deployment_tls 292 s, faults_processes 375 s,
+# The suite runs on two xdist workers that take tests in this order, two at a time
+# (pyproject's addopts). Started last, the real-process tests (minutes each, mostly waiting on
+# Flower's heartbeats and polls) ran one after the other at the end; started first, the quick
+# ones fill in around them. The two fault tests, first, go to one worker and share its
+# federation. Serially on 2 cores (2026-12-01): deployment_tls 292 s, faults_processes 375 s,
 # deployment 104 s, simulate_ray ~250 s, methods_ray 62 s.
 # ==============================================================================================
 LONGEST_FIRST = (
