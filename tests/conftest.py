@@ -21,13 +21,7 @@ from fedcl.server.registry import Registry
 # federation. Serially on 2 cores (2026-12-01): deployment_tls 292 s, faults_processes 375 s,
 # deployment 104 s, simulate_ray ~250 s, methods_ray 62 s.
 # ==============================================================================================
-LONGEST_FIRST = (
-    "test_faults_processes.py",
-    "test_deployment_tls.py",
-    "test_simulate_ray.py",
-    "test_deployment.py",
-    "test_methods_ray.py",
-)
+LONGEST_FIRST = ("test_faults_processes.py", "test_deployment_tls.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
