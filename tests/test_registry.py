@@ -42,7 +42,9 @@ REGISTRY_TABLES = {
     "model_versions",
     "privacy_spend",
     "audit_events",
+    "audit_chain_head",
     "api_tokens",
+    "dashboard_sessions",
 }
 CONFIG = {"strategy": "fedavg", "rounds_per_task": 2, "dp": {"epsilon": 8.0}, "seeds": (1, 2)}
 TASKS = ["digits-0-4", "digits-5-9"]

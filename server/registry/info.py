@@ -161,7 +161,7 @@ class PrivacyInfo(Record):
 
 
 class AuditInfo(Record):
-    """An append-only audit log entry."""
+    """An append-only audit log entry and its link in the hash chain."""
 
     id: int
     run_id: str | None
@@ -169,7 +169,10 @@ class AuditInfo(Record):
     kind: str
     message: str
     actor: str
+    scope: str
     created_at: datetime
+    prev_hash: str
+    hash: str
 
 
 class TokenInfo(Record):

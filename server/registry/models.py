@@ -271,10 +271,12 @@ class TaskStart(Base):
 
 
 class AuditEvent(Base):
-    """Append-only audit log.
+    """Append-only audit log, each event chained to the one before it by hash (audit_chain.py).
 
     ``run_id``/``site_id`` deliberately have no foreign keys: the log must be able to record events
-    about things that do not (or no longer) exist, such as a rejected unknown site.
+    about things that do not (or no longer) exist, such as a rejected unknown site. ``scope`` says
+    who may read an event without a site: ``federation`` (every token) or ``coordinator`` (admin
+    and viewer tokens only); an event with a site is also readable by that site's tokens.
     """
 
     __tablename__ = "audit_events"
@@ -285,19 +287,55 @@ class AuditEvent(Base):
     kind: Mapped[str] = mapped_column(String(64))
     message: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(128), default="system", server_default="system")
+    scope: Mapped[str] = mapped_column(
+        String(16), default="federation", server_default="federation"
+    )
     created_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=utcnow, server_default=func.now(), index=True
     )
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The chain's last event (one row, id 1): the lock every audit writer takes, and the check
+    that no event was cut off the end of the log (which no link inside the chain can show)."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_event_id: Mapped[int | None] = mapped_column(Integer)
+    last_hash: Mapped[str] = mapped_column(String(64))
 
 
 class ApiToken(Base):
-    """A dashboard/API token; only the SHA-256 of the token is stored."""
+    """A dashboard/API token; only the SHA-256 of the token is stored. Names are unique: a name
+    is the audit actor of everything done with the token."""
 
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128), unique=True)
     role: Mapped[str] = mapped_column(String(32))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = _created_at()
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class DashboardSession(Base):
+    """A signed-in browser: the cookie holds a random session id, the registry its SHA-256.
+
+    A session ends at ``expires_at``, at logout (``ended_at``) or when its token is revoked; the
+    token itself never travels in a cookie.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
