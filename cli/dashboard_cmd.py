@@ -1,7 +1,9 @@
 """``fedcl dashboard``: serve the coordinator dashboard, and manage its API tokens.
 
 ``fedcl dashboard --db URL`` serves the pages, the JSON API and ``/metrics`` with uvicorn;
-``fedcl dashboard token create --db URL --role admin --name alice`` prints a new token once.
+``fedcl dashboard token create --db URL --role admin --name alice`` prints a new token once;
+``token list`` shows every token (never the token itself), ``token revoke --id N`` or
+``--name NAME`` revokes one and ends its dashboard sessions.
 Registered in ``cli/main.py`` as ``app.add_typer(dashboard_cmd.app, name="dashboard")``; the
 callback runs the server when no sub-command is given.
 """
@@ -21,7 +23,7 @@ app = typer.Typer(
     help="Dashboard: runs, rounds, sites, privacy and model versions over the registry.",
     no_args_is_help=False,
 )
-token_app = typer.Typer(help="Create or revoke dashboard/API tokens (stored hashed).")
+token_app = typer.Typer(help="Create, list or revoke dashboard/API tokens (stored hashed).")
 app.add_typer(token_app, name="token")
 err = Console(stderr=True)
 
@@ -138,7 +140,7 @@ def token_create(
     if not name.strip() or len(name) > 128:
         raise DashboardCliError("--name must be 1-128 characters")
     with Registry.open(url) as registry:
-        token = registry.create_token(name.strip(), role)
+        token = registry.create_token(name.strip(), role, actor="cli")
         info = registry.verify_token(token)
     typer.echo(token)
     token_id = info.id if info is not None else "?"
@@ -149,16 +151,44 @@ def token_create(
     )
 
 
-@token_app.command("revoke")
-def token_revoke(
+@token_app.command("list")
+def token_list(
     db: str | None = typer.Option(None, "--db", help="SQLAlchemy URL of the registry."),
-    token_id: int = typer.Option(..., "--id", min=1, help="The token id printed at creation."),
-    actor: str = typer.Option("cli", help="Who revokes it (for the audit log)."),
 ) -> None:
-    """Revoke a token; requests with it get 401 from then on."""
+    """List every token: id, name, role, when created and revoked, live dashboard sessions."""
+    from rich.table import Table
+
     from fedcl.server.registry import Registry
 
     url = _require_db(db)
     with Registry.open(url) as registry:
-        info = registry.revoke_token(token_id, actor=actor)
+        tokens = registry.list_tokens()
+    table = Table(title=f"API tokens in {registry.url}")
+    for column in ("id", "name", "role", "created", "revoked", "sessions"):
+        table.add_column(column)
+    for t in tokens:
+        revoked = f"{t.revoked_at:%Y-%m-%d %H:%M:%S}" if t.revoked_at else ""
+        table.add_row(
+            str(t.id), t.name, t.role, f"{t.created_at:%Y-%m-%d %H:%M:%S}", revoked, str(t.sessions)
+        )
+    Console(width=160).print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    db: str | None = typer.Option(None, "--db", help="SQLAlchemy URL of the registry."),
+    token_id: int | None = typer.Option(
+        None, "--id", min=1, help="The token id (fedcl dashboard token list)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="The token's name (names are unique)."),
+    actor: str = typer.Option("cli", help="Who revokes it (for the audit log)."),
+) -> None:
+    """Revoke a token by id or name; requests and sessions with it get 401 from then on."""
+    from fedcl.server.registry import Registry
+
+    url = _require_db(db)
+    if (token_id is None) == (name is None):
+        raise DashboardCliError("give exactly one of --id or --name")
+    with Registry.open(url) as registry:
+        info = registry.revoke_token(token_id, name=name, actor=actor)
     err.print(f"revoked token {info.id} ({info.name!r}, role {info.role!r})", highlight=False)

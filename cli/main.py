@@ -15,7 +15,15 @@ from rich.console import Console
 
 from fedcl.config import FedclError
 
-from . import coordinator_cmd, dashboard_cmd, keys_cmd, privacy_cmd, simulate_cmd, site_cmd
+from . import (
+    audit_cmd,
+    coordinator_cmd,
+    dashboard_cmd,
+    keys_cmd,
+    privacy_cmd,
+    simulate_cmd,
+    site_cmd,
+)
 
 console = Console(stderr=True, soft_wrap=True)  # paths in errors stay copyable
 
@@ -31,6 +39,7 @@ app.add_typer(site_cmd.app, name="site")
 app.add_typer(coordinator_cmd.app, name="coordinator")
 app.add_typer(keys_cmd.app, name="keys")
 app.add_typer(dashboard_cmd.app, name="dashboard")
+app.add_typer(audit_cmd.app, name="audit")
 site_cmd.app.command("privacy")(privacy_cmd.privacy)
 
 

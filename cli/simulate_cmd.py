@@ -72,6 +72,7 @@ def simulate(
 
 def _start_dashboard(registry_url: str, port: int):
     """Serve the dashboard over the simulation's registry in a background thread."""
+    import secrets
     import threading
 
     import uvicorn
@@ -80,7 +81,8 @@ def _start_dashboard(registry_url: str, port: int):
     from fedcl.server.registry import Registry
 
     with Registry.open(registry_url) as registry:  # create and migrate it before serving
-        token = registry.create_token("simulate", "admin")
+        # Token names are unique (the audit actor): one per dashboard served.
+        token = registry.create_token(f"simulate-{secrets.token_hex(4)}", "admin")
     app = create_app(registry_url)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True, name="fedcl-dashboard")

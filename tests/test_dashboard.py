@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args
 
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 from fedcl.cli import dashboard_cmd
 from fedcl.config import FedclError
 from fedcl.server.dashboard import create_app, evaluate_canary
-from fedcl.server.dashboard.auth import CSRF_HEADER, TOKEN_COOKIE, DashboardError, parse_role
+from fedcl.server.dashboard.auth import CSRF_HEADER, SESSION_COOKIE, DashboardError, parse_role
 from fedcl.server.registry import (
     RUN_STATUSES,
     VERSION_STATUSES,
@@ -356,6 +357,7 @@ API_GETS = [
     "/api/versions/1",
     "/api/versions/1/download",
     "/api/audit",
+    "/api/tokens",
     "/metrics",
 ]
 API_POSTS = [
@@ -363,16 +365,17 @@ API_POSTS = [
     "/api/versions/1/candidate",
     "/api/versions/1/rollback",
     f"/api/runs/{DEMO_RUN}/canary",
+    "/api/tokens/1/revoke",
 ]
 
 
 def test_every_api_route_needs_a_valid_token(ro: Dash) -> None:
     # The API routers and these lists must agree, so a new route cannot skip the auth test.
-    from fedcl.server.dashboard.routers import audit, prometheus, runs, sites, versions
+    from fedcl.server.dashboard.routers import audit, prometheus, runs, sites, tokens, versions
 
     api_routes = {
         (method, route.path)
-        for module in (audit, prometheus, runs, sites, versions)
+        for module in (audit, prometheus, runs, sites, tokens, versions)
         for route in module.router.routes
         for method in route.methods  # type: ignore[attr-defined]
     }
@@ -449,7 +452,9 @@ def test_site_token_sees_only_its_own_site_rows(ro: Dash) -> None:
 
 def test_cookie_auth_and_csrf_header_on_writes(dash: Dash) -> None:
     client = TestClient(dash.app)
-    client.cookies.set(TOKEN_COOKIE, dash.tokens["admin"])
+    started = dash.registry.start_session(dash.tokens["admin"], lifetime=timedelta(hours=1))
+    assert started is not None
+    client.cookies.set(SESSION_COOKIE, started[0])
     assert client.get("/api/runs").status_code == 200
     version = _version_ids(dash, DEMO_RUN)[0]
     response = client.post(f"/api/versions/{version}/promote")
@@ -649,7 +654,8 @@ def test_audit_filters_and_paging(ro: Dash) -> None:
     run_events = ro.get(f"/api/audit?run={DEMO_RUN}").json()
     assert run_events and all(e["run_id"] == DEMO_RUN for e in run_events)
     site_events = ro.get("/api/audit?site=site-1").json()
-    assert [e["kind"] for e in site_events] == ["model_hash.mismatch"]
+    # site-1's own token's creation is an event of site-1 (issue 13), then its hash report
+    assert [e["kind"] for e in site_events] == ["token.created", "model_hash.mismatch"]
     tokens = ro.get("/api/audit?kind=token").json()
     assert tokens and {e["kind"] for e in tokens} <= {"token.created", "token.revoked"}
     assert any("'victor'" in e["message"] for e in tokens)
@@ -869,7 +875,7 @@ def test_pages_need_login_and_render(ro: Dash) -> None:
     assert site.get("/sites/site-0").status_code == 403
     assert "site-0" not in site.get("/sites").text
     logout = site.post("/logout", follow_redirects=False)
-    assert logout.status_code == 303 and TOKEN_COOKIE in logout.headers["set-cookie"]
+    assert logout.status_code == 303 and SESSION_COOKIE in logout.headers["set-cookie"]
 
 
 def test_drift_map_alerts_and_task_starts(dash: Dash) -> None:

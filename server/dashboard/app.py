@@ -28,7 +28,8 @@ from fedcl.server.registry import Registry, RegistryError
 from .auth import DashboardError
 from .collector import RegistryCollector
 from .deps import LoginRequired
-from .routers import audit, pages, prometheus, runs, session, sites, versions
+from .origin import SameOriginWrites
+from .routers import audit, pages, prometheus, runs, session, sites, tokens, versions
 
 # Pages only load our own files. Plotly injects <style> elements and inline style attributes, and
 # renders heatmaps through data: URLs, hence those two allowances; scripts stay 'self' only.
@@ -46,9 +47,11 @@ Runs, rounds, sites, privacy spend and model versions of a fedcl federation, rea
 coordinator's registry.
 
 **Authentication.** Every `/api/` call needs a token: `Authorization: Bearer <token>` (scripts,
-Prometheus) or the cookie the login page sets (pages; their writes also send the
+Prometheus) or the session cookie the login page sets (pages; their writes also send the
 `X-Fedcl-Dashboard` header). Create tokens with
-`fedcl dashboard token create --db URL --role ROLE --name NAME`.
+`fedcl dashboard token create --db URL --role ROLE --name NAME`; list and revoke them with
+`fedcl dashboard token list|revoke` or `/api/tokens`. State-changing requests whose `Origin` or
+`Sec-Fetch-Site` says they come from another site get 403 (login and logout included).
 
 **Roles.** `admin`: everything. `viewer`: read-only (POST → 403). `site:<id>`: federation-level
 data plus its own site's rows (participations, per-site metrics, privacy); asking for another
@@ -63,7 +66,8 @@ TAGS = [
     {"name": "runs", "description": "Runs, tasks, rounds, metrics, accuracy matrix, canary"},
     {"name": "sites", "description": "Sites across runs, with their reported privacy spend"},
     {"name": "versions", "description": "Model versions: list, download, promote, roll back"},
-    {"name": "audit", "description": "The append-only audit log"},
+    {"name": "audit", "description": "The hash-chained audit log"},
+    {"name": "tokens", "description": "API tokens: list (admin, viewer), revoke (admin)"},
     {"name": "prometheus", "description": "Prometheus exposition, computed at scrape time"},
 ]
 
@@ -169,8 +173,9 @@ def create_app(
     prom.register(RegistryCollector(registry, recent_runs=recent_runs))
     app.state.prometheus = prom
 
-    for module in (runs, sites, versions, audit, prometheus, session, pages):
+    for module in (runs, sites, versions, audit, tokens, prometheus, session, pages):
         app.include_router(module.router)
+    app.include_router(tokens.pages)
 
     @app.get("/static/plotly.min.js", include_in_schema=False, name="plotly_js")
     def plotly_asset() -> FileResponse:
@@ -215,4 +220,6 @@ def create_app(
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    # Outermost: a cross-site write is refused before anything reads its body or cookie.
+    app.add_middleware(SameOriginWrites)
     return app

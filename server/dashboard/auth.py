@@ -21,7 +21,8 @@ VIEWER = "viewer"
 SITE_PREFIX = "site:"
 # The registry's api_tokens.role column is VARCHAR(32); PostgreSQL enforces it.
 MAX_ROLE_LENGTH = 32
-TOKEN_COOKIE = "fedcl_token"
+# The sign-in cookie holds a random session id (the registry stores its hash), never the token.
+SESSION_COOKIE = "fedcl_session"
 # Header the dashboard pages add to their fetch() calls. Browsers only let same-origin scripts set
 # custom headers (cross-site forms cannot, and cross-origin fetch needs a CORS preflight that this
 # app never grants), so requiring it on cookie-authenticated writes stops cross-site requests.

@@ -15,8 +15,9 @@ from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from fedcl.server.registry import Registry, RunInfo
+from fedcl.server.registry.info import TokenInfo
 
-from .auth import ADMIN, CSRF_HEADER, SITE_PREFIX, TOKEN_COOKIE, VIEWER, Principal
+from .auth import ADMIN, CSRF_HEADER, SESSION_COOKIE, SITE_PREFIX, VIEWER, Principal
 
 # The registry's run-id alphabet (server/registry/validation.py, _RUN_ID).
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -31,9 +32,12 @@ bearer_scheme = HTTPBearer(
     description="A dashboard token: `fedcl dashboard token create --role admin|viewer|site:<id>`",
 )
 cookie_scheme = APIKeyCookie(
-    name=TOKEN_COOKIE,
+    name=SESSION_COOKIE,
     auto_error=False,
-    description="Set by the login page; writes also need the X-Fedcl-Dashboard header",
+    description=(
+        "A session id set by the login page (expires; ends at logout or when its token is "
+        "revoked); writes also need the X-Fedcl-Dashboard header"
+    ),
 )
 
 
@@ -53,13 +57,18 @@ def get_registry(request: Request) -> Registry:
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 
 
-def _principal_from_token(registry: Registry, token: str | None) -> Principal | None:
-    if not token:
-        return None
-    info = registry.verify_token(token)
+def _principal(info: TokenInfo | None) -> Principal | None:
     if info is None:
         return None
     return Principal(token_id=info.id, name=info.name, role=info.role)
+
+
+def _principal_from_token(registry: Registry, token: str | None) -> Principal | None:
+    return _principal(registry.verify_token(token)) if token else None
+
+
+def _principal_from_session(registry: Registry, session_id: str | None) -> Principal | None:
+    return _principal(registry.verify_session(session_id)) if session_id else None
 
 
 def _check_role(principal: Principal) -> None:
@@ -77,7 +86,7 @@ def get_principal(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     cookie: Annotated[str | None, Depends(cookie_scheme)],
 ) -> Principal:
-    """The caller, from ``Authorization: Bearer`` (scripts, Prometheus) or the login cookie.
+    """The caller, from ``Authorization: Bearer`` (scripts, Prometheus) or the session cookie.
 
     Cookie-authenticated writes must carry the dashboard's CSRF header: a browser sends cookies
     with cross-site form posts, but never lets another site's page set a custom header.
@@ -85,7 +94,7 @@ def get_principal(
     if bearer is not None:
         principal = _principal_from_token(registry, bearer.credentials)
     else:
-        principal = _principal_from_token(registry, cookie)
+        principal = _principal_from_session(registry, cookie)
         forgeable = principal is not None and request.method not in SAFE_METHODS
         if forgeable and request.headers.get(CSRF_HEADER) is None:
             raise HTTPException(
@@ -121,11 +130,11 @@ Admin = Annotated[Principal, Depends(require_admin)]
 
 def page_principal(request: Request, registry: RegistryDep) -> Principal:
     """The signed-in user of an HTML page; anyone else is sent to the login page."""
-    token = request.cookies.get(TOKEN_COOKIE)
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        token = header[7:].strip()
-    principal = _principal_from_token(registry, token)
+        principal = _principal_from_token(registry, header[7:].strip())
+    else:
+        principal = _principal_from_session(registry, request.cookies.get(SESSION_COOKIE))
     if principal is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise LoginRequired(target)

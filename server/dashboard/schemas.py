@@ -244,7 +244,11 @@ class CanaryOut(_Out):
 
 
 class AuditOut(_Out):
-    """An audit log entry; ``actor`` is the token name for changes made through the dashboard."""
+    """An audit log entry; ``actor`` is the token name for changes made through the dashboard.
+
+    ``hash`` chains it to the event before it (``prev_hash``): ``fedcl audit verify`` recomputes
+    the chain. ``scope`` ``coordinator``: never shown to other sites' tokens.
+    """
 
     id: int
     run_id: str | None
@@ -252,7 +256,21 @@ class AuditOut(_Out):
     kind: str
     message: str
     actor: str
+    scope: str
     created_at: datetime
+    prev_hash: str
+    hash: str
+
+
+class TokenOut(_Out):
+    """An API token's metadata (never the token); ``sessions``: live dashboard sign-ins."""
+
+    id: int
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+    sessions: int
 
 
 class AccuracySeries(_Out):

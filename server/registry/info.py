@@ -183,6 +183,16 @@ class TokenInfo(Record):
     role: str
     created_at: datetime
     revoked_at: datetime | None = None
+    sessions: int = 0  # live dashboard sessions (filled by list_tokens only)
+
+
+class SessionInfo(Record):
+    """A live dashboard session: who it signs in as, and until when."""
+
+    id: int
+    token: TokenInfo
+    created_at: datetime
+    expires_at: datetime
 
 
 class DriftInfo(Record):

@@ -1,8 +1,8 @@
 """The registry facade the coordinator, CLI and dashboard use.
 
 ``Registry`` is assembled from one class per aggregate (runs, rounds, participations, metrics,
-model versions, privacy spend, audit log, tokens), each in its own module, so a change to how
-model versions roll out cannot touch how rounds restart. Callers see one object: every public
+model versions, privacy spend, audit log, tokens, sessions), each in its own module, so a change
+to how model versions roll out cannot touch how rounds restart. Callers see one object: every public
 method is one short transaction on a shared ``sessionmaker`` (see ``core.py``) and returns frozen
 snapshots (``info.py``), never ORM objects.
 """
@@ -22,6 +22,7 @@ from .participations import Participations
 from .privacy_spend import PrivacyRecords
 from .rounds import Rounds
 from .runs import Runs
+from .sessions import Sessions
 from .tokens import Tokens
 from .versions import ModelVersions
 
@@ -36,6 +37,7 @@ class Registry(
     DriftRecords,
     AuditLog,
     Tokens,
+    Sessions,
 ):
     """Coordinator registry: runs, rounds, sites, metrics, model versions, privacy, audit, tokens.
 

@@ -1,12 +1,16 @@
-"""Login and logout: the page where a token is pasted and becomes an HTTP-only cookie.
+"""Login and logout: the page where a token is pasted and a session begins.
 
 Browsers cannot send a bearer header on page navigations, so the pages authenticate with a
-cookie holding the same token. It is HTTP-only (page scripts cannot read it), SameSite=Strict
-(never sent on cross-site requests) and Secure when the dashboard is served over HTTPS.
+cookie. It holds a random session id, not the token: the registry keeps the id's hash, the
+session expires after :data:`SESSION_LIFETIME`, and logout (or revoking the token) ends it. The
+cookie is HTTP-only (page scripts cannot read it), SameSite=Strict (never sent on cross-site
+requests) and Secure when the dashboard is served over HTTPS. Both routes are POSTs that
+``origin.SameOriginWrites`` refuses from other sites (login and logout CSRF).
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import parse_qs
 
@@ -14,12 +18,12 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..auth import TOKEN_COOKIE
+from ..auth import SESSION_COOKIE
 from ..deps import RegistryDep
 
 router = APIRouter(include_in_schema=False)
 
-COOKIE_MAX_AGE_S = 12 * 3600
+SESSION_LIFETIME = timedelta(hours=12)
 _MAX_FORM_BYTES = 8192
 
 
@@ -59,8 +63,12 @@ async def login(request: Request, registry: RegistryDep) -> Response:
     form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=10)
     token = (form.get("token") or [""])[0].strip()
     next_url = safe_next((form.get("next") or [None])[0])
-    info = await run_in_threadpool(registry.verify_token, token) if token else None
-    if info is None:
+    started = None
+    if token:
+        started = await run_in_threadpool(
+            lambda: registry.start_session(token, lifetime=SESSION_LIFETIME)
+        )
+    if started is None:
         return _login_page(
             request,
             next_url,
@@ -68,10 +76,11 @@ async def login(request: Request, registry: RegistryDep) -> Response:
             status.HTTP_401_UNAUTHORIZED,
         )
     response = RedirectResponse(next_url, status_code=status.HTTP_303_SEE_OTHER)
+    session_id, _ = started
     response.set_cookie(
-        TOKEN_COOKIE,
-        token,
-        max_age=COOKIE_MAX_AGE_S,
+        SESSION_COOKIE,
+        session_id,
+        max_age=int(SESSION_LIFETIME.total_seconds()),
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -81,7 +90,9 @@ async def login(request: Request, registry: RegistryDep) -> Response:
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, registry: RegistryDep) -> Response:
+    """End the session in the registry (so a copied cookie is dead too), then drop the cookie."""
+    registry.end_session(request.cookies.get(SESSION_COOKIE, ""))
     response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
-    response.delete_cookie(TOKEN_COOKIE, path="/")
+    response.delete_cookie(SESSION_COOKIE, path="/")
     return response

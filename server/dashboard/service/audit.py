@@ -7,7 +7,7 @@ from fedcl.server.registry import Registry
 from ..auth import Principal
 from ..schemas import AuditOut
 
-# The registry filters the log by run only; other filters scan at most this many newest events.
+# How many newest events the site pages scan for model-hash events (service/sites.py).
 AUDIT_SCAN = 10_000
 
 
@@ -21,14 +21,17 @@ def audit_list(
     limit: int,
     offset: int,
 ) -> list[AuditOut]:
-    """Audit events, newest first; a site token sees federation events and its own."""
-    want = offset + limit
-    scan = want if site_id is None and kind is None and principal.sees_all_sites else AUDIT_SCAN
-    events = [
-        e
-        for e in registry.list_audit(run_id=run_id, limit=min(scan, AUDIT_SCAN))
-        if principal.may_see_site(e.site_id)
-        and (site_id is None or e.site_id == site_id)
-        and (kind is None or e.kind == kind or e.kind.startswith(kind + "."))
-    ]
-    return [AuditOut.model_validate(e) for e in events[offset:want]]
+    """Audit events, newest first; a site token sees federation events and its own site's.
+
+    The registry filters (``reader_site``), so paging counts only what the caller may see and
+    coordinator-scoped events (token names and roles, sign-ins) never reach a site token.
+    """
+    events = registry.list_audit(
+        run_id=run_id,
+        site_id=site_id,
+        kind=kind,
+        reader_site=principal.site_id,
+        limit=limit,
+        offset=offset,
+    )
+    return [AuditOut.model_validate(e) for e in events]
