@@ -330,9 +330,11 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     stream: Literal["sequential", "joint"] = "sequential"
     min_sites: int | None = Field(None, ge=1)
-    #: Canary rule: when a round's candidate version is evaluated, roll it back if its mean
-    #: accuracy is more than this below the version promoted to production (dashboard §versions).
+    #: Canary (server/canary.py): when a round's candidate version is evaluated, promote it if
+    #: it holds and roll it back if its mean accuracy is more than this below production's.
     canary_max_drop: float | None = Field(None, ge=0, le=1)
+    #: The canary sites whose own accuracy judges a candidate (empty: the federation's).
+    canary_sites: list[str] = Field(default_factory=list)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)

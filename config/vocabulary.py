@@ -82,6 +82,19 @@ class VersionState(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+class VersionKind(StrEnum):
+    """What a model version holds: only a ``model`` has a rollout (can become production).
+
+    A ``fisher`` is a consolidated task's summed Fisher (EWC's input, sent with every round);
+    a ``release`` is a site's decrypted copy of an encrypted model version (``fedcl site
+    release``), the plaintext a coordinator can take into use.
+    """
+
+    MODEL = "model"
+    FISHER = "fisher"
+    RELEASE = "release"
+
+
 class Metric(StrEnum):
     """Names of the metrics the coordinator records per round (and per task / site)."""
 

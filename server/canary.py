@@ -1,16 +1,22 @@
-"""Canary rule: roll a candidate model back when it evaluates clearly worse than production.
+"""Canary rule and the production rule: which model version a run stands on, unattended.
 
-A new global model is saved as a ``candidate``; the operator (or an automation) promotes it to
-``production``. The canary compares the mean federation accuracy measured in the candidate's
-round with the one measured in the production version's round, and marks the candidate
-``rolled_back`` when it dropped by more than ``max_drop`` — so a model that regressed (a poisoned
-or diverged round, a forgotten task) can never be promoted by accident, and a resumed run does
-not restart from it (``Registry.latest_model_version`` skips rolled-back versions).
+**Production rule.** A run has a production model from its first evaluated round: when no model
+version is production, the earliest candidate whose round has a federation accuracy is promoted
+(actor ``canary``, audited ``production.first``). A person may promote another one later.
+
+**Canary.** With ``canary_max_drop`` set, every newer candidate is judged when its evaluation
+has arrived: on the canary sites (``canary_sites``; every site when empty) its mean accuracy is
+compared with production's on the same sites and tasks. It is *promoted* (audited
+``canary.promoted``; the old production is archived) when it holds, and *rolled back* (audited
+``canary.rolled_back``; the next round starts again from production) when it dropped by more than
+``max_drop`` — so a poisoned or diverged round is never rolled out and a resumed run does not
+restart from it (``Registry.latest_model_version`` skips rolled-back versions). Only versions of
+kind ``model`` take part: a Fisher is an EWC input, never a production model.
 
 This is model-version policy, so it lives with the coordinator (``server/``), not in the web
-package: the coordinator calls :func:`evaluate_canary` after it records a round's evaluation
-metrics without loading the dashboard, and the dashboard exposes the same rule as
-``POST /api/runs/{id}/canary?max_drop=0.05`` (admin).
+package: the coordinator calls :func:`canary_step` after each round's evaluation is recorded,
+without loading the dashboard, and the dashboard exposes the comparison as
+``POST /api/runs/{id}/canary?max_drop=0.05`` (admin: rolls back, never promotes).
 Accuracies are compared on the evaluation tasks both rounds measured, so a candidate evaluated
 on more tasks (later in a continual run) is not penalised for tasks production never saw.
 """
@@ -18,14 +24,15 @@ on more tasks (later in a continual run) is not penalised for tasks production n
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from fedcl.config.vocabulary import VersionState
+from fedcl.config.vocabulary import Metric, VersionKind, VersionState
 
 from .registry import ModelVersionInfo, Registry, RegistryError
 
-CanaryAction = Literal["rolled_back", "kept", "skipped"]
+CanaryAction = Literal["rolled_back", "kept", "promoted", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,8 @@ class CanaryDecision:
 def _pick(
     versions: list[ModelVersionInfo],
 ) -> tuple[ModelVersionInfo | None, ModelVersionInfo | None]:
-    """(production, newest candidate newer than production)."""
+    """(production, newest candidate newer than production), among models only."""
+    versions = [v for v in versions if v.kind == VersionKind.MODEL]
     production = next((v for v in reversed(versions) if v.status == VersionState.PRODUCTION), None)
     floor = production.server_round if production is not None else -1
     candidates = [
@@ -54,10 +62,33 @@ def _pick(
     return production, (candidates[-1] if candidates else None)
 
 
+def site_accuracy_by_round(
+    registry: Registry, run_id: str, sites: Sequence[str]
+) -> dict[int, dict[int, float]]:
+    """server round -> task -> mean accuracy over ``sites`` (the canary sites) that reported it."""
+    sums: dict[int, dict[int, list[float]]] = {}
+    for site in sites:
+        for m in registry.list_metrics(run_id, name=Metric.ACCURACY, site_id=site):
+            if m.server_round is None or m.task_index is None or m.value is None:
+                continue
+            sums.setdefault(m.server_round, {}).setdefault(m.task_index, []).append(m.value)
+    return {r: {j: sum(vs) / len(vs) for j, vs in tasks.items()} for r, tasks in sums.items()}
+
+
 def assess_canary(
-    registry: Registry, run_id: str, *, max_drop: float, actor: str = "canary"
+    registry: Registry,
+    run_id: str,
+    *,
+    max_drop: float,
+    actor: str = "canary",
+    sites: Sequence[str] = (),
+    promote: bool = False,
 ) -> CanaryDecision:
     """Apply the canary rule to the run's newest candidate and say what happened.
+
+    ``sites``: compare these sites' own accuracy (the canary sites) rather than the
+    federation's. ``promote``: promote a candidate that holds (the unattended canary) instead of
+    leaving it a candidate (the dashboard's manual check).
 
     Skips (changes nothing) when the run has no production version, no newer candidate, or the
     two rounds share no evaluated task yet — the coordinator may call this before the
@@ -78,7 +109,10 @@ def assess_canary(
             f"run {run_id!r} has no candidate newer than production version {production.id} "
             f"(server round {production.server_round})"
         )
-    accuracy = registry.federation_accuracy_by_round(run_id)
+    if sites:
+        accuracy = site_accuracy_by_round(registry, run_id, sites)
+    else:
+        accuracy = registry.federation_accuracy_by_round(run_id)
     cand_acc = accuracy.get(candidate.server_round, {})
     prod_acc = accuracy.get(production.server_round, {})
     shared = sorted(set(cand_acc) & set(prod_acc))
@@ -91,12 +125,20 @@ def assess_canary(
     cand_mean = sum(cand_acc[j] for j in shared) / len(shared)
     prod_mean = sum(prod_acc[j] for j in shared) / len(shared)
     drop = prod_mean - cand_mean
+    where = f"at canary sites {', '.join(sites)}" if sites else "of the federation"
     summary = (
-        f"candidate version {candidate.id} (round {candidate.server_round}) mean accuracy "
+        f"candidate version {candidate.id} (round {candidate.server_round}) mean accuracy {where} "
         f"{cand_mean:.4f} vs production version {production.id} (round "
         f"{production.server_round}) {prod_mean:.4f} on tasks {shared}: drop {drop:+.4f}, "
         f"allowed {max_drop:.4f}"
     )
+    if drop <= max_drop and promote:
+        promoted = registry.set_version_status(candidate.id, VersionState.PRODUCTION, actor=actor)
+        message = f"promoted: {summary}"
+        registry.audit("canary.promoted", message, run_id=run_id, actor=actor)
+        return CanaryDecision(
+            run_id, "promoted", message, max_drop, promoted, production, cand_mean, prod_mean
+        )
     if drop <= max_drop:
         return CanaryDecision(
             run_id,
@@ -113,6 +155,57 @@ def assess_canary(
     registry.audit("canary.rolled_back", message, run_id=run_id, actor=actor)
     return CanaryDecision(
         run_id, "rolled_back", message, max_drop, rolled, production, cand_mean, prod_mean
+    )
+
+
+def first_production(
+    registry: Registry, run_id: str, *, actor: str = "canary"
+) -> ModelVersionInfo | None:
+    """The production rule: with no production model, promote the earliest evaluated candidate.
+
+    Returns the version it promoted, or ``None`` when the run already has production or no
+    model version has been evaluated yet.
+    """
+    models = [v for v in registry.list_model_versions(run_id) if v.kind == VersionKind.MODEL]
+    if any(v.status == VersionState.PRODUCTION for v in models):
+        return None
+    evaluated = registry.federation_accuracy_by_round(run_id)
+    first = next(
+        (v for v in models if v.status == VersionState.CANDIDATE and v.server_round in evaluated),
+        None,
+    )
+    if first is None:
+        return None
+    promoted = registry.set_version_status(first.id, VersionState.PRODUCTION, actor=actor)
+    registry.audit(
+        "production.first",
+        f"version {first.id} (round {first.server_round}) is production: the run had none, and "
+        "a run's first evaluated model version becomes production",
+        run_id=run_id,
+        actor=actor,
+    )
+    return promoted
+
+
+def canary_step(
+    registry: Registry,
+    run_id: str,
+    *,
+    max_drop: float | None,
+    sites: Sequence[str] = (),
+    actor: str = "canary",
+) -> CanaryDecision:
+    """What the coordinator does after a round's evaluation: the production rule, then the
+    canary (promote or roll back the newest candidate) when ``max_drop`` is set."""
+    first = first_production(registry, run_id, actor=actor)
+    if first is not None:
+        return CanaryDecision(
+            run_id, "promoted", f"first production: version {first.id}", max_drop or 0.0, first
+        )
+    if max_drop is None:
+        return CanaryDecision(run_id, "skipped", "no canary configured", 0.0)
+    return assess_canary(
+        registry, run_id, max_drop=max_drop, actor=actor, sites=sites, promote=True
     )
 
 

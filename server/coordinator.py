@@ -250,7 +250,9 @@ class Coordinator:
             rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
         self.registry.record_metrics(self.run_id, round_id, rows)
         self._drift(result.model, step, round_id)
-        next_model = self.versions.after_canary(result.model, self.experiment.canary_max_drop)
+        next_model = self.versions.after_canary(
+            result.model, self.experiment.canary_max_drop, self.experiment.canary_sites
+        )
         seconds = time.perf_counter() - start
         self.registry.complete_round(
             round_id,

@@ -1,22 +1,24 @@
 """A run's model versions: how a round's output is stored, and which one a round starts from.
 
-Every round stores its output in the registry as a model version (or, for a consolidation
-round, the summed Fisher as an artifact of format ``fisher-*``). The version policy lives here,
-beside the coordinator and not in the web package: a restarted coordinator resumes from the
-model the next round *would* have started from — the newest version, unless the canary rolled it
-back, in which case production — and rebuilds the EWC memory from the stored Fishers.
+Every round stores its output in the registry as a model version of kind ``model`` (or, for a
+consolidation round, the summed Fisher: kind ``fisher``, format ``fisher-*``; never promoted).
+The version policy lives here, beside the coordinator and not in the web package: a restarted
+coordinator resumes from the model the next round *would* have started from — the newest version,
+unless the canary rolled it back, in which case production — and rebuilds the EWC memory from the
+stored Fishers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedcl.config.vocabulary import VersionState
+from fedcl.config.vocabulary import VersionKind, VersionState
 from fedcl.strategies import GlobalModel
 
 from .registry import ModelVersionInfo, Registry
@@ -45,7 +47,12 @@ def decode_model(payload: bytes) -> GlobalModel:
 
 
 def is_fisher(version: ModelVersionInfo) -> bool:
-    return version.format.startswith(FISHER_FORMAT)
+    return version.kind == VersionKind.FISHER
+
+
+def is_model(version: ModelVersionInfo) -> bool:
+    """A global model the rounds train (not a Fisher, not a site's plaintext release)."""
+    return version.kind == VersionKind.MODEL
 
 
 @dataclass
@@ -88,25 +95,30 @@ class VersionStore:
             payload=payload,
             encrypted=encrypted,
             format=f"{FISHER_FORMAT}-{fmt}" if fisher else fmt,
+            kind=VersionKind.FISHER if fisher else VersionKind.MODEL,
         )
 
     def load(self, version: ModelVersionInfo) -> GlobalModel:
         return decode_model(self.registry.load_artifact(version))
 
-    def after_canary(self, candidate: GlobalModel, max_drop: float | None) -> GlobalModel:
-        """The canary rule (``canary_max_drop``): the model the next round starts from.
+    def after_canary(
+        self, candidate: GlobalModel, max_drop: float | None, sites: Sequence[str] = ()
+    ) -> GlobalModel:
+        """The production rule and the canary (:mod:`.canary`): the model the next round starts
+        from.
 
-        A candidate that evaluated more than ``max_drop`` below production is rolled back
-        (:mod:`.canary`), and the run goes on from production.
+        A run's first evaluated model version becomes production. With ``max_drop`` set, a
+        newer candidate that holds on the canary ``sites`` is promoted, and one that evaluated
+        more than ``max_drop`` below production is rolled back: the run goes on from production.
         """
-        if max_drop is None:
-            return candidate
-        from .canary import evaluate_canary
+        from .canary import canary_step
 
-        verdict = evaluate_canary(self.registry, self.run_id, max_drop=max_drop)
-        if not verdict:
+        decision = canary_step(self.registry, self.run_id, max_drop=max_drop, sites=sites)
+        if decision.action != "rolled_back":
+            if decision.action == "promoted":
+                logger.info("canary: %s", decision.message)
             return candidate
-        logger.warning("canary: %s; the next round starts from production", verdict)
+        logger.warning("canary: %s; the next round starts from production", decision.message)
         return self.production() or candidate
 
     def production(self) -> GlobalModel | None:
@@ -116,9 +128,7 @@ class VersionStore:
 
     @staticmethod
     def _production(versions: list[ModelVersionInfo]) -> ModelVersionInfo | None:
-        production = [
-            v for v in versions if v.status == VersionState.PRODUCTION and not is_fisher(v)
-        ]
+        production = [v for v in versions if v.status == VersionState.PRODUCTION and is_model(v)]
         return production[-1] if production else None
 
     def resume(self, initial: GlobalModel) -> ResumePoint:
@@ -142,7 +152,7 @@ class VersionStore:
     def _start_of(self, versions: list[ModelVersionInfo], server_round: int) -> GlobalModel:
         """The model round ``server_round`` started from: the newest model version before it,
         or production when the canary rolled that version back."""
-        models = [v for v in versions if not is_fisher(v) and v.server_round < server_round]
+        models = [v for v in versions if is_model(v) and v.server_round < server_round]
         latest = models[-1]
         if latest.status == VersionState.ROLLED_BACK:
             production = self._production(models)

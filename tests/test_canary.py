@@ -12,8 +12,12 @@ from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
 
 
-def test_a_bad_candidate_is_rolled_back_against_production(tmp_path) -> None:
-    exp = small_experiment("digits-domain-il", "canary_max_drop=0.1")
+def test_the_unattended_canary_promotes_and_rolls_back_by_itself(tmp_path) -> None:
+    """No person acts: round 1 becomes production (the first evaluated version), each candidate
+    that holds on the canary sites is promoted, the zeroed round 4 is rolled back."""
+    exp = small_experiment(
+        "digits-domain-il", "canary_max_drop=0.1", 'canary_sites=["site-0", "site-1"]'
+    )
     url = f"sqlite:///{tmp_path / 'registry.db'}"
 
     def broken_round_4(node_id, msg, context):
@@ -24,28 +28,43 @@ def test_a_bad_candidate_is_rolled_back_against_production(tmp_path) -> None:
         reply.content[P.ARRAYS] = ArrayRecord({k: torch.zeros_like(v) for k, v in state.items()})
         return reply
 
-    class PromoteRound2(RunObserver):
-        def round_finished(self, summary) -> None:
-            if summary.server_round == 2:
-                with Registry.open(url) as reg:
-                    v = reg.latest_model_version("test-run")
-                    reg.set_version_status(v.id, "production", actor="alice")
-
-    run_inprocess(
-        exp, tmp_path, registry_url=url, intercept=broken_round_4, observers=[PromoteRound2()]
-    )
+    run_inprocess(exp, tmp_path, registry_url=url, intercept=broken_round_4)
     with Registry.open(url) as reg:
-        versions = {v.server_round: v.status for v in reg.list_model_versions("test-run")}
-        audit = [a for a in reg.list_audit(run_id="test-run") if "canary" in a.actor]
-    assert versions[2] == "production"
-    assert versions[4] == "rolled_back"  # zeros: accuracy fell to chance
-    assert versions[3] == "candidate"  # a healthy round stays a candidate
-    assert audit and any("rolled" in a.message for a in audit)
-    with Registry.open(url) as reg:
+        versions = {
+            v.server_round: v.status
+            for v in reg.list_model_versions("test-run")
+            if v.kind == "model"
+        }
+        audit = [a for a in reg.list_audit(run_id="test-run", limit=500) if a.actor == "canary"]
         rows = [m for m in reg.list_metrics("test-run", name="accuracy") if m.site_id is None]
+    kinds = [a.kind for a in reversed(audit) if not a.kind.startswith("model_version")]
+    assert kinds[0] == "production.first"  # round 1: the first evaluated version
+    assert kinds.count("canary.promoted") == 3  # rounds 2, 3 and 5
+    assert kinds.count("canary.rolled_back") == 1  # round 4
+    assert all("at canary sites site-0, site-1" in a.message for a in audit if "canary." in a.kind)
+    assert versions == {
+        1: "archived",
+        2: "archived",
+        3: "archived",
+        4: "rolled_back",
+        5: "production",
+    }
     mean = {r: sum(m.value for m in rows if m.server_round == r) / 5 for r in range(1, 6)}
     assert mean[4] < 0.55  # the zeroed model is at chance on every task
     assert mean[5] > 0.7, mean  # round 5 started again from production, not from the zeros
+
+
+def test_a_run_without_canary_has_production_from_its_first_evaluated_round(tmp_path) -> None:
+    """The production rule holds without a canary too; a Fisher is never production."""
+    exp = small_experiment("digits-domain-il", "continual.method=ewc")
+    run_inprocess(exp, tmp_path)
+    with Registry.open(f"sqlite:///{tmp_path / 'registry.db'}") as reg:
+        versions = reg.list_model_versions("test-run")
+    production = [v for v in versions if v.status == "production"]
+    assert [(v.kind, v.server_round) for v in production] == [("model", 1)]
+    fishers = [v for v in versions if v.kind == "fisher"]
+    assert fishers and all(v.format.startswith("fisher-") for v in fishers)
+    assert all(v.status == "candidate" for v in fishers)
 
 
 def test_a_restart_after_a_rollback_resumes_from_production(tmp_path) -> None:
@@ -75,12 +94,8 @@ def test_a_restart_after_a_rollback_resumes_from_production(tmp_path) -> None:
     class Crash(Exception):
         pass
 
-    class PromoteRound2ThenCrashAfter4(RunObserver):
+    class CrashAfter4(RunObserver):
         def round_finished(self, summary) -> None:
-            if summary.server_round == 2:
-                with Registry.open(url) as reg:
-                    v = reg.latest_model_version("test-run")
-                    reg.set_version_status(v.id, "production", actor="alice")
             if summary.server_round == 4:
                 raise Crash("coordinator killed after round 4")
 
@@ -90,13 +105,14 @@ def test_a_restart_after_a_rollback_resumes_from_production(tmp_path) -> None:
             tmp_path,
             registry_url=url,
             intercept=broken_round_4,
-            observers=[PromoteRound2ThenCrashAfter4()],
+            observers=[CrashAfter4()],
         )
     with Registry.open(url) as reg:
         assert reg.last_completed_round("test-run").server_round == 4
         versions = {v.server_round: v for v in reg.list_model_versions("test-run")}
         assert versions[4].status == "rolled_back"
-        production = decode_model(reg.load_artifact(versions[2])).arrays
+        assert versions[3].status == "production"  # promoted by the canary, unattended
+        production = decode_model(reg.load_artifact(versions[3])).arrays
         rolled_back = decode_model(reg.load_artifact(versions[4])).arrays
     status, _, _ = run_inprocess(exp, tmp_path, registry_url=url, intercept=broken_round_4)
     assert status == "completed"

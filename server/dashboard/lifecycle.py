@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedcl.config.vocabulary import VersionState
+from fedcl.config.vocabulary import VersionKind, VersionState
 from fedcl.server.registry import ModelVersionInfo, Registry
 
 from .auth import DashboardError
@@ -30,7 +30,21 @@ class VersionChange:
 
 
 def promote(registry: Registry, version: ModelVersionInfo, *, actor: str) -> VersionChange:
-    """Make ``version`` the run's production model (the previous one is archived)."""
+    """Make ``version`` the run's production model (the previous one is archived).
+
+    Refuses (``VersionConflict``) anything but a model: a Fisher promoted to production once
+    archived the real production model while the coordinator ignored the Fisher.
+    """
+    if version.kind != VersionKind.MODEL:
+        raise VersionConflict(
+            f"version {version.id} is a {version.kind} ({version.format}), not a model: only "
+            "model versions can be promoted to production"
+            + (
+                f"; it is the plaintext release of version {version.released_from}: promote that"
+                if version.released_from
+                else ""
+            )
+        )
     if version.status == VersionState.PRODUCTION:
         return VersionChange(f"version {version.id} is already production", version)
     updated = registry.set_version_status(version.id, VersionState.PRODUCTION, actor=actor)
@@ -63,7 +77,7 @@ def previous_production(registry: Registry, version: ModelVersionInfo) -> ModelV
     archived = [
         v
         for v in registry.list_model_versions(version.run_id)
-        if v.status == VersionState.ARCHIVED and v.id != version.id
+        if v.status == VersionState.ARCHIVED and v.id != version.id and v.kind == VersionKind.MODEL
     ]
     older = [v for v in archived if v.server_round < version.server_round]
     pool = older or archived

@@ -142,6 +142,8 @@ class ModelVersionInfo(Record):
     encrypted: bool
     format: str
     status: str
+    kind: str = "model"
+    released_from: int | None = None
     created_at: datetime
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from fedcl.config.vocabulary import VersionState
+from fedcl.config.vocabulary import VersionKind, VersionState
 
 # Deterministic constraint names: Alembic needs names to drop or alter constraints later, and
 # SQLite batch migrations cannot reflect unnamed ones.
@@ -212,6 +212,13 @@ class ModelVersion(Base):
     status: Mapped[str] = mapped_column(
         String(16), default=VersionState.CANDIDATE, server_default=VersionState.CANDIDATE
     )
+    #: ``model`` (a global model: only these can be promoted), ``fisher`` (a consolidated
+    #: task's summed Fisher, an EWC input) or ``release`` (a site's decrypted copy of an
+    #: encrypted model version, ``released_from``).
+    kind: Mapped[str] = mapped_column(
+        String(16), default=VersionKind.MODEL, server_default=VersionKind.MODEL
+    )
+    released_from: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _created_at()
 
 

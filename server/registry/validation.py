@@ -17,6 +17,7 @@ from fedcl.config.vocabulary import (
     RoundStatus,
     RunStatus,
     SiteStatus,
+    VersionKind,
     VersionState,
     values,
 )
@@ -29,6 +30,7 @@ ROUND_STATUSES = values(RoundStatus)
 PHASES = values(Phase)
 PARTICIPATION_STATUSES = values(SiteStatus)
 VERSION_STATUSES = values(VersionState)
+VERSION_KINDS = values(VersionKind)
 
 # Run ids and formats become path components of artifacts; keep them to a safe alphabet so a run
 # id can never escape the artifacts folder ("../x") or clash with hidden temp files (".x").

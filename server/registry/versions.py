@@ -2,14 +2,16 @@
 
 A version is saved as a ``candidate``; promotion to ``production`` archives the run's previous
 production version, so "the production model of a run" is always unambiguous, and a
-``rolled_back`` version is never picked up again by a resumed run.
+``rolled_back`` version is never picked up again by a resumed run. Only a version of kind
+``model`` has a rollout: a Fisher or a release cannot be promoted (a promoted Fisher once
+archived the real production model, and the coordinator ignored it, leaving the run without one).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
-from fedcl.config.vocabulary import VersionState
+from fedcl.config.vocabulary import VersionKind, VersionState
 
 from .artifacts import read_verified, sha256_of, write_atomic
 from .audit import add_audit
@@ -17,7 +19,13 @@ from .core import RegistryCore, get_round, get_run
 from .errors import RegistryError
 from .info import ModelVersionInfo
 from .models import ModelVersion, utcnow
-from .validation import VERSION_STATUSES, check_format, check_run_id, check_value
+from .validation import (
+    VERSION_KINDS,
+    VERSION_STATUSES,
+    check_format,
+    check_run_id,
+    check_value,
+)
 
 
 class ModelVersions(RegistryCore):
@@ -33,6 +41,7 @@ class ModelVersions(RegistryCore):
         payload: bytes,
         encrypted: bool,
         format: str,
+        kind: str = VersionKind.MODEL,
     ) -> ModelVersionInfo:
         """Write the model to ``<artifacts>/<run>/round-<NNNNN>.<format>`` and register it.
 
@@ -42,6 +51,7 @@ class ModelVersions(RegistryCore):
         """
         check_run_id(run_id)
         check_format(format)
+        check_value("model version kind", kind, VERSION_KINDS)
         if server_round < 0:
             raise RegistryError(f"server_round must be >= 0, got {server_round}")
         rel = f"{run_id}/round-{server_round:05d}.{format}"
@@ -80,13 +90,14 @@ class ModelVersions(RegistryCore):
             version.size_bytes = len(payload)
             version.encrypted = bool(encrypted)
             version.format = format
+            version.kind = kind
             version.status = VersionState.CANDIDATE
             version.created_at = utcnow()
             s.flush()
             return ModelVersionInfo.model_validate(version)
 
     def latest_model_version(self, run_id: str) -> ModelVersionInfo | None:
-        """The version with the highest server round, skipping rolled-back ones.
+        """The model (kind ``model``) with the highest server round, skipping rolled-back ones.
 
         A resumed run restarts from this model, and a model an operator rolled back must not be
         silently picked up again.
@@ -96,6 +107,7 @@ class ModelVersions(RegistryCore):
                 select(ModelVersion)
                 .where(
                     ModelVersion.run_id == run_id,
+                    ModelVersion.kind == VersionKind.MODEL,
                     ModelVersion.status != VersionState.ROLLED_BACK,
                 )
                 .order_by(ModelVersion.server_round.desc(), ModelVersion.id.desc())
@@ -145,6 +157,11 @@ class ModelVersions(RegistryCore):
                 raise RegistryError(f"unknown model version {version_id}")
             if version.status == status:
                 return ModelVersionInfo.model_validate(version)
+            if status != VersionState.CANDIDATE and version.kind != VersionKind.MODEL:
+                raise RegistryError(
+                    f"model version {version_id} is a {version.kind}, not a model: only models "
+                    f"have a rollout (it cannot become {status})"
+                )
             if status == VersionState.PRODUCTION:
                 previous = s.scalars(
                     select(ModelVersion).where(
@@ -175,3 +192,62 @@ class ModelVersions(RegistryCore):
                 actor=actor,
             )
             return ModelVersionInfo.model_validate(version)
+
+    def release_model_version(
+        self, version_id: int, *, payload: bytes, site_id: str, actor: str
+    ) -> ModelVersionInfo:
+        """Store a site's decrypted copy of encrypted model version ``version_id`` and audit it.
+
+        The coordinator cannot decrypt (docs/DESIGN.md §4), so a site administrator does it with
+        the site's secret context and hands the plaintext (safetensors) back: a new version of
+        kind ``release`` that names its source, beside it in the artifacts folder. Releasing the
+        same version again replaces the file and says so in the audit log.
+        """
+        if not actor:
+            raise RegistryError("release_model_version needs a non-empty actor for the audit log")
+        with self._tx() as s:
+            source = s.get(ModelVersion, version_id)
+            if source is None:
+                raise RegistryError(f"unknown model version {version_id}")
+            if source.kind != VersionKind.MODEL or not source.encrypted:
+                what = "plaintext" if not source.encrypted else f"a {source.kind}"
+                raise RegistryError(
+                    f"model version {version_id} is {what}: only an encrypted model version is "
+                    "released (a plaintext one downloads as it is)"
+                )
+            rel = f"{source.run_id}/round-{source.server_round:05d}.release-{source.id}.safetensors"
+            digest = sha256_of(payload)
+            try:
+                write_atomic(self.artifacts_dir / rel, payload)
+            except OSError as exc:
+                raise RegistryError(
+                    f"cannot write released model {self.artifacts_dir / rel}: {exc.strerror or exc}"
+                ) from None
+            release = s.scalar(select(ModelVersion).where(ModelVersion.path == rel))
+            again = release is not None
+            if release is None:
+                release = ModelVersion(run_id=source.run_id, path=rel)
+                s.add(release)
+            release.round_id = source.round_id
+            release.task_index = source.task_index
+            release.server_round = source.server_round
+            release.sha256 = digest
+            release.size_bytes = len(payload)
+            release.encrypted = False
+            release.format = "safetensors"
+            release.kind = VersionKind.RELEASE
+            release.released_from = source.id
+            release.status = VersionState.CANDIDATE
+            release.created_at = utcnow()
+            s.flush()
+            add_audit(
+                s,
+                "model_version.released",
+                f"site {site_id} released model version {source.id} (run {source.run_id!r}, "
+                f"server round {source.server_round}, {source.status}) decrypted as version "
+                f"{release.id}: sha256 {digest}" + (" (released again: replaced)" if again else ""),
+                run_id=source.run_id,
+                site_id=site_id,
+                actor=actor,
+            )
+            return ModelVersionInfo.model_validate(release)

@@ -105,11 +105,18 @@ def download_version(version_id: VersionId, registry: RegistryDep, _: Reader) ->
     response_model=VersionChangeOut,
     responses=_CHANGE,
     summary="Make this version the run's production model (admin)",
-    description="The run's previous production version becomes `archived`. Audited.",
+    description=(
+        "The run's previous production version becomes `archived`. Audited. 409 for a version "
+        "that is not of kind `model` (a Fisher, a release)."
+    ),
 )
 def promote(version_id: VersionId, registry: RegistryDep, principal: Admin) -> VersionChangeOut:
     version = _version_or_404(registry, version_id)
-    return _change_out(registry, lifecycle.promote(registry, version, actor=principal.name))
+    try:
+        change = lifecycle.promote(registry, version, actor=principal.name)
+    except lifecycle.VersionConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    return _change_out(registry, change)
 
 
 @router.post(
