@@ -10,6 +10,7 @@ lives, so a ServerApp that died without recording how leaves a *failed* run, nev
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -59,7 +60,10 @@ def preflight(
             problems.append(problem)
         else:
             he = he.model_copy(update={"public_context": str(public), "fingerprint": fingerprint})
-        if n > he.max_sites:
+        if "max_sites" not in exp.he.model_fields_set:  # sized to a round of the enrolled sites
+            round_sites = max(1, math.ceil(n * exp.strategy.fraction_train))
+            he = he.model_copy(update={"max_sites": round_sites})
+        elif n > he.max_sites:
             problems.append(
                 f"{source}: field 'he.max_sites': {he.max_sites} is below the {n} enrolled "
                 "sites; an encrypted sum of more sites than that overflows its packing"

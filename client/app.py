@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -67,7 +69,9 @@ def train(msg: Message, context: Context) -> Message:
         privacy, refusal = admit(job, "train")  # the site's own policy, before data is used
         if refusal is not None:
             return _refused(msg, job, privacy, refusal)
+        start = time.perf_counter()
         model = job.global_model()
+        decrypt_s = time.perf_counter() - start  # rebuilding the model; decrypting it under HE
         received = state_sha256(model.state_dict())
         cached = job.replies.lookup("train", job.server_round, received)
         if cached is not None:  # asked again: the same answer, no new noise, no new ε
@@ -75,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
                 "site %s: re-sending its reply to round %d", job.site.site_id, job.server_round
             )
             return Message(cached, reply_to=msg)
+        scored = _score_received(job, model)  # before training changes the model
         from fedcl.continual.methods import get_method
 
         from .continual_site import site_context
@@ -89,10 +94,10 @@ def train(msg: Message, context: Context) -> Message:
         if privacy is not None:  # DP on: a plan for this N, the most ε per run, the budget
             release = privacy.training_release(len(data))
             if not isinstance(release, DPRelease):  # no sampling plan fits this task here
-                return _refused(msg, job, privacy, release)
+                return _refused(msg, job, privacy, release, scored)
             decision = _charge_once(job, privacy, "train", release)
             if not decision.accepted:
-                return _refused(msg, job, privacy, decision)
+                return _refused(msg, job, privacy, decision, scored)
             hooks.insert(0, privacy.hook())  # first: the others add to the privatised gradient
         trainer = LocalTrainer(
             job.experiment.train,
@@ -118,7 +123,9 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(released_metrics(job, result.metrics, dp=privacy is not None))
     if privacy is not None:
         metrics.update(privacy.metrics())
-    extra = {P.MODEL_SHA256: received}
+    if job.experiment.he.enabled:
+        metrics[P.HE_DECRYPT_S] = decrypt_s
+    extra = {P.MODEL_SHA256: received, **(scored.site_fields() if scored else {})}
     if memory is not None:
         extra[P.EWC_DIGEST] = memory.digest()
     try:  # what leaves the site: weights and count in clear, or one ciphertext holding both
@@ -128,6 +135,8 @@ def train(msg: Message, context: Context) -> Message:
     except FedclError as err:
         return _failure(msg, context, err)
     records[P.METRICS] = MetricRecord({**metrics, **stats})
+    if scored is not None:
+        records[P.EVALUATION] = MetricRecord(scored.metrics)
     return _kept(job, "train", received, _reply(msg, job, records, **extra))
 
 
@@ -207,44 +216,91 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
         mode = private_eval.mode_at(job)
         if mode == "withheld":  # nothing about the data leaves
             return _reply(msg, job, {P.METRICS: MetricRecord({})})
-        base, charged = state_sha256(model.state_dict()), None
+        base = state_sha256(model.state_dict())
         if mode == "noised":
             cached = job.replies.lookup("evaluate", job.server_round, base)
             if cached is not None:  # asked again: the same noised counts, no new ε
                 return Message(cached, reply_to=msg)
-            charged = private_eval.release(job, privacy.delta)
-            decision = _charge_once(job, privacy, "evaluate", charged)  # before evaluating
-            if not decision.accepted:
-                return _refused(msg, job, privacy, decision)
-        results = [
-            evaluate(
-                model,
-                job.data.test_set(j),
-                output_mask=job.data.stream.eval_mask(j),
-                device=job.site.device,
-            )
-            for j in range(len(job.data.stream.evaluation_tasks))
-        ]
-        metrics = private_eval.released_metrics(mode, results, charged)
+        scored = _score(job, model, privacy, mode)
     except FedclError as err:
         return _failure(msg, context, err)
-    if charged is None:
-        return _reply(msg, job, {P.METRICS: MetricRecord(metrics)})
-    metrics.update(privacy.metrics())
-    return _kept(job, "evaluate", base, _reply(msg, job, {P.METRICS: MetricRecord(metrics)}))
+    if scored.refusal is not None:
+        return _refused(msg, job, privacy, scored.refusal)
+    reply = _reply(msg, job, {P.METRICS: MetricRecord(scored.metrics)})
+    return reply if scored.charged is None else _kept(job, "evaluate", base, reply)
 
 
-def _refused(msg: Message, job: SiteJob, privacy, decision) -> Message:
-    """Refuse the round (a status, not a crash) and say how much has been spent."""
+@dataclass(frozen=True)
+class _Scored:
+    """One evaluation of the global model at this site: what may leave, or why nothing does."""
+
+    metrics: dict
+    charged: DPRelease | None = None  # the noised release paid for it (None: clear/withheld)
+    refusal: object | None = None  # the policy or ledger decision that refused it
+    detail: str = ""
+
+    def site_fields(self) -> dict[str, str]:
+        """How the evaluation carried by a train reply went (the reply's status is training's)."""
+        if self.refusal is None:
+            return {}
+        return {P.EVALUATION_STATUS: P.STATUS_REFUSED, P.EVALUATION_DETAIL: self.detail}
+
+
+def _score(job: SiteJob, model: torch.nn.Module, privacy, mode: str) -> _Scored:
+    """Evaluate ``model`` on every task; under noised DP the release is charged first."""
+    if mode == "withheld":
+        return _Scored({})
+    charged = None
+    if mode == "noised":
+        charged = private_eval.release(job, privacy.delta)
+        decision = _charge_once(job, privacy, "evaluate", charged)  # before evaluating
+        if not decision.accepted:
+            return _Scored({}, refusal=decision, detail=privacy.refusal(decision))
+    results = [
+        evaluate(
+            model,
+            job.data.test_set(j),
+            output_mask=job.data.stream.eval_mask(j),
+            device=job.site.device,
+        )
+        for j in range(len(job.data.stream.evaluation_tasks))
+    ]
+    metrics = private_eval.released_metrics(mode, results, charged)
+    if charged is not None:
+        metrics.update(privacy.metrics())
+    return _Scored(metrics, charged)
+
+
+def _score_received(job: SiteJob, model: torch.nn.Module) -> _Scored | None:
+    """The evaluation a train message asks for (``evaluate-round``), of the model it carries.
+
+    The model is the previous round's output, so this is that round's evaluation, sent with
+    this round's update: one round trip per round (``evaluation.mode = "with_train"``). The
+    site's policy and ledger decide it as they decide an evaluate message.
+    """
+    if P.EVALUATE_ROUND not in job.config:
+        return None
+    privacy, refusal = admit(job, "evaluate")
+    if refusal is not None:
+        return _Scored({}, refusal=refusal, detail=privacy.refusal(refusal))
+    mode = private_eval.mode_at(job, int(job.config[P.EVALUATE_ROUND]))
+    return _score(job, model, privacy, mode)
+
+
+def _refused(
+    msg: Message, job: SiteJob, privacy, decision, scored: _Scored | None = None
+) -> Message:
+    """Refuse the round (a status, not a crash) and say how much has been spent.
+
+    An evaluation this message already paid for and made (``scored``) still leaves with it.
+    """
     reason = privacy.refusal(decision)
     logger.warning("site %s refuses round %d: %s", job.site.site_id, job.server_round, reason)
-    return _reply(
-        msg,
-        job,
-        {P.METRICS: MetricRecord(privacy.metrics())},
-        status=P.STATUS_REFUSED,
-        detail=reason,
-    )
+    records = {P.METRICS: MetricRecord(privacy.metrics())}
+    if scored is not None:
+        records[P.EVALUATION] = MetricRecord(scored.metrics)
+    fields = scored.site_fields() if scored is not None else {}
+    return _reply(msg, job, records, status=P.STATUS_REFUSED, detail=reason, **fields)
 
 
 def _check_finite(model: torch.nn.Module, site_id: str) -> None:

@@ -9,7 +9,7 @@ ledger, replay buffer).
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 from flwr.app import Context, Message
@@ -23,6 +23,13 @@ from .retries import ReplyCache
 from .site import SiteData, load_site_data, resolve_site_config
 
 
+@lru_cache(maxsize=4)
+def _experiment(text: str) -> ExperimentConfig:
+    """Every message of a run carries the same experiment: validate it once per process (a
+    frozen model, so the messages can share it)."""
+    return ExperimentConfig.model_validate(json.loads(text))
+
+
 class SiteJob:
     """Parses a coordinator message against this site's own configuration."""
 
@@ -30,12 +37,15 @@ class SiteJob:
         self.msg = msg
         cfg = msg.content[P.CONFIG]
         self.config = cfg
-        self.experiment = ExperimentConfig.model_validate(json.loads(str(cfg[P.EXPERIMENT])))
+        self.experiment = _experiment(str(cfg[P.EXPERIMENT]))
         sites_dir = cfg.get(P.SITES_DIR)
         self.site: SiteConfig = resolve_site_config(
             dict(context.node_config), str(sites_dir) if sites_dir else None
         )
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
+        threads = self.site.torch_threads
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # per message: a Ray actor plays many sites
         self.data: SiteData = load_site_data(self.experiment, self.site)
         self.run_id = str(cfg[P.RUN_ID])
         self.task_index = int(cfg[P.TASK_INDEX])

@@ -45,12 +45,30 @@ def feeds_matrix(plan: RunPlan, server_round: int, round_in_task: int) -> bool:
     return server_round == 0 or round_in_task == plan.rounds_per_task - 1
 
 
-def mode_at(job: SiteJob) -> Mode:
-    """What this message's evaluation sends: a noised evaluation off the matrix is withheld."""
+def mode_at(job: SiteJob, evaluated_round: int | None = None) -> Mode:
+    """What an evaluation sends: a noised evaluation off the matrix is withheld.
+
+    ``evaluated_round`` is the server round whose output model is evaluated: this message's
+    round for an evaluate message, the previous round's when a train message evaluates the
+    model it carries before training on it (``evaluation.mode = "with_train"``).
+    """
     mode = evaluation_mode(job.experiment)
-    if mode == "noised" and not feeds_matrix(job.plan, job.server_round, job.round_in_task):
+    if evaluated_round is None:
+        server_round, round_in_task = job.server_round, job.round_in_task
+    else:
+        server_round, round_in_task = evaluated_round, _round_in_task(job.plan, evaluated_round)
+    if mode == "noised" and not feeds_matrix(job.plan, server_round, round_in_task):
         return "withheld"
     return mode
+
+
+def _round_in_task(plan: RunPlan, server_round: int) -> int:
+    if server_round == 0:
+        return 0  # the untrained model: the baseline
+    for step in plan.schedule:
+        if step.server_round == server_round:
+            return step.round_in_task
+    raise ValueError(f"server round {server_round} is not in this run's schedule")
 
 
 def release(job: SiteJob, delta: float) -> DPRelease:

@@ -9,6 +9,7 @@ simulated sites; cache keys do not).
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,13 +43,27 @@ def resolve_site_config(node_config: dict, sites_dir: str | None) -> SiteConfig:
     """
     path = node_config.get(SITE_CONFIG_KEY)
     if path:
-        return load_toml(SiteConfig, str(path))
+        return _site_config(Path(str(path)))
     if sites_dir is not None and "partition-id" in node_config:
-        return load_toml(SiteConfig, Path(sites_dir) / f"site-{node_config['partition-id']}.toml")
+        return _site_config(Path(sites_dir) / f"site-{node_config['partition-id']}.toml")
     raise ConfigError(
         "this SuperNode has no site config: start it with "
         "--node-config 'site-config=\"/etc/fedcl/site.toml\"' (see `fedcl site init`)"
     )
+
+
+def _site_config(path: Path) -> SiteConfig:
+    """The file's config, parsed again only when it changed (every message reads it)."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = -1  # load_toml names the missing file
+    return _parsed_site_config(str(path), stamp)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_site_config(path: str, stamp: int) -> SiteConfig:
+    return load_toml(SiteConfig, path)
 
 
 @dataclass(frozen=True)
@@ -75,13 +90,50 @@ class SiteData:
         return TensorDataset(x, y)
 
 
+class _SiteDataCache:
+    """Site data by the two configs' content, holding as many sites as this process plays.
+
+    A Ray actor (or the in-process engine) plays up to ``simulation.num_sites`` virtual sites
+    in turn; a cache smaller than that (it held 8) is never hit once a process plays more, and
+    every message would cut its site's shard again. Entries are small (a shard of a built-in
+    dataset, a deployed site's own folder), and a site is loaded only when a message for it
+    arrives, so an idle site costs nothing until then.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], SiteData] = OrderedDict()
+        self._same: dict[tuple[int, int], tuple[ExperimentConfig, SiteConfig, tuple]] = {}
+
+    def get(self, experiment: ExperimentConfig, site: SiteConfig) -> SiteData:
+        self.capacity = max(self.capacity, experiment.simulation.num_sites)
+        same = self._same.get((id(experiment), id(site)))  # the configs a message reused
+        if same is not None and same[0] is experiment and same[1] is site:
+            key = same[2]
+        else:
+            key = (to_json(experiment), to_json(site))
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = _read_site_data(*key)
+        self._entries.move_to_end(key)
+        # Holding the two objects keeps their ids from being reused while the entry lives.
+        self._same[(id(experiment), id(site))] = (experiment, site, key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        while len(self._same) > self.capacity:
+            self._same.pop(next(iter(self._same)))
+        return found
+
+
+_SITE_DATA = _SiteDataCache()
+
+
 def load_site_data(experiment: ExperimentConfig, site: SiteConfig) -> SiteData:
     """The site's examples for this experiment (cached by the two configs' content)."""
-    return _load_site_data(to_json(experiment), to_json(site))
+    return _SITE_DATA.get(experiment, site)
 
 
-@lru_cache(maxsize=8)
-def _load_site_data(experiment_json: str, site_json: str) -> SiteData:
+def _read_site_data(experiment_json: str, site_json: str) -> SiteData:
     experiment = ExperimentConfig.model_validate(json.loads(experiment_json))
     site = SiteConfig.model_validate(json.loads(site_json))
     info = dataset_info(experiment.data, experiment.seed)
@@ -123,15 +175,35 @@ def _site_examples(experiment: ExperimentConfig, site: SiteConfig, info: Dataset
     if spec.partition is None:
         return data
     part = spec.partition
-    shards = partition_indices(
-        data.y,
-        part.num_sites,
-        scheme=part.scheme,
-        alpha=part.alpha,
-        domain=data.domain,
-        seed=part.seed,
-    )
+    shards = _shards(
+        name, experiment.seed, freeze_options(experiment.data.options),
+        part.num_sites, part.scheme, part.alpha, part.seed, part.min_per_site,
+    )  # fmt: skip
     return data.subset(shards[part.index])
+
+
+@lru_cache(maxsize=4)
+def _shards(
+    name: str,
+    seed: int,
+    options: tuple,
+    num_sites: int,
+    scheme: str,
+    alpha: float,
+    pseed: int,
+    min_per_site: int,
+) -> list:
+    """Every site's shard of a built-in dataset, cut once per process (not once per site)."""
+    data = _builtin(name, seed, options)
+    return partition_indices(
+        data.y,
+        num_sites,
+        scheme=scheme,
+        alpha=alpha,
+        domain=data.domain,
+        seed=pseed,
+        min_per_site=min_per_site,
+    )
 
 
 @lru_cache(maxsize=4)

@@ -7,6 +7,7 @@ every message, so both sides always agree on the model, the stream and the hyper
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +30,8 @@ class PartitionSpec(_Strict):
     scheme: Literal["iid", "dirichlet", "domain"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     seed: int = 0
+    #: Fewest examples a site may get (many small sites: lower it, e.g. digits-many-sites).
+    min_per_site: int = Field(10, ge=1)
 
 
 class DataSpec(_Strict):
@@ -90,6 +93,22 @@ class TrainSpec(_Strict):
     site_wait_s: float = Field(120.0, gt=0)
     #: Fewest connected sites a round proceeds with after ``site_wait_s`` (default: all).
     quorum: int | None = Field(None, ge=1)
+
+
+class EvaluationSpec(_Strict):
+    """When the sites evaluate the global model (docs/DESIGN.md §3).
+
+    ``with_train`` (the default): a round's train message carries the model the previous round
+    produced, so each sampled site evaluates it *before* training on it and sends both in one
+    reply: one Flower round trip per round. The first round evaluates the untrained model (the
+    baseline), and the last model is evaluated by one evaluate message at the end; a model is
+    scored at the sites sampled for the next round (``strategy.fraction_evaluate`` is not used).
+    ``separate``: an evaluate message after every round, to ``fraction_evaluate`` of the sites
+    (twice the round trips). The canary (``canary_max_drop``) needs a round's accuracy before
+    the next round starts, so it always evaluates separately.
+    """
+
+    mode: Literal["with_train", "separate"] = "with_train"
 
 
 class DPSpec(_Strict):
@@ -156,10 +175,14 @@ class HESpec(_Strict):
     fingerprint: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     #: Quantisation bits per value; the step is clip / (2^(bits-1) - 1).
     bits: int = Field(15, ge=2, le=32)
-    #: Values packed per CKKS slot: 2 gives 16 bytes per parameter (4x fp32) at 20 sites.
-    values_per_slot: Literal[1, 2, 3] = 2
-    #: Most sites summed in one round; sets the headroom bits, ceil(log2(max_sites)).
-    max_sites: int = Field(20, ge=1)
+    #: Values packed per CKKS slot: 2 gives 16 bytes per parameter (4x fp32), up to 32 sites
+    #: a round at 15 bits; 1 gives 32 (8x) for any round size. None: the most that can sum
+    #: ``max_sites`` sites exactly at ``bits`` (``fedcl.privacy.ckks.packing_for``).
+    values_per_slot: Literal[1, 2, 3] | None = None
+    #: Most sites summed in one round; sets the headroom bits, ceil(log2(max_sites)). None:
+    #: the round's size, ceil(expected sites x strategy.fraction_train), filled in when the
+    #: experiment is validated (a deployment's run fills in its enrolled sites instead).
+    max_sites: int | None = Field(None, ge=1)
     #: Weights are clipped to [-clip, clip] before quantisation (stochastic rounding).
     clip: float = Field(4.0, gt=0)
     #: Fisher diagonals (EWC) are clipped to [0, fisher_clip] before quantisation.
@@ -339,6 +362,7 @@ class ExperimentConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     dp: DPSpec = Field(default_factory=DPSpec)
     he: HESpec = Field(default_factory=HESpec)
     continual: ContinualSpec = Field(default_factory=ContinualSpec)
@@ -368,10 +392,35 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _he_sized_to_the_round(self) -> ExperimentConfig:
+        """``he.max_sites`` unset: the most sites one round sums, so both ends pack alike.
+
+        Filled in here (not left to each reader) because the coordinator and every site must
+        derive the same packing from the experiment they share; ``he.model_fields_set`` still
+        says whether the user chose it.
+        """
+        if self.he.max_sites is None:
+            he = HESpec.model_construct(
+                self.he.model_fields_set, **{**dict(self.he), "max_sites": self.round_sites}
+            )
+            object.__setattr__(self, "he", he)
+        return self
+
+    @property
+    def round_sites(self) -> int:
+        """The most sites one training round samples: ceil(expected × fraction_train)."""
+        return max(1, math.ceil(self.expected_sites * self.strategy.fraction_train))
+
     @property
     def is_joint(self) -> bool:
         """All tasks at once (``stream = "joint"`` or ``continual.method = "joint"``)."""
         return self.stream == "joint" or self.continual.method == "joint"
+
+    @property
+    def evaluates_with_train(self) -> bool:
+        """Whether sites evaluate the received model in the train message (one round trip)."""
+        return self.evaluation.mode == "with_train" and self.canary_max_drop is None
 
     @property
     def expected_sites(self) -> int:

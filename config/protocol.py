@@ -18,6 +18,9 @@ TASK_INDEX = "task-index"
 ROUND_IN_TASK = "round-in-task"
 SITES_DIR = "sites-dir"  # simulations only: where site-<partition-id>.toml live
 PROXIMAL_MU = "proximal-mu"
+#: In a train message: evaluate the model it carries first, as the output of this server round
+#: (0: the untrained model); absent, the site only trains (evaluation.mode, docs/DESIGN.md §3).
+EVALUATE_ROUND = "evaluate-round"
 
 # Continual learning (EWC): the coordinator sends the summed Fisher of every consolidated task
 # and the global model they were computed at; sites rebuild the same memory from them.
@@ -42,6 +45,11 @@ MODEL_SHA256 = "model-sha256"  # SHA-256 of the global model the site trained fr
 AGGREGATE_CORRUPT = "aggregate-corrupt"  # set when the aggregate a site got fails its checksum
 EWC_DIGEST = "ewc-digest"  # SHA-256 of the site's EWC memory (empty before the first task)
 TRAIN_LOSS = "train-loss"
+HE_DECRYPT_S = "he-decrypt-s"  # seconds a site took to decrypt the model it was sent (HE)
+HE_ENCRYPT_S = "he-encrypt-s"  # seconds a site took to encrypt its update (HE)
+EVALUATION = "evaluation"  # MetricRecord in a train reply: the received model's evaluation
+EVALUATION_STATUS = "evaluation-status"  # set (refused) when that evaluation was refused
+EVALUATION_DETAIL = "evaluation-detail"  # and why
 
 # Privacy a DP site reports having spent (it accounts; the coordinator only records).
 DP_EPSILON_RUN = "dp-epsilon-run"

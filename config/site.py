@@ -24,6 +24,7 @@ class SitePartition(_Strict):
     scheme: Literal["iid", "dirichlet", "domain"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     seed: int = 0
+    min_per_site: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _index_in_range(self) -> SitePartition:
@@ -101,6 +102,10 @@ class SiteConfig(_Strict):
     site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     state_dir: Path
     device: str = "cpu"
+    #: torch's intra-op threads while this site trains (``torch.set_num_threads``); None leaves
+    #: torch's default (one per core). A simulation sets it to the CPUs a virtual site is given
+    #: (``simulation.num_cpus``): more threads than cores, on a shared box, ran 20-40x slower.
+    torch_threads: int | None = Field(None, ge=1)
     data: DataSource = Field(default_factory=DataSource)
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
     key_path: Path | None = None

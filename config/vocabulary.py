@@ -106,6 +106,14 @@ class Metric(StrEnum):
     #: Standard deviation of a federation accuracy's DP noise (noised evaluation only).
     ACCURACY_NOISE_SD = "accuracy_noise_sd"
     BASELINE_ACCURACY_NOISE_SD = "baseline_accuracy_noise_sd"
+    #: Seconds the coordinator spent aggregating a round's replies (a ciphertext sum under HE).
+    AGGREGATE_SECONDS = "aggregate_seconds"
+    #: Under HE, the sites' mean seconds to decrypt the model they were sent and to encrypt
+    #: their update (what the ``he`` block of results.json reports per round).
+    HE_DECRYPT_SECONDS = "he_decrypt_seconds"
+    HE_ENCRYPT_SECONDS = "he_encrypt_seconds"
+    #: The model's number of values (a run-level row): what bytes per parameter divide by.
+    MODEL_PARAMETERS = "model_parameters"
 
 
 def values(enum: type[StrEnum]) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -31,6 +31,7 @@ from fedcl.strategies import (
     SitesUnavailable,
     answered_for,
     build_strategy,
+    carried_evaluation,
     record_bytes,
 )
 
@@ -59,6 +60,45 @@ class CoordinatorOptions:
     observers: Sequence[RunObserver] = field(default_factory=tuple)
     #: Site id -> the node id its key was registered as (SuperNode authentication).
     site_nodes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unscored:
+    """A model the sites have not evaluated yet: the next train message carries it and asks.
+
+    With ``evaluation.mode = "with_train"`` a round's output is evaluated at the start of the
+    next round's training, at the sites sampled for it, and recorded on *its own* round
+    (``round_id``; None for the untrained baseline), so the accuracy matrix keeps its meaning.
+    """
+
+    step: PlannedRound
+    round_id: int | None
+    model: GlobalModel
+    #: The round's aggregation and the model it was sent (for a culprit search); None after a
+    #: resume, when only the model is known.
+    result: Aggregate | None = None
+    sent: GlobalModel | None = None
+    #: Nodes that gave no reply to this round's training: not asked to evaluate at the end.
+    silent: frozenset[int] = frozenset()
+
+
+BASELINE = PlannedRound(0, 0, 0, RoundKind.TRAIN)  # the untrained model, evaluated for b_j
+AGGREGATED_S = "aggregate-seconds"  # Aggregate.metrics: the coordinator's time to aggregate
+
+
+def round_costs(result: Aggregate) -> list[MetricRow]:
+    """What a round cost to aggregate, and (HE) the sites' mean decrypt and encrypt times."""
+    rows = []
+    if AGGREGATED_S in result.metrics:
+        rows.append(MetricRow(Metric.AGGREGATE_SECONDS, float(result.metrics[AGGREGATED_S])))
+    for key, name in (
+        (P.HE_DECRYPT_S, Metric.HE_DECRYPT_SECONDS),
+        (P.HE_ENCRYPT_S, Metric.HE_ENCRYPT_SECONDS),
+    ):
+        values = [o.metrics[key] for o in result.contributors if key in o.metrics]
+        if values:
+            rows.append(MetricRow(name, sum(values) / len(values)))
+    return rows
 
 
 class Coordinator:
@@ -91,6 +131,9 @@ class Coordinator:
         self.drift = DriftWatch(self.experiment, self.plan, self.registry, self.run_id)
         self.experiment_json = to_json(self.experiment)
         self.timeout = self.experiment.train.round_timeout_s
+        #: One round trip per round: a train message also evaluates the model it carries.
+        self.with_train = self.experiment.evaluates_with_train
+        self.unscored: Unscored | None = None
 
     def base_config(self, step: PlannedRound) -> ConfigRecord:
         cfg = {
@@ -119,10 +162,17 @@ class Coordinator:
         resume = self.versions.resume(GlobalModel(ArrayRecord(self.initial.state_dict())))
         model, done, self.memory = resume.model, resume.done_rounds, resume.memory
         self._notify("run_started", self.run_id, len(schedule), done)
+        if done == 0:  # what the bytes per parameter of results.json divide by
+            size = sum(t.numel() for t in self.initial.state_dict().values())
+            self.registry.record_metrics(
+                self.run_id, None, [MetricRow(Metric.MODEL_PARAMETERS, float(size))]
+            )
         status, reason = RunStatus.COMPLETED, None
         try:
-            if done == 0:
+            if done == 0 and not self.with_train:
                 self._baseline_evaluation(model)
+            elif self.with_train:
+                self.unscored = self._unscored_at_start(model, done)
             for step in schedule[done:]:
                 if step.kind == RoundKind.MONITOR:  # between tasks: until drift opens the next
                     if self.drift.waiting(step):
@@ -142,8 +192,10 @@ class Coordinator:
                     status, reason = self.recorder.end_reason(step.server_round, result.outcomes)
                     break
                 model = next_model
+            self._score_last()
         except SitesUnavailable as exc:
             status, reason = RunStatus.FAILED, str(exc)
+            self._score_last()
         except BaseException as exc:
             status = RunStatus.STOPPED
             reason = f"coordinator stopped: {type(exc).__name__}: {exc}"
@@ -211,81 +263,199 @@ class Coordinator:
     def _train(
         self, model: GlobalModel, step: PlannedRound
     ) -> tuple[GlobalModel | None, Aggregate]:
-        """Train, aggregate, store, evaluate; returns the model the next round starts from."""
+        """Train, aggregate, store, evaluate; returns the model the next round starts from.
+
+        With ``evaluation.mode = "with_train"`` the train replies also carry the evaluation of
+        the model they were sent, the previous round's output (:class:`Unscored`), and this
+        round's model waits for the next train message (or :meth:`_score_last`).
+        """
         start = time.perf_counter()
         round_id = self._begin(step)
         self._await_sites(step, round_id)
-        config = self.base_config(step)
-        messages = self.strategy.configure_train(step.server_round, model, config, self.grid)
-        self._attach_memory(messages)
-        bytes_down = sum(record_bytes(m.content) for m in messages)
-        replies = self._send(messages)
+        unscored = self.unscored if self.with_train else None
+        while True:
+            messages, replies, result = self._exchange(model, step, unscored)
+            if unscored is None or not reports_corrupt(Evaluation({}, result.outcomes)):
+                break
+            # The model they were sent (the previous round's sum) does not decrypt intact at
+            # the sites: find its culprits, then send this round again from the repaired model.
+            recovered, reason = self._repair(unscored)
+            if recovered is None or recovered.model is None:
+                self.registry.fail_round(round_id, reason)
+                return None, Aggregate(None, result.outcomes)
+            model = recovered.model
+            unscored = replace(unscored, model=model, result=recovered)
         silent = frozenset(m.metadata.dst_node_id for m in messages) - {
             r.metadata.src_node_id for r in replies
         }
-        result = self.strategy.aggregate_train(step.server_round, replies, sent=model)
-        self.recorder.replies(
-            round_id, Phase.TRAIN, result, messages, self.strategy.sites, expected=model.digest()
-        )
-        if result.model is None:
-            reason = self.recorder.no_update_reason(step.server_round, result.outcomes)
-            self.registry.fail_round(round_id, reason)
-            return None, result
-        self.versions.save(
-            round_id, task_index=step.task_index, server_round=step.server_round,
-            model=result.model,
-        )  # fmt: skip
-        evaluation = self._evaluate(result.model, step, silent)
-        if reports_corrupt(evaluation):
-            result, evaluation, reason = self._recover(step, round_id, model, result)
-            if evaluation is None:
+        evaluation, rows, evaluated = None, [], None
+        if unscored is not None:
+            evaluation, evaluated = carried_evaluation(result.outcomes), unscored.step.server_round
+        with self.registry.batch():  # one commit for everything the round's replies say
+            if evaluation is not None:
+                rows = self._record_evaluation(unscored, evaluation, asked=messages)
+            self.recorder.replies(
+                round_id, Phase.TRAIN, result, messages, self.strategy.sites,
+                expected=model.digest(),
+            )  # fmt: skip
+            if result.model is None:
+                reason = self.recorder.no_update_reason(step.server_round, result.outcomes)
                 self.registry.fail_round(round_id, reason)
+                if unscored is not None and not evaluation.outcomes:  # nobody scored it: at the end
+                    self.unscored = replace(unscored, silent=silent)
+                else:
+                    self.unscored = None
                 return None, result
-        self.recorder.participation(
-            round_id, Phase.EVALUATE, evaluation.outcomes, None, self.strategy.sites
-        )
-        self.recorder.privacy(round_id, evaluation.outcomes)  # a noised evaluation spends ε
-        rows = self.recorder.accuracy_rows(evaluation)
+            self.versions.save(
+                round_id, task_index=step.task_index, server_round=step.server_round,
+                model=result.model,
+            )  # fmt: skip
+        if not self.with_train:
+            evaluation = self._evaluate(result.model, step, silent)
+            if reports_corrupt(evaluation):
+                result, evaluation, reason = self._recover(step, round_id, model, result)
+                if evaluation is None:
+                    self.registry.fail_round(round_id, reason)
+                    return None, result
+            evaluated = step.server_round
+        train_rows = round_costs(result)
         if P.TRAIN_LOSS in result.metrics:
-            rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
-        self.registry.record_metrics(self.run_id, round_id, rows)
+            train_rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
+        with self.registry.batch():
+            if not self.with_train:
+                unscored_now = Unscored(step, round_id, result.model)
+                rows = self._record_evaluation(unscored_now, evaluation, asked=None)
+            self.registry.record_metrics(self.run_id, round_id, train_rows)
         self._drift(result.model, step, round_id)
         next_model = self.versions.after_canary(
             result.model, self.experiment.canary_max_drop, self.experiment.canary_sites
         )
+        if self.with_train:
+            self.unscored = Unscored(step, round_id, next_model, result, model, silent)
         seconds = time.perf_counter() - start
         self.registry.complete_round(
             round_id,
             seconds=seconds,
             bytes_up=sum(o.bytes_up for o in result.outcomes),
-            bytes_down=bytes_down,
+            bytes_down=sum(record_bytes(m.content) for m in messages),
         )
-        self._notify("round_finished", self.recorder.summary(step, seconds, result, rows))
+        summary = self.recorder.summary(step, seconds, result, rows + train_rows, evaluated)
+        self._notify("round_finished", summary)
         return next_model, result
+
+    def _exchange(
+        self, model: GlobalModel, step: PlannedRound, unscored: Unscored | None
+    ) -> tuple[list[Message], list[Message], Aggregate]:
+        """One train round trip: (messages sent, replies, their aggregation)."""
+        config = self.base_config(step)
+        if unscored is not None:
+            config[P.EVALUATE_ROUND] = unscored.step.server_round
+        messages = self.strategy.configure_train(step.server_round, model, config, self.grid)
+        self._attach_memory(messages)
+        replies = self._send(messages)
+        start = time.perf_counter()
+        result = self.strategy.aggregate_train(step.server_round, replies, sent=model)
+        seconds = time.perf_counter() - start
+        return messages, replies, replace(result, metrics={**result.metrics, AGGREGATED_S: seconds})
+
+    def _record_evaluation(
+        self, unscored: Unscored, evaluation: Evaluation, *, asked: list[Message] | None
+    ) -> list[MetricRow]:
+        """Record an evaluation on the round whose model it scored; returns its accuracy rows.
+
+        ``asked`` is None for an evaluate message, whose replies also report the ε they spent;
+        a train reply reports its ε (evaluation included) with its own round.
+        """
+        baseline = unscored.round_id is None
+        rows = self.recorder.accuracy_rows(evaluation, baseline=baseline)
+        if not baseline:
+            self.recorder.participation(
+                unscored.round_id, Phase.EVALUATE, evaluation.outcomes, None, self.strategy.sites
+            )
+        if asked is None:
+            self.recorder.privacy(unscored.round_id, evaluation.outcomes)  # noised: spends ε
+        self.registry.record_metrics(self.run_id, unscored.round_id, rows)
+        return rows
+
+    def _unscored_at_start(self, model: GlobalModel, done: int) -> Unscored | None:
+        """What the first train message evaluates: the untrained model, or after a resume the
+        last completed training round's model if its evaluation never arrived."""
+        if done == 0:
+            return Unscored(BASELINE, None, model)
+        trained = [
+            r
+            for r in self.registry.list_rounds(self.run_id)
+            if r.kind == RoundKind.TRAIN and r.status == "completed" and r.server_round <= done
+        ]
+        if not trained:
+            return None
+        last = trained[-1]
+        if last.server_round in self.registry.federation_accuracy_by_round(self.run_id):
+            return None
+        step = PlannedRound(last.server_round, last.task_index, last.round_in_task, RoundKind.TRAIN)
+        return Unscored(step, last.id, model)
+
+    def _score_last(self) -> None:
+        """The run's last model is evaluated by an evaluate message (nothing trains after it)."""
+        unscored, self.unscored = self.unscored, None
+        if unscored is None:
+            return
+        try:
+            evaluation = self._evaluate(unscored.model, unscored.step, unscored.silent)
+        except SitesUnavailable as exc:
+            logger.warning("the last model was not evaluated: %s", exc)
+            return
+        with self.registry.batch():
+            self._record_evaluation(unscored, evaluation, asked=None)
+
+    def _repair(self, unscored: Unscored) -> tuple[Aggregate | None, str]:
+        """The sites found the model they were sent corrupt: the culprit search on its round."""
+        step = unscored.step
+        if unscored.result is None or unscored.sent is None or unscored.round_id is None:
+            return None, f"round {step.server_round}: corrupt aggregate, and nothing to re-sum"
+        return self._search_culprits(step, unscored.round_id, unscored.sent, unscored.result)
 
     def _recover(
         self, step: PlannedRound, round_id: int, sent: GlobalModel, result: Aggregate
     ) -> tuple[Aggregate, Evaluation | None, str]:
         """The sites found the aggregate corrupt: sum again without the culprits, re-evaluate."""
+        recovered, reason = self._search_culprits(step, round_id, sent, result)
+        if recovered is None:
+            return Aggregate(None, result.outcomes), None, reason
+        if recovered.model is None:
+            return recovered, None, reason
+        return recovered, self._evaluate(recovered.model, step), ""
+
+    def _search_culprits(
+        self, step: PlannedRound, round_id: int, sent: GlobalModel, result: Aggregate
+    ) -> tuple[Aggregate | None, str]:
+        """Re-sum ``result`` without the sites whose ciphertexts corrupted it; store it.
+
+        Returns (None, reason) when the search failed, and the re-sum (whose model is None when
+        no site is left) with the reason otherwise.
+        """
         logger.warning("round %d: the sites report a corrupt aggregate", step.server_round)
         verify = site_verifier(self._send, self.base_config(step), self.strategy.sites, result)
         try:
             recovered = self.strategy.recover(step.server_round, result, sent=sent, verify=verify)
         except FedclError as exc:
             reason = f"round {step.server_round}: corrupt aggregate, culprit search failed: {exc}"
-            return Aggregate(None, result.outcomes), None, reason
+            return None, reason
         culprits = [
             o for o, was in zip(recovered.outcomes, result.outcomes, strict=True) if o != was
         ]
-        self.recorder.rejections(round_id, Phase.TRAIN, [(o.site_id, o.detail) for o in culprits])
-        self.recorder.participation(round_id, Phase.TRAIN, culprits, None, self.strategy.sites)
-        if recovered.model is None:
-            return recovered, None, self.recorder.no_update_reason(step.server_round, culprits)
-        self.versions.save(
-            round_id, task_index=step.task_index, server_round=step.server_round,
-            model=recovered.model,
-        )  # fmt: skip
-        return recovered, self._evaluate(recovered.model, step), ""
+        with self.registry.batch():
+            self.recorder.rejections(
+                round_id, Phase.TRAIN, [(o.site_id, o.detail) for o in culprits]
+            )
+            self.recorder.participation(round_id, Phase.TRAIN, culprits, None, self.strategy.sites)
+            if recovered.model is None:
+                return recovered, self.recorder.no_update_reason(step.server_round, culprits)
+            self.versions.save(
+                round_id, task_index=step.task_index, server_round=step.server_round,
+                model=recovered.model,
+            )  # fmt: skip
+        return recovered, ""
 
     # --- continual learning: the consolidation round -----------------------------------------
     def _attach_memory(self, messages: list[Message]) -> None:
@@ -304,7 +474,8 @@ class Coordinator:
         round_id = self._begin(step)
         self._await_sites(step, round_id)
         content = RecordDict({P.ARRAYS: model.arrays, P.CONFIG: self.base_config(step)})
-        messages = [Message(content, node, P.CONSOLIDATE) for node in self._all_nodes()]
+        nodes = self.strategy.train_nodes(self.grid)  # sampled like a training round
+        messages = [Message(content, node, P.CONSOLIDATE) for node in nodes]
         self.strategy.attach(messages, P.ARRAYS, model)
         result = self.strategy.sum_shares(step.server_round, P.FISHER, self._send(messages))
         self.recorder.replies(round_id, Phase.CONSOLIDATE, result, messages, self.strategy.sites)

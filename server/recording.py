@@ -202,9 +202,16 @@ class RunRecorder:
 
     @staticmethod
     def summary(
-        step: PlannedRound, seconds: float, result: Aggregate, rows: list[MetricRow]
+        step: PlannedRound,
+        seconds: float,
+        result: Aggregate,
+        rows: list[MetricRow],
+        evaluated_round: int | None = None,
     ) -> RoundSummary:
-        """The round as observers (progress bars, tests) see it; also logged."""
+        """The round as observers (progress bars, tests) see it; also logged.
+
+        ``rows`` are the accuracy rows of the model of server round ``evaluated_round``.
+        """
         summary = RoundSummary(
             step.task_index,
             step.round_in_task,
@@ -218,15 +225,17 @@ class RunRecorder:
                 for r in rows
                 if r.site_id is None and r.name == Metric.ACCURACY and r.task_index is not None
             },
+            evaluated_round=evaluated_round,
         )
         logger.info(
-            "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s",
+            "task %d round %d (server round %d): %d sites, %.2fs, accuracy %s (model of round %s)",
             step.task_index,
             step.round_in_task,
             step.server_round,
             summary.participants,
             seconds,
             {k: round(v, 3) for k, v in summary.accuracy.items()},
+            evaluated_round,
         )
         return summary
 

@@ -158,6 +158,7 @@ def build_results(
             if e.alert or e.rate_alert
         ],  # fmt: skip
         "sites": sites,
+        "he": he_block(config, rounds, metrics),
         "rounds": [
             {
                 "task": r.task_index,
@@ -223,6 +224,74 @@ def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
 
 def _is_joint(config: dict) -> bool:
     return config.get("stream") == "joint" or config.get("continual", {}).get("method") == "joint"
+
+
+def he_block(
+    config: dict, rounds: Sequence[RoundInfo], metrics: Sequence[MetricInfo]
+) -> dict[str, Any]:
+    """What encryption cost on this run's real rounds (docs/DESIGN.md §5).
+
+    Bytes per parameter are measured: a training round's bytes up over (sites that trained ×
+    the model's values), and down over (sites sent × values), from the second round on (round
+    1 sends the plaintext initial model). Under EWC the downlink also carries the Fisher and
+    its anchor. Seconds per round: the sites' mean to decrypt what they were sent and to
+    encrypt their update, and the coordinator's to sum the ciphertexts.
+    """
+    he = config.get("he", {})
+    if not he.get("enabled"):
+        return {"enabled": False}
+    from fedcl.config.experiment import HESpec
+    from fedcl.privacy.ckks.packing import bytes_per_parameter, packing_for
+
+    packing = packing_for(HESpec.model_validate(he))
+    size = next((m.value for m in metrics if m.name == "model_parameters"), None)
+    per_round: dict[int, dict[str, float]] = defaultdict(dict)
+    names = {
+        "he_encrypt_seconds": "encrypt_s",
+        "he_decrypt_seconds": "decrypt_s",
+        "aggregate_seconds": "aggregate_s",
+    }
+    for m in metrics:
+        if m.name in names and m.server_round is not None and m.site_id is None:
+            per_round[m.server_round][names[m.name]] = m.value
+    rows = []
+    for r in rounds:
+        if r.kind != "train" or r.status != "completed":
+            continue
+        row: dict[str, Any] = {"server_round": r.server_round, **per_round.get(r.server_round, {})}
+        if size and r.num_participants:
+            row["bytes_per_param_up"] = r.bytes_up / (r.num_participants * size)
+            sent = r.num_participants + r.num_failures + r.num_refusals
+            if r.server_round > 1:
+                row["bytes_per_param_down"] = r.bytes_down / (sent * size)
+        rows.append(row)
+
+    def mean(key: str) -> float | None:
+        values = [row[key] for row in rows if key in row]
+        return sum(values) / len(values) if values else None
+
+    up = mean("bytes_per_param_up")
+    return {
+        "enabled": True,
+        "ckks": _ckks_parameters(he.get("public_context")),
+        "packing": {
+            "bits": packing.bits,
+            "values_per_slot": packing.values_per_slot,
+            "max_sites": packing.max_sites,
+            "clip": packing.clip,
+            "bytes_per_param": bytes_per_parameter(packing),
+        },
+        "model_parameters": int(size) if size else None,
+        "bytes_per_param_up": up,
+        "bytes_per_param_down": mean("bytes_per_param_down"),
+        "fp32_ratio_up": up / 4 if up is not None else None,
+        "seconds_per_round": {
+            "encrypt": mean("encrypt_s"),
+            "aggregate": mean("aggregate_s"),
+            "decrypt": mean("decrypt_s"),
+        },
+        "rounds": rows,
+    }
 
 
 def _ckks_parameters(public_context: str | None) -> dict[str, Any] | None:

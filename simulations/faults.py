@@ -160,8 +160,14 @@ class FaultyGrid:
         messages = list(messages)
         if messages:
             self._round = _round_of(messages[0])
-            # After a round's evaluation (or a consolidation) the next round is about to start.
-            last = messages[0].metadata.message_type in ("evaluate", P.CONSOLIDATE)
+            # After a round's evaluation (or a consolidation) the next round is about to start;
+            # with evaluation.mode = "with_train" a train message (it asks for an evaluation of
+            # the model it carries) is its round's last.
+            first = messages[0]
+            config = first.content.config_records.get(P.CONFIG) or {}
+            last = first.metadata.message_type in ("evaluate", P.CONSOLIDATE) or (
+                first.metadata.message_type == "train" and P.EVALUATE_ROUND in config
+            )
             self._upcoming = self._round + 1 if last else self._round
         away = self._away(self._round)
         replies = list(

@@ -104,9 +104,11 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
                     scheme=part.scheme,
                     alpha=part.alpha,
                     seed=part.seed,
+                    min_per_site=part.min_per_site,
                 ),
             ),
             key_path=key_path,
+            torch_threads=max(1, int(experiment.simulation.num_cpus)),
             privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
                 delta=experiment.dp.delta,
@@ -131,14 +133,34 @@ def preflight(experiment: ExperimentConfig) -> None:
     RunPlan.of(experiment).initial_model()  # the model, its options and the stream build
 
 
+class RunSimulationNotice(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated, and nothing else.
+
+    Flower 1.41 points to ``flwr run``, which starts an *installed* app through a SuperLink.
+    ``fedcl simulate`` drives the Simulation Runtime in this process with the ServerApp object
+    it built (its observers, the progress bar, the registry it reads results from), and
+    ``run_simulation`` is Flower's API for exactly that; deployments go through ``flwr run``
+    (docs/DESIGN.md §2). Every Ray run printed the notice, which users cannot act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def quiet_flower() -> None:
     """Flower and Ray are chatty; the progress bar says what matters."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray 2.55's FutureWarning: it will stop blanking CUDA_VISIBLE_DEVICES for actors that
+    # asked for no GPU. Opt in to that behaviour now (which silences it): a virtual site with
+    # simulation.num_gpus = 0 trains on its configured device (cpu) either way.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.WARNING)
     flwr_logger.propagate = False
+    if not any(isinstance(f, RunSimulationNotice) for f in flwr_logger.filters):
+        flwr_logger.addFilter(RunSimulationNotice())
 
 
 def run_plan(plan: SimulationPlan) -> dict[str, Any]:

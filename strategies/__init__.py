@@ -9,7 +9,7 @@
 
 from .contract import Aggregate, Evaluation, GlobalModel, RoundStrategy
 from .outcomes import SiteDirectory, SiteOutcome, answered_for, record_bytes
-from .sites import SiteStrategy, SitesUnavailable
+from .sites import SiteStrategy, SitesUnavailable, carried_evaluation
 from .table import STRATEGIES, build_strategy
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "SiteStrategy",
     "SitesUnavailable",
     "build_strategy",
+    "carried_evaluation",
     "record_bytes",
 ]

@@ -106,6 +106,10 @@ class RoundStrategy(Protocol):
         self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid
     ) -> list[Message]: ...
 
+    def train_nodes(self, grid: Grid) -> list[int]:
+        """The nodes a training round samples (for messages Flower's strategy does not build)."""
+        ...
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message], *, sent: GlobalModel
     ) -> Aggregate:

@@ -111,6 +111,9 @@ class Encrypted:
     def await_sites(self, grid: Grid, server_round: int, **kwargs: Any) -> list[str]:
         return self.inner.await_sites(grid, server_round, **kwargs)
 
+    def train_nodes(self, grid: Grid) -> list[int]:
+        return self.inner.train_nodes(grid)
+
     # --- sending ----------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, model: GlobalModel, config: ConfigRecord, grid: Grid

@@ -23,7 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
 
 from fedcl.config import FedclError
 from fedcl.config import protocol as P
@@ -117,6 +117,18 @@ class SiteStrategy:
     def attach(self, messages: list[Message], key: str, model: GlobalModel) -> None:
         for msg in messages:
             msg.content[key] = model.arrays
+
+    def train_nodes(self, grid: Grid) -> list[int]:
+        """The nodes a round samples as Flower's ``configure_train`` would (fraction_train).
+
+        For the rounds whose messages Flower does not build (EWC's consolidation), so they
+        ask as many sites as a training round: 100 of 1,000, not all of them.
+        """
+        flower = self.flower
+        fraction = float(getattr(flower, "fraction_train", 1.0))
+        wanted = max(int(len(list(grid.get_node_ids())) * fraction), flower.min_train_nodes)
+        nodes, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        return list(nodes)
 
     # --- receiving --------------------------------------------------------------------------
     def screen(
@@ -231,14 +243,51 @@ class SiteStrategy:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Evaluation:
         """Pool per-task counts over sites: accuracy on task j = Σ correct_j / Σ count_j."""
         outcomes, _ignored = self.screen(server_round, replies)
-        totals: dict[str, float] = {}
-        for o in outcomes:
-            if not o.ok:
-                continue
-            for key, value in o.metrics.items():
-                if key.startswith(EVAL_PREFIXES):
-                    totals[key] = totals.get(key, 0.0) + value
-        return Evaluation(totals, outcomes)
+        return pooled_evaluation(outcomes)
+
+
+def pooled_evaluation(outcomes: list[SiteOutcome]) -> Evaluation:
+    """Per-task counts summed over the sites that answered ok (Σ correct_j / Σ count_j)."""
+    totals: dict[str, float] = {}
+    for o in outcomes:
+        if not o.ok:
+            continue
+        for key, value in o.metrics.items():
+            if key.startswith(EVAL_PREFIXES):
+                totals[key] = totals.get(key, 0.0) + value
+    return Evaluation(totals, outcomes)
+
+
+def carried_evaluation(outcomes: Iterable[SiteOutcome]) -> Evaluation:
+    """The evaluation a round's train replies carried, of the model the round was sent.
+
+    With ``evaluation.mode = "with_train"`` a site evaluates the model it receives before it
+    trains on it and sends both in one reply (``P.EVALUATION``). A reply counts when the
+    site trained or refused to train (an evaluation it paid for still leaves); a failed,
+    stale or rejected reply carries none. A site whose evaluation was refused by its policy or
+    ledger is a *refused* outcome here, as it would be for an evaluate message.
+    """
+    scored = []
+    for o in outcomes:
+        if o.message is None or o.status not in (SiteStatus.OK, SiteStatus.REFUSED):
+            continue
+        record = o.message.content.metric_records.get(P.EVALUATION)
+        if record is None:
+            continue
+        metrics = {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
+        refused = o.extras.get(P.EVALUATION_STATUS) == SiteStatus.REFUSED
+        scored.append(
+            SiteOutcome(
+                o.site_id,
+                o.node_id,
+                SiteStatus.REFUSED if refused else SiteStatus.OK,
+                num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),
+                detail=o.extras.get(P.EVALUATION_DETAIL, ""),
+                metrics=metrics,
+                extras={k: v for k, v in o.extras.items() if k == P.AGGREGATE_CORRUPT},
+            )
+        )
+    return pooled_evaluation(scored)
 
 
 def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

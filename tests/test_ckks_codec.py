@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedcl.config import ConfigError
-from fedcl.config.experiment import HESpec
+from fedcl.config.experiment import ExperimentConfig, HESpec
 from fedcl.models import state_sha256
 from fedcl.privacy.ckks import check_packing, codec, packing_for, parallel
 from fedcl.privacy.ckks.codec import HEADER_SLOTS, Layout, Packing, quantise
@@ -103,9 +103,17 @@ def test_too_many_sites_for_the_packing_is_a_config_error() -> None:
         Packing(bits=15, values_per_slot=3, max_sites=20).scale_bits(params)
     assert Packing(bits=8, values_per_slot=3, max_sites=20).scale_bits(params) >= 18
     with pytest.raises(ConfigError, match="max_sites"):
-        check_packing(HESpec(enabled=True, max_sites=1000))
+        check_packing(HESpec(enabled=True, max_sites=1000, values_per_slot=2))
     assert HESpec(enabled=False, max_sites=1000).max_sites == 1000  # only checked when on
-    assert packing_for(HESpec(enabled=True, clip=0.5)) == Packing()
+    assert packing_for(HESpec(enabled=True, clip=0.5, max_sites=20)) == Packing()
+    # Unset values_per_slot: the densest packing that sums the round exactly (4x fp32 up to 32
+    # sites, 8x beyond); unset max_sites: the round's size, from the experiment.
+    assert packing_for(HESpec(enabled=True, max_sites=32)).values_per_slot == 2
+    assert packing_for(HESpec(enabled=True, max_sites=100)).values_per_slot == 1
+    big = ExperimentConfig.model_validate(
+        {"simulation": {"num_sites": 1000}, "strategy": {"fraction_train": 0.1}}
+    )
+    assert big.he.max_sites == 100 and "max_sites" not in big.he.model_fields_set
     with pytest.raises(ValueError, match="fingerprint"):
         HESpec(fingerprint="not-a-sha256")
 

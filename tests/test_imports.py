@@ -75,7 +75,7 @@ def test_simulate_refuses_a_bad_packing_before_loading_torch(tmp_path: Path) -> 
         from fedcl.cli import main as cli
         cli.console.file = err = io.StringIO()
         code = cli.main(["simulate", "--set", "he.enabled=true", "--set", "he.max_sites=1000",
-                         "--engine", "inprocess", "--out", "run"])
+                         "--set", "he.values_per_slot=2", "--engine", "inprocess", "--out", "run"])
         print(json.dumps({{"code": code, "err": err.getvalue(), "loaded": {LOADED}}}))
         """,
         tmp_path,

@@ -25,23 +25,44 @@ DP_KEYS = {P.DP_EPSILON_RUN, P.DP_EPSILON_LIFETIME, P.DP_DELTA}
 
 
 def _spy(tmp_path, seen: list[dict]):
+    """Every reply as it leaves its site, and the evaluations it carries as ``evaluate``.
+
+    With ``evaluation.mode = "with_train"`` (the default) a train message also evaluates the
+    model it carries, the output of round ``evaluate-round``: recorded as an evaluation of
+    that round, charged (under noised DP) in the train message's round.
+    """
+
     def spy(node_id, msg, context):
         reply = app(msg, context)
         site = dict(reply.content.config_records[P.SITE])
-        server_round = int(msg.content[P.CONFIG][P.SERVER_ROUND])
+        cfg = msg.content[P.CONFIG]
+        server_round = int(cfg[P.SERVER_ROUND])
         ledger = PrivacyLedger(tmp_path / "sites" / str(site[P.SITE_ID]))
+        charged = [  # what the site's ledger holds as the reply leaves
+            e
+            for e in ledger.entries()
+            if e.mechanism == MECHANISM_EVALUATION and e.server_round == server_round
+        ]
+        kind = msg.metadata.message_type
+        if kind == "train" and P.EVALUATE_ROUND in cfg:
+            seen.append(
+                {
+                    "kind": "evaluate",
+                    "round": int(cfg[P.EVALUATE_ROUND]),
+                    "site": str(site[P.SITE_ID]),
+                    "status": site.get(P.EVALUATION_STATUS, site[P.STATUS]),
+                    "metrics": dict(reply.content.metric_records.get(P.EVALUATION, {})),
+                    "charged": charged,
+                }
+            )
         seen.append(
             {
-                "kind": msg.metadata.message_type,
+                "kind": kind,
                 "round": server_round,
                 "site": str(site[P.SITE_ID]),
                 "status": site[P.STATUS],
                 "metrics": dict(reply.content.metric_records.get(P.METRICS, {})),
-                "charged": [  # what the site's ledger holds as the reply leaves
-                    e
-                    for e in ledger.entries()
-                    if e.mechanism == MECHANISM_EVALUATION and e.server_round == server_round
-                ],
+                "charged": charged,
             }
         )
         return reply

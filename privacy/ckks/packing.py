@@ -203,13 +203,42 @@ def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
     Builds the packing only; :func:`check_packing` says whether it can sum ``he.max_sites``
     ciphertexts exactly (``Packing.scale_bits`` refuses it again when encrypting or summing).
     """
+    if he.max_sites is None:
+        raise CKKSConfigError(
+            "he.max_sites is not set: validate the experiment (ExperimentConfig fills it in "
+            "with the round's size) or set he.max_sites"
+        )
+    values_per_slot = he.values_per_slot or values_per_slot_for(he.bits, he.max_sites)
     return Packing(
         bits=he.bits,
-        values_per_slot=he.values_per_slot,
+        values_per_slot=values_per_slot,
         max_sites=he.max_sites,
         clip=he.fisher_clip if fisher else he.clip,
         max_examples=he.max_examples,
     )
+
+
+@cache
+def values_per_slot_for(bits: int, max_sites: int) -> int:
+    """The most values per slot (fewest bytes per parameter) that sum ``max_sites`` exactly.
+
+    At the default 15 bits under N = 4096, [60, 49]: 2 (16 bytes per parameter, 4x fp32) up to
+    32 sites a round, 1 (32 bytes, 8x) beyond, up to 262,144 sites. Quantisation precision
+    (``he.bits``) is kept and bytes are given up, because accuracy is the contract and bytes
+    the cost. 1 when nothing fits: ``Packing.scale_bits`` then names the problem.
+    """
+    params = CKKSParams()
+    for values in (3, 2, 1):
+        if Packing(bits=bits, values_per_slot=values).max_sites_for(params) >= max_sites:
+            return values
+    return 1
+
+
+def bytes_per_parameter(packing: Packing, params: CKKSParams | None = None) -> float:
+    """Ciphertext bytes per model parameter of a fresh encryption (before padding)."""
+    params = params or CKKSParams()
+    ciphertext = 2 * params.poly_modulus_degree * 8 * params.data_primes
+    return ciphertext / (params.slots * packing.values_per_slot)
 
 
 def check_packing(he: HESpec) -> None:

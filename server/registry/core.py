@@ -9,6 +9,7 @@ across a Flower round. The lookups turn a missing or mismatched id into a
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class RegistryCore:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._closed = False
+        self._batch = threading.local()  # this thread's open batch session, if any
         self.url = url
         self.artifacts_dir = artifacts_dir
 
@@ -38,12 +40,36 @@ class RegistryCore:
         """One short transaction; database outages surface as :class:`RegistryError`."""
         if self._closed:
             raise RegistryError(f"registry at {self.url} is closed")
+        open_batch = getattr(self._batch, "session", None)
+        if open_batch is not None:  # inside batch(): the calls share its transaction
+            yield open_batch
+            return
         try:
             with self._sessions.begin() as session:
                 yield session
         except OperationalError as exc:
             reason = error_reason(exc, self._engine.url.password)
             raise RegistryError(f"registry at {self.url}: {reason}") from exc
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every registry call of this thread inside the block commits as one transaction.
+
+        The coordinator records a round's replies (participations, privacy, metrics, the
+        version, completion) in one batch after the round's replies are in, never across a
+        Flower round trip, so readers of the same SQLite file wait at most that long: one commit
+        per round instead of one per row (docs/DESIGN.md §3). A failure rolls the whole batch
+        back, and the round is redone on resume. Nested batches join the outer one.
+        """
+        if getattr(self._batch, "session", None) is not None:
+            yield
+            return
+        with self._tx() as session:
+            self._batch.session = session
+            try:
+                yield
+            finally:
+                self._batch.session = None
 
 
 def get_run(session: Session, run_id: str) -> Run:
