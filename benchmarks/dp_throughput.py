@@ -1,4 +1,4 @@
-"""DP-SGD throughput: samples/s of a site's real training path, non-private vs DP-SGD.
+"""DP-SGD throughput: samples/s of a site's real training path, non-private vs each DP-SGD mode.
 
 Why one thread by default: a site trains one small model at a time, and on a shared box
 OpenMP threads that outnumber free cores spin-wait on each other (measured here: an MLP step
@@ -7,13 +7,17 @@ OpenMP threads that outnumber free cores spin-wait on each other (measured here:
 
 Why it measures ``LocalTrainer.fit`` end to end (Poisson loader, per-sample gradients,
 clipping, noise, the optimizer step) instead of a bare forward/backward: that is what a site
-pays per round, and it is what ``choose_grad_sample_mode`` must be fastest at. Plain and DP
-repeats are interleaved and the median is kept, because a shared CPU box drifts over a run.
+pays per round, and it is what ``choose_grad_sample_mode`` must be fastest at. Plain and every
+DP mode are timed in one process, their repeats interleaved (plain, hooks, ew, ..., plain, ...),
+and the median is kept, because a shared CPU box drifts over a run: each ratio is DP/plain
+from the same run.
 
-    python benchmarks/dp_throughput.py --quick          # < 2 min on 2 CPU cores
-    python benchmarks/dp_throughput.py --all-modes      # every grad-sample mode, longer
+    python benchmarks/dp_throughput.py --quick                   # every mode, few batches
+    python benchmarks/dp_throughput.py --modes chosen            # only the mode each model gets
+    python benchmarks/dp_throughput.py --models cnn resnet18-gn --batch-size 32
 
-Prints a table and writes ``benchmarks/results/dp_throughput.json``.
+Prints a model × mode table (samples/s and the ratio to non-private) and writes
+``benchmarks/results/dp_throughput.json``.
 """
 
 from __future__ import annotations
@@ -85,9 +89,13 @@ class CaseResult:
     chosen_mode: str = "hooks"
 
     @property
-    def slowdown(self) -> float | None:
-        dp = self.dp_samples_per_s.get(self.chosen_mode)
-        return self.plain_samples_per_s / dp if dp else None
+    def ratios(self) -> dict[str, float]:
+        """DP samples/s over non-private samples/s, per mode (1.0 = DP costs nothing)."""
+        return {m: v / self.plain_samples_per_s for m, v in self.dp_samples_per_s.items()}
+
+    @property
+    def chosen_ratio(self) -> float | None:
+        return self.ratios.get(self.chosen_mode)
 
 
 def _fit_rate(
@@ -128,6 +136,7 @@ def run_case(
     warm = CountingDataset(batch_size * 2, channels, size, seed=1)  # two Poisson batches
     result = CaseResult(name, f"{channels}x{size}x{size}", count_parameters(model), batch_size, 0.0)
     result.chosen_mode = chosen
+    modes = [chosen if m == "chosen" else m for m in modes]
     _fit_rate(model, warm, spec, device, None)  # allocator, kernels, lazy imports
     for mode in modes:
         try:
@@ -146,26 +155,24 @@ def run_case(
 
 
 def render(results: list[CaseResult], modes: list[str], title: str) -> Table:
+    """One row per model: plain samples/s, then each mode's samples/s and ratio to plain."""
     table = Table(title=title)
-    for col in ("model", "input", "params", "plain /s", "DP /s", "slowdown", "mode"):
-        table.add_column(col, justify="left" if col in ("model", "input", "mode") else "right")
-    extra = [m for m in modes if len(modes) > 1]
-    for mode in extra:
-        table.add_column(f"{mode} /s", justify="right")
+    for col in ("model", "input", "params", "plain /s"):
+        table.add_column(col, justify="left" if col in ("model", "input") else "right")
+    for mode in modes:
+        table.add_column(f"{mode} /s (×)", justify="right")
+    table.add_column("chosen", justify="left")
+    table.add_column("chosen ×", justify="right")
     for r in results:
-        dp = r.dp_samples_per_s.get(r.chosen_mode)
-        row = [
-            r.model,
-            r.input,
-            f"{r.params:,}",
-            f"{r.plain_samples_per_s:,.0f}",
-            f"{dp:,.0f}" if dp else "failed",
-            f"{r.slowdown:.1f}x" if r.slowdown else "–",
-            r.chosen_mode,
-        ]
-        for mode in extra:
+        row = [r.model, r.input, f"{r.params:,}", f"{r.plain_samples_per_s:,.0f}"]
+        for mode in modes:
             value = r.dp_samples_per_s.get(mode)
-            row.append(f"{value:,.0f}" if value else "failed")
+            if value is None:
+                row.append("failed" if mode in r.errors else "–")
+            else:
+                mark = "*" if mode == r.chosen_mode else ""
+                row.append(f"{value:,.0f} ({r.ratios[mode]:.2f}){mark}")
+        row += [r.chosen_mode, f"{r.chosen_ratio:.2f}" if r.chosen_ratio else "–"]
         table.add_row(*row)
     return table
 
@@ -173,7 +180,13 @@ def render(results: list[CaseResult], modes: list[str], title: str) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few batches: finishes in < 2 min")
-    parser.add_argument("--all-modes", action="store_true", help="time every grad-sample mode")
+    parser.add_argument(
+        "--modes",
+        nargs="*",
+        default=None,
+        help=f"grad-sample modes to time (default all: {' '.join(GRAD_SAMPLE_MODES)}); "
+        "'chosen' = only the mode each model gets",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 quick, 64 full")
     parser.add_argument(
         "--threads",
@@ -192,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (32 if args.quick else 64)
-    modes = list(GRAD_SAMPLE_MODES) if args.all_modes else []
+    requested = list(GRAD_SAMPLE_MODES) if args.modes is None else args.modes
+    bad = set(requested) - {*GRAD_SAMPLE_MODES, "chosen"}
+    if bad:
+        parser.error(f"unknown modes {sorted(bad)}; valid: {GRAD_SAMPLE_MODES} or chosen")
     cases = [c for c in CASES if args.models is None or c[0] in args.models]
     unknown = set(args.models or []) - set(available_models())
     if unknown:
@@ -205,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         heavy = name in HEAVY
         batches = (2 if heavy else 4) if args.quick else (6 if heavy else 20)
         repeats = 1 if args.quick else 3
-        case_modes = modes or [choose_grad_sample_mode(torch.nn.Module())]
         t0 = time.perf_counter()
         result = run_case(
             name,
@@ -214,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=batch_size,
             batches=batches,
             repeats=repeats,
-            modes=case_modes,
+            modes=requested,
             device=args.device,
         )
         results.append(result)
@@ -241,13 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     title = (
         f"DP-SGD throughput ({args.device}, {meta['threads']} threads, batch {batch_size}"
-        f"{', quick' if args.quick else ''}; samples/s, median of interleaved repeats)"
+        f"{', quick' if args.quick else ''}; samples/s and DP/plain, median of interleaved "
+        "repeats; * = the mode choose_grad_sample_mode picks)"
     )
-    console.print(render(results, modes, title))
+    shown = [m for m in GRAD_SAMPLE_MODES if any(m in r.dp_samples_per_s for r in results)]
+    console.print(render(results, shown, title))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "meta": meta,
-        "results": [asdict(r) | {"slowdown": r.slowdown} for r in results],
+        "results": [
+            asdict(r) | {"ratios": r.ratios, "chosen_ratio": r.chosen_ratio} for r in results
+        ],
     }
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     console.print(f"wrote {args.output} ({elapsed:.0f} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import typer
@@ -28,6 +29,12 @@ def simulate(
         None, "--run-id", help="Run id; an existing id in OUT's registry resumes that run."
     ),
     engine: str = typer.Option("ray", help="ray (Flower's simulation engine) or inprocess."),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        help="Run the sites on an existing Ray cluster (the address `ray start --head` printed); "
+        "same as --set simulation.ray_address=...",
+    ),
     list_: bool = typer.Option(False, "--list", help="List the built-in scenarios and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     dashboard: bool = typer.Option(
@@ -39,6 +46,8 @@ def simulate(
     if list_:
         _list()
         return
+    if ray_address is not None:
+        set_ = [*set_, f"simulation.ray_address = {json.dumps(ray_address)}"]
     label, experiment = load_scenario(scenario, set_)
     check_experiment(experiment, label)  # before torch, keys, Ray or the dashboard start
 
@@ -49,13 +58,24 @@ def simulate(
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine != "ray" and experiment.simulation.ray_address:
+        raise ConfigError(
+            f"simulation.ray_address = {experiment.simulation.ray_address!r} needs --engine ray "
+            f"(the {engine} engine runs every site in this process)"
+        )
     rid = run_id or default_run_id(experiment)
     out_dir = out or Path("runs") / rid
     observers = [] if no_progress else [ProgressObserver(console, experiment.data.num_tasks)]
     console.print(
         f"[bold]fedcl simulate[/] {label}: {experiment.simulation.num_sites} sites, "
         f"{experiment.data.num_tasks} tasks × {experiment.train.rounds_per_task} rounds, "
-        f"engine {engine} → {out_dir}"
+        f"engine {engine}"
+        + (
+            f" on the Ray cluster at {experiment.simulation.ray_address}"
+            if experiment.simulation.ray_address
+            else ""
+        )
+        + f" → {out_dir}"
     )
     plan = SimulationPlan(experiment, label, out_dir, rid, engine=engine, observers=observers)
     server = _start_dashboard(plan.registry_url, dashboard_port) if dashboard else None

@@ -172,6 +172,7 @@ def site_fisher(
     spec = job.experiment.continual
     data = job.data.train_set(job.task_index)
     mask = job.data.stream.train_mask(job.task_index)
+    model.to(job.site.device)  # the Fisher runs where the parameters are (fisher.py)
     if job.experiment.dp.enabled:
         stated = consolidation_release(job)
         fisher, release = dp_fisher_diagonal(

@@ -19,6 +19,7 @@ from fedcl.config import protocol as P
 from fedcl.continual.plan import RunPlan
 
 from .codec import UpdateCodec, codec_for
+from .device import resolve_device
 from .retries import ReplyCache
 from .site import SiteData, load_site_data, resolve_site_config
 
@@ -47,6 +48,11 @@ class SiteJob:
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # per message: a Ray actor plays many sites
         self.data: SiteData = load_site_data(self.experiment, self.site)
+        # ``device`` resolved here once (auto / cuda without CUDA → cpu, said once per site), so
+        # training, evaluation, the Fisher and drift all use the same concrete device.
+        device = str(resolve_device(self.site.device, site_id=self.site.site_id))
+        if device != self.site.device:
+            self.site = self.site.model_copy(update={"device": device})
         self.run_id = str(cfg[P.RUN_ID])
         self.task_index = int(cfg[P.TASK_INDEX])
         self.server_round = int(cfg[P.SERVER_ROUND])

@@ -31,6 +31,8 @@ from fedcl.config import FedclError
 from fedcl.config.experiment import TrainSpec
 from fedcl.models.registry import Objective, objective_of
 
+from .device import autocast_for, resolve_device
+
 
 class TrainHook(Protocol):
     """Extension points of :class:`LocalTrainer` (subclass :class:`BaseHook`)."""
@@ -67,6 +69,11 @@ class TrainHook(Protocol):
         """Undo ``setup`` and add what the hook measured to ``result.metrics``."""
         ...
 
+    # Optional: ``runs_backward() -> bool`` and ``backward(losses)``. A hook whose
+    # ``runs_backward()`` is true gets each batch's per-example losses (``[batch]``, the
+    # objective's plus every ``extra_loss`` term) instead of the trainer calling
+    # ``loss.backward()``: DP-SGD with ghost clipping runs Opacus' two backward passes there.
+
 
 class BaseHook:
     """No-op hook to subclass: override only what a feature needs."""
@@ -90,6 +97,14 @@ class ProximalTerm(BaseHook):
     def __init__(self, mu: float, global_params: Sequence[torch.Tensor]):
         self.mu = mu
         self.global_params = [p.detach().clone() for p in global_params]
+
+    def setup(self, model, optimizer, loader):
+        """Put the global weights where the model trains (the trainer moved it already)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.global_params = [
+            g.to(p.device, p.dtype) for p, g in zip(params, self.global_params, strict=True)
+        ]
+        return model, optimizer, loader
 
     def add_gradients(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -134,6 +149,40 @@ def batch_loss(
     """
     outputs = model(inputs)
     loss = objective.loss(masked_logits(outputs, output_mask), targets)
+    for term in _extra_terms(hooks, inputs, outputs, targets):
+        loss = loss + term.mean()
+    return loss
+
+
+def example_losses(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    objective: Objective,
+    output_mask: Sequence[int] | None = None,
+    hooks: Sequence[TrainHook] = (),
+) -> torch.Tensor:
+    """Each example's loss (``[batch]``): the objective's plus the hooks' terms.
+
+    What ghost clipping needs (its second backward pass weights each example's loss by its clip
+    factor); its mean is :func:`batch_loss`.
+    """
+    outputs = model(inputs)
+    losses = objective.loss(masked_logits(outputs, output_mask), targets, reduction="none")
+    for term in _extra_terms(hooks, inputs, outputs, targets):
+        losses = losses + term
+    return losses
+
+
+def _extra_terms(
+    hooks: Sequence[TrainHook],
+    inputs: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The hooks' per-example loss terms, each checked to be one value per example."""
+    terms = []
     for hook in hooks:
         extra = getattr(hook, "extra_loss", None)
         term = None if extra is None else extra(inputs, outputs, targets)
@@ -145,17 +194,27 @@ def batch_loss(
                 f"return one value per example ({len(targets)},) so that DP-SGD clips it per "
                 "example (a batch-level term would mix examples)"
             )
-        loss = loss + term.mean()
-    return loss
+        terms.append(term)
+    return terms
 
 
 class LocalTrainer:
     """Runs ``local_epochs`` of minibatch training on one task's examples."""
 
-    def __init__(self, spec: TrainSpec, device: str = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        spec: TrainSpec,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        *,
+        site_id: str = "this site",
+        mixed_precision: bool = True,
+    ):
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device), site_id=site_id)
         self.seed = seed
+        #: bfloat16 autocast on CUDA for non-private steps (``autocast_for``); never under DP.
+        self.mixed_precision = mixed_precision
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -188,6 +247,11 @@ class LocalTrainer:
         optimizer = self.make_optimizer(model)
         for hook in hooks:
             model, optimizer, loader = hook.setup(model, optimizer, loader)
+        # One hook may run the backward pass itself, from per-example losses (ghost clipping).
+        owner = next((h for h in hooks if getattr(h, "runs_backward", lambda: False)()), None)
+        # Autocast only non-private steps: Opacus clips per-sample gradients in fp32.
+        private = hasattr(optimizer, "pre_step")
+        autocast = autocast_for(self.device, enabled=self.mixed_precision and not private)
         total, batches = 0.0, 0
         for _ in range(self.spec.local_epochs):
             for batch in loader:
@@ -196,10 +260,15 @@ class LocalTrainer:
                     continue
                 x, y = x.to(self.device), y.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = batch_loss(
-                    model, x, y, objective=objective, output_mask=output_mask, hooks=hooks
-                )
-                loss.backward()
+                kwargs = {"objective": objective, "output_mask": output_mask, "hooks": hooks}
+                if owner is None:
+                    with autocast:
+                        loss = batch_loss(model, x, y, **kwargs)
+                    loss.backward()
+                else:
+                    losses = example_losses(model, x, y, **kwargs)
+                    owner.backward(losses)
+                    loss = losses.detach().mean()
                 self._step(model, optimizer, hooks)
                 total += float(loss.detach())
                 batches += 1
@@ -236,7 +305,7 @@ def evaluate(
     dataset: Dataset,
     *,
     output_mask: Sequence[int] | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     batch_size: int = 512,
     objective: Objective | None = None,
 ) -> tuple[int, int, float]:
@@ -246,6 +315,7 @@ def evaluate(
     for a classifier, (correct predictions, count, summed cross-entropy).
     """
     objective = objective_of(model) if objective is None else objective
+    device = resolve_device(str(device))
     model.to(device).eval()
     correct, count, loss = 0, 0, 0.0
     for batch in DataLoader(dataset, batch_size=batch_size):

@@ -319,7 +319,13 @@ class SimulationSpec(_Strict):
     #: Privacy budget each virtual site enforces (a real site sets its own in site.toml).
     site_epsilon_budget: float | None = Field(None, gt=0)
     num_cpus: float = Field(1.0, gt=0)
+    #: GPUs per virtual site (fractional: 0.25 puts four sites on a GPU). With num_gpus > 0 and
+    #: CUDA present, each site trains on the GPU Ray assigns it; without CUDA the run says so
+    #: and trains on the CPU.
     num_gpus: float = Field(0.0, ge=0)
+    #: An existing Ray cluster to run the virtual sites on (``ray start --head`` printed its
+    #: address: ``HOST:PORT``, ``auto`` or ``ray://HOST:PORT``); None starts Ray on this machine.
+    ray_address: str | None = Field(None, min_length=1)
     faults: list[FaultSpec] = Field(default_factory=list)
     drift: list[DriftEventSpec] = Field(default_factory=list)
 

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedcl.config import (
+    ConfigError,
     DataSource,
     ExperimentConfig,
     PrivacyPolicy,
@@ -25,6 +26,7 @@ from fedcl.config import (
     SitePartition,
     write_toml,
 )
+from fedcl.config.experiment import SimulationSpec
 from fedcl.server.coordinator import Coordinator, CoordinatorOptions
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
@@ -108,6 +110,8 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
                 ),
             ),
             key_path=key_path,
+            # A site given a GPU share trains on the GPU Ray assigns it (client/device.py).
+            device="auto" if experiment.simulation.num_gpus > 0 else "cpu",
             torch_threads=max(1, int(experiment.simulation.num_cpus)),
             privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
@@ -183,7 +187,9 @@ def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     quiet_flower()
     start = time.perf_counter()
     if plan.engine == "ray":
-        _run_ray(options)
+        cluster = _run_ray(options)
+        if cluster is not None:  # what the run was given: the cluster as it started
+            (plan.out_dir / "ray_cluster.json").write_text(json.dumps(asdict(cluster), indent=2))
     elif plan.engine == "inprocess":
         from .local_grid import LocalGrid
 
@@ -212,20 +218,99 @@ def _apps(experiment: ExperimentConfig):
     return faulty_client_app(faults), lambda grid: FaultyGrid(grid, faults)
 
 
-def _run_ray(options: CoordinatorOptions) -> None:
+def _run_ray(options: CoordinatorOptions) -> RayCluster | None:
+    """Run on Ray: a private one on this machine, or the cluster at ``simulation.ray_address``."""
     from flwr.simulation import run_simulation
 
     from fedcl.server.app import make_server_app
 
     client_app, wrap_grid = _apps(options.experiment)
     sim = options.experiment.simulation
-    backend_config = {
-        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-    }
+    cluster = join_ray_cluster(sim.ray_address) if sim.ray_address else None
     run_simulation(
         server_app=make_server_app(options, wrap_grid=wrap_grid),
         client_app=client_app,
         num_supernodes=sim.num_sites,
-        backend_config=backend_config,
+        backend_config=ray_backend_config(sim, cluster),
     )
+    return cluster
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The Ray cluster a simulation joined, as it was when the run started."""
+
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+def join_ray_cluster(address: str) -> RayCluster:
+    """Connect this process to the Ray cluster at ``address`` (Flower then uses that Ray).
+
+    Flower's Ray backend starts Ray only when it is not initialised, so initialising here makes
+    it place the site actors on the cluster's nodes. Every node must run the same fedcl and
+    torch (the actors import them there); ``PYTHONPATH`` travels as Flower sends it.
+    """
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(
+            address=address,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+        )
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"simulation.ray_address = {address!r}: cannot join a Ray cluster there ({err}); "
+            "start one with `ray start --head` and pass the address it prints"
+        ) from err
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cluster = RayCluster(
+        address=address,
+        nodes=len(alive),
+        cpus=sum(n["Resources"].get("CPU", 0.0) for n in alive),
+        gpus=sum(n["Resources"].get("GPU", 0.0) for n in alive),
+    )
+    logger.info(
+        "joined the Ray cluster at %s: %d node(s), %g CPUs, %g GPUs",
+        address,
+        cluster.nodes,
+        cluster.cpus,
+        cluster.gpus,
+    )
+    return cluster
+
+
+def ray_backend_config(sim: SimulationSpec, cluster: RayCluster | None = None) -> dict[str, Any]:
+    """Flower's Ray backend settings: each site's resources, and how Ray starts.
+
+    ``num_gpus > 0`` where no GPU can serve it (no CUDA in this process for a local Ray, no GPU
+    in a joined cluster) would leave Flower's actor pool empty; the sites train on the CPU
+    instead, and the run says so.
+    """
+    num_gpus = sim.num_gpus
+    if num_gpus > 0:
+        if cluster is None:
+            from fedcl.client.device import cuda_unavailable_reason
+
+            why = cuda_unavailable_reason()
+        else:
+            why = None if cluster.gpus > 0 else f"the Ray cluster at {cluster.address} has no GPU"
+        if why is not None:
+            logger.warning(
+                "simulation.num_gpus = %g asked for, but %s: the virtual sites train on the CPU",
+                num_gpus,
+                why,
+            )
+            num_gpus = 0.0
+    return {
+        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": num_gpus},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+    }

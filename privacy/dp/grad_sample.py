@@ -1,4 +1,27 @@
-"""Which per-sample-gradient mode DP-SGD uses (Opacus' ``grad_sample_mode``)."""
+"""Which per-sample-gradient mode DP-SGD uses (Opacus' ``grad_sample_mode``), chosen per model.
+
+Every mode computes the same thing: each example's gradient clipped to ``max_grad_norm``, summed,
+plus Gaussian noise of sd ``σ·max_grad_norm``, divided by the expected batch. The clipping bound,
+the noise and the sampling (hence the accountant's ε) do not depend on the mode
+(tests/test_dp_modes.py checks that the privatised updates agree across modes); only the cost
+does:
+
+* ``hooks``: Opacus' module hooks materialise every per-sample gradient, the optimizer clips.
+* ``ew``: PyTorch's ExpandedWeights (``torch.func``-style per-sample rules inside autograd); it
+  supports only layers PyTorch knows.
+* ``functorch``: Opacus' hooks with ``vmap`` rules per layer.
+* ``ghost``: Opacus' fast gradient clipping. Layers with a norm sampler (``nn.Linear``,
+  ``nn.Embedding`` in Opacus 1.6) give per-sample gradient *norms* without materialising the
+  gradients; a second backward pass of the clip-weighted per-example losses then yields the
+  clipped sum directly. Other layers (conv, norms) still materialise their per-sample gradient,
+  one layer at a time, so ghost pays off only where linear layers hold the parameters. It needs
+  the per-example losses (``DPHook.backward``); regularisers enter through
+  ``add_gradients`` after the noise (``fedcl.client.trainer``), never the loss, so ghost's
+  rescaling of the loss touches only data terms.
+
+Measured through the site's training path (benchmarks/dp_throughput.py --all-modes, the table
+in its JSON): the choice below is the fastest mode per architecture there.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +32,72 @@ from .planning import DPConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-#: Grad-sample modes that work with :class:`fedcl.client.trainer.LocalTrainer`. "ghost" is
-#: excluded: it needs Opacus' own loss wrapper for its double backward pass (the trainer owns
-#: its criterion), and it scales a penalty added to the loss by the mean clip factor, which
-#: breaks the sensitivity argument (docs/notes/measurements.md, "Opacus 1.6").
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch")
+#: Grad-sample modes :class:`fedcl.client.trainer.LocalTrainer` can run.
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch", "ghost")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+
+#: Share of trainable parameters in layers with an Opacus norm sampler (Linear, Embedding)
+#: above which ghost clipping is chosen: below it, the materialised layers dominate and ghost's
+#: second backward pass is pure cost.
+GHOST_PARAMETER_SHARE = 0.9
 
 
 def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> str:
-    """The per-sample-gradient mode for ``model``: ``override`` if given, else "hooks".
+    """The per-sample-gradient mode for ``model``: ``override`` if given, else by architecture.
 
-    Every built-in model gets per-sample gradients equal to a per-example loop in hooks, ew and
-    functorch (tests/test_models.py), so this is a speed choice. Measured through the site's
-    training path (benchmarks/dp_throughput.py --all-modes, 1 thread, batch 64, shared 2-core
-    box; samples/s hooks / ew / functorch): mlp 1x8x8 3496 / 4345 / 2401, cnn 1x8x8
-    739 / 845 / 449, mlp 3x32x32 227 / 265 / 254, cnn 3x32x32 144 / 134 / 152,
-    resnet18-gn 6 / 6 / 4, vit-tiny 261 / 256 / 204. ExpandedWeights ("ew") wins only on the
-    cheap MLP/digit-CNN cases (+15-25%, within the box's drift) and ties or loses on the conv
-    and attention models where DP time matters; it also supports only layers PyTorch knows
-    and fails at run time on any other. Hooks is the robust default; DPSpec may later carry
-    an explicit mode (``override``).
+    * no convolution and ≥ 90 % of the trainable parameters in Linear/Embedding layers
+      (MLP, ViT): ``ghost`` (norms without per-sample gradients);
+    * convolutions, every parameterised layer one ExpandedWeights supports (CNN, ResNet-18-GN):
+      ``ew`` (PyTorch's per-sample conv rule beat Opacus' unfold+einsum hooks);
+    * anything else: ``hooks``, which supports every layer Opacus validates.
     """
-    del model  # the choice does not depend on the architecture today
-    return DEFAULT_GRAD_SAMPLE_MODE if override is None else _valid_mode(override)
+    if override is not None:
+        return _valid_mode(override)
+    from torch import nn
+
+    trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+    total = sum(trainable.values())
+    if total == 0:
+        return DEFAULT_GRAD_SAMPLE_MODE
+    ghost_share, has_conv, ew_ok = 0, False, True
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if isinstance(module, nn.Linear | nn.Embedding):
+            ghost_share += sum(p.numel() for p in own)
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            has_conv = True
+        if not isinstance(module, _ew_layers()):
+            ew_ok = False
+    if not has_conv and ghost_share >= GHOST_PARAMETER_SHARE * total:
+        return "ghost"
+    if has_conv and ew_ok:
+        return "ew"
+    return DEFAULT_GRAD_SAMPLE_MODE
+
+
+def _ew_layers() -> tuple[type, ...]:
+    """Layers with a per-sample rule in PyTorch's ExpandedWeights (torch 2.x)."""
+    from torch import nn
+
+    return (
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.Embedding,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+    )
 
 
 def _valid_mode(mode: str) -> str:
     if mode not in GRAD_SAMPLE_MODES:
-        why = (
-            " (ghost clipping needs Opacus' loss wrapper, which the trainer does not use, and "
-            "rescales regulariser terms in the loss)"
-            if mode.startswith("ghost")
-            else ""
-        )
         raise DPConfigError(
-            f"grad_sample_mode {mode!r} is not supported{why}; valid: "
-            f"{', '.join(GRAD_SAMPLE_MODES)}"
+            f"grad_sample_mode {mode!r} is not supported; valid: {', '.join(GRAD_SAMPLE_MODES)}"
         )
     return mode

@@ -29,7 +29,27 @@ from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, sampling_pl
 
 logger = logging.getLogger("fedcl.privacy")
 
-_OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
+_OPACUS_PARAM_ATTRS = (
+    "grad_sample",
+    "summed_grad",
+    "_forward_counter",
+    "_current_grad_sample",
+    "_norm_sample",
+)
+
+
+class _ExampleLosses(nn.Module):
+    """The criterion handed to Opacus' ghost-clipping loss wrapper: the trainer's own losses.
+
+    ``DPLossFastGradientClipping`` calls its criterion with ``reduction = "none"`` to get one
+    loss per example; the trainer has already computed those (the objective's loss plus every
+    hook's per-example term), so this criterion passes them through.
+    """
+
+    reduction = "mean"
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses if self.reduction == "none" else losses.mean()
 
 
 class _CountingLoader:
@@ -90,6 +110,7 @@ class DPHook:
         self._module: nn.Module | None = None
         self._wrapped: nn.Module | None = None
         self._optimizer: Any = None
+        self._criterion: Any = None
 
     # -- TrainHook protocol
 
@@ -126,10 +147,11 @@ class DPHook:
             engine = PrivacyEngine(accountant="rdp")
         _note_insecure_rng_once()
         try:
-            wrapped, dp_optimizer, dp_loader = engine.make_private(
+            private = engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 data_loader=loader,
+                criterion=_ExampleLosses(),
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 poisson_sampling=True,
@@ -138,6 +160,10 @@ class DPHook:
             )
         except UnsupportedModuleError as err:
             raise DPConfigError(f"the model cannot be trained with DP-SGD: {err}") from err
+        if mode == "ghost":  # ghost clipping also wraps the criterion: two backward passes
+            wrapped, dp_optimizer, self._criterion, dp_loader = private
+        else:
+            (wrapped, dp_optimizer, dp_loader), self._criterion = private, None
         sampler = dp_loader.batch_sampler
         sampler.sample_rate = dp_loader.sample_rate = sample_rate  # 1/k, not 1/len(loader)
         sampler.steps = batches  # k draws, not int(1/(1/k))
@@ -158,6 +184,25 @@ class DPHook:
         self.noisy_steps = 0
         self._module, self._wrapped, self._optimizer = model, wrapped, dp_optimizer
         return wrapped, dp_optimizer, _CountingLoader(dp_loader, self._count_draw)
+
+    def runs_backward(self) -> bool:
+        """Whether this hook runs the backward pass itself (ghost clipping), from losses."""
+        return self._criterion is not None
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """Ghost clipping's backward from the per-example losses (``[batch]``).
+
+        Opacus' ``DPTensorFastGradientClipping.backward``: a first pass for the per-sample
+        gradient norms, then a second of Σᵢ cᵢ·lossᵢ with cᵢ = min(1, C/‖gᵢ‖), which leaves
+        the clipped sum in ``p.grad`` for the optimizer's noise.
+        """
+        if self._criterion is None:
+            raise DPConfigError("DPHook.backward is for ghost clipping; use loss.backward()")
+        with warnings.catch_warnings():
+            # The second pass runs with Opacus' hooks disabled; PyTorch still says, per layer,
+            # that a full backward hook fires on outputs only (the inputs need no grad).
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            self._criterion(losses).backward()
 
     def add_gradients(self, model: nn.Module) -> None:
         """DP adds nothing after privatisation (clipping and noise happen in ``pre_step``)."""
@@ -215,7 +260,7 @@ class DPHook:
         module the site keeps using.
         """
         wrapped, module = self._wrapped, self._module
-        self._wrapped = self._module = self._optimizer = None
+        self._wrapped = self._module = self._optimizer = self._criterion = None
         if wrapped is None or module is None:
             return
         close = getattr(wrapped, "_close", None)
