@@ -12,7 +12,6 @@ server round, so a configuration reruns bit-identically.
 
 from __future__ import annotations
 
-import time
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -157,7 +156,6 @@ class CKKSCodec:
         from fedcl.privacy.ckks.codec import Layout
         from fedcl.privacy.ckks.wire import encrypt_update
 
-        start = time.perf_counter()
         enc = encrypt_update(
             state,
             num_examples,
@@ -168,7 +166,6 @@ class CKKSCodec:
             rng=self._rng(key, server_round),
         )
         stats = {k: float(v) for k, v in enc.stats.metrics().items()}
-        stats[P.HE_ENCRYPT_S] = time.perf_counter() - start
         return {key: enc.arrays, P.meta_key(key): enc.meta}, stats
 
     def encode_update(self, state, num_examples, base, server_round):

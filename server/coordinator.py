@@ -293,7 +293,8 @@ class Coordinator:
             evaluation, evaluated = carried_evaluation(result.outcomes), unscored.step.server_round
         with self.registry.batch():  # one commit for everything the round's replies say
             if evaluation is not None:
-                rows = self._record_evaluation(unscored, evaluation, asked=messages)
+                lost = [m for m in messages if m.metadata.dst_node_id in silent]
+                rows = self._record_evaluation(unscored, evaluation, carried_by=lost)
             self.recorder.replies(
                 round_id, Phase.TRAIN, result, messages, self.strategy.sites,
                 expected=model.digest(),
@@ -324,7 +325,7 @@ class Coordinator:
         with self.registry.batch():
             if not self.with_train:
                 unscored_now = Unscored(step, round_id, result.model)
-                rows = self._record_evaluation(unscored_now, evaluation, asked=None)
+                rows = self._record_evaluation(unscored_now, evaluation)
             self.registry.record_metrics(self.run_id, round_id, train_rows)
         self._drift(result.model, step, round_id)
         next_model = self.versions.after_canary(
@@ -359,20 +360,29 @@ class Coordinator:
         return messages, replies, replace(result, metrics={**result.metrics, AGGREGATED_S: seconds})
 
     def _record_evaluation(
-        self, unscored: Unscored, evaluation: Evaluation, *, asked: list[Message] | None
+        self,
+        unscored: Unscored,
+        evaluation: Evaluation,
+        *,
+        carried_by: list[Message] | None = None,
     ) -> list[MetricRow]:
         """Record an evaluation on the round whose model it scored; returns its accuracy rows.
 
-        ``asked`` is None for an evaluate message, whose replies also report the ε they spent;
-        a train reply reports its ε (evaluation included) with its own round.
+        ``carried_by`` is None for an evaluate message, whose replies also report the ε they
+        spent; for the train replies that carried it (their ε, evaluation included, goes with
+        their own round) it lists the messages that got no reply: those evaluations were lost.
         """
         baseline = unscored.round_id is None
         rows = self.recorder.accuracy_rows(evaluation, baseline=baseline)
         if not baseline:
             self.recorder.participation(
-                unscored.round_id, Phase.EVALUATE, evaluation.outcomes, None, self.strategy.sites
+                unscored.round_id,
+                Phase.EVALUATE,
+                evaluation.outcomes,
+                carried_by or None,
+                self.strategy.sites,
             )
-        if asked is None:
+        if carried_by is None:
             self.recorder.privacy(unscored.round_id, evaluation.outcomes)  # noised: spends ε
         self.registry.record_metrics(self.run_id, unscored.round_id, rows)
         return rows
@@ -406,7 +416,7 @@ class Coordinator:
             logger.warning("the last model was not evaluated: %s", exc)
             return
         with self.registry.batch():
-            self._record_evaluation(unscored, evaluation, asked=None)
+            self._record_evaluation(unscored, evaluation)
 
     def _repair(self, unscored: Unscored) -> tuple[Aggregate | None, str]:
         """The sites found the model they were sent corrupt: the culprit search on its round."""
