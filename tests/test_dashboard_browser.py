@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -276,3 +277,74 @@ def test_versions_page_promotes_and_rolls_back(served: tuple[str, Dash], browser
     assert actors == {"alice"}
     assert _browser_errors(browser) == []
     _screenshot(browser, "dashboard-versions.png", 900)
+
+
+@contextmanager
+def _attacker_site(page: bytes) -> Iterator[str]:
+    """Another origin (``localhost`` on its own port, the dashboard is ``127.0.0.1``): serves one
+    page, like the attacker's site of issue 13."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, name="attacker-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_login_and_logout_csrf_fail_and_a_site_sees_no_other_tokens(
+    served: tuple[str, Dash], browser: Any
+) -> None:
+    """Issue 13: a page elsewhere auto-posts /login with the attacker's token (and /logout);
+    Chromium sends its Origin and Sec-Fetch-Site, the dashboard refuses both, and the admin
+    stays signed in as themself. Then a site token's audit page names no other token."""
+    base, dash = served
+    _sign_in(browser, base, dash.tokens["admin"])
+    for action, fields in (
+        ("login", f'<input name="token" value="{dash.tokens["site-1"]}">'),
+        ("logout", ""),
+    ):
+        form = (
+            f'<html><body onload="document.forms[0].submit()"><form method="post" '
+            f'action="{base}/{action}">{fields}<input name="next" value="/runs"></form>'
+            "</body></html>"
+        )
+        with _attacker_site(form.encode()) as attacker:
+            browser.get(f"{attacker}/")
+            target = f"{base}/{action}"
+            _wait(browser, lambda d, t=target: d.current_url.startswith(t), "form posted")
+            body = browser.find_element(By.TAG_NAME, "body").text
+            assert "cross-site request refused" in body and "Sec-Fetch-Site: cross-site" in body
+        browser.get(f"{base}/audit")
+        assert browser.find_element(By.ID, "signed-in-as").text == "alice (admin)", action
+
+    dash.registry.create_token("site two admin", "site:site-2")
+    _sign_in(browser, base, dash.tokens["site-1"])
+    browser.get(f"{base}/audit")
+    assert browser.find_element(By.ID, "signed-in-as").text == "site one admin (site:site-1)"
+    table = browser.find_element(By.ID, "audit-table").text
+    assert "site one admin" in table  # its own token and sign-in
+    # No other token's name or role: not site-2's, not the viewer's, not the admin's token
+    # event (the admin's name does show as the actor of federation events such as a promotion).
+    for other in ("site two admin", "site:site-2", "victor", "role 'admin'"):
+        assert other not in table
+    token_lines = [line for line in table.splitlines() if " token." in line or " session." in line]
+    assert token_lines and all("site one admin" in line for line in token_lines)
+    assert not browser.find_elements(By.LINK_TEXT, "Tokens")
+    # Chromium logs the two refused posts; nothing else went wrong.
+    refused = [f"{base}/{a} - Failed to load resource: the server responded with a status of 403"
+               for a in ("login", "logout")]  # fmt: skip
+    assert [e for e in _browser_errors(browser) if not e.startswith(tuple(refused))] == []

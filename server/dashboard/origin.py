@@ -11,10 +11,11 @@ carries no ambient credentials for CSRF to abuse.
 
 from __future__ import annotations
 
+import html
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -62,21 +63,42 @@ def cross_site_reason(headers: Headers, scheme: str) -> str | None:
     return None
 
 
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>Refused · fedcl</title><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/static/dashboard.css"></head><body><main>
+<h1>Request refused (403)</h1><p class="error" id="refused">{reason}</p>
+<p><a href="/runs">Back to the dashboard</a></p></main></body></html>"""
+
+
+# The page loads the dashboard's stylesheet and icon and runs nothing.
+_PAGE_POLICY = "default-src 'self'; script-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+
+
+def refusal(reason: str, accept: str) -> Response:
+    """The 403: a page for a browser navigation (a posted form), JSON for everything else."""
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    if "text/html" in accept:
+        headers["Content-Security-Policy"] = _PAGE_POLICY
+        headers["X-Frame-Options"] = "DENY"
+        page = _PAGE.format(reason=html.escape(reason))
+        return HTMLResponse(page, status_code=403, headers=headers)
+    return JSONResponse({"detail": reason}, status_code=403, headers=headers)
+
+
 class SameOriginWrites:
-    """ASGI middleware: a 403 naming the reason for any cross-site state-changing request."""
+    """ASGI middleware: a 403 naming the reason for any cross-site state-changing request.
+
+    Outermost, so a refused request never reaches the routes (nor their body or cookie parsing).
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
-            reason = cross_site_reason(Headers(scope=scope), scope.get("scheme", "http"))
+            headers = Headers(scope=scope)
+            reason = cross_site_reason(headers, scope.get("scheme", "http"))
             if reason is not None:
-                response = JSONResponse(
-                    {"detail": reason},
-                    status_code=403,
-                    headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
-                )
-                await response(scope, receive, send)
+                await refusal(reason, headers.get("accept", ""))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
