@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from .audit_chain import AUDIT_SCOPES, SCOPE_FEDERATION, ChainReport, append_event, verify_chain
+from .audit_chain import AUDIT_SCOPES, SCOPE_FEDERATION, ChainReport, queue_event, verify_chain
 from .core import RegistryCore
 from .errors import RegistryError
 from .info import AuditInfo
@@ -27,14 +27,14 @@ def add_audit(
     actor: str = "system",
     scope: str = SCOPE_FEDERATION,
 ) -> None:
-    """Chain an audit event onto the log in ``session``'s transaction.
+    """Add an audit event to ``session``'s transaction: chained onto the log as it commits.
 
     ``scope`` ``coordinator`` keeps an event without a site from site tokens (token names and
     roles, sign-ins); one with a site is always readable by that site's tokens too.
     """
     if scope not in AUDIT_SCOPES:
         raise RegistryError(f"invalid audit scope {scope!r}; expected one of {AUDIT_SCOPES}")
-    append_event(
+    queue_event(
         session,
         AuditEvent(
             kind=kind,

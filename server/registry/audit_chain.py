@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import RegistryError
 from .models import AuditChainHead, AuditEvent
@@ -85,16 +86,44 @@ def lock_head(session: Session) -> AuditChainHead:
     return head
 
 
-def append_event(session: Session, event: AuditEvent) -> None:
-    """Chain ``event`` onto the log inside ``session``'s transaction (it commits with it)."""
+_PENDING = "fedcl_audit_pending"
+
+
+def queue_event(session: Session, event: AuditEvent) -> None:
+    """Chain ``event`` onto the log when ``session``'s transaction commits (and only then).
+
+    Deferred to the commit so the head is the last lock a transaction takes and is held only
+    for its final flush: a coordinator batch that audits early and writes versions later never
+    holds the head while it waits on a row a dashboard promotion holds (a deadlock on
+    PostgreSQL). The event's id is drawn under the lock, so id order is chain order.
+    """
+    session.info.setdefault(_PENDING, []).append(event)
+
+
+def _chain_pending(session: Session) -> None:
+    pending: list[AuditEvent] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
     head = lock_head(session)
-    event.prev_hash = head.last_hash
-    event.hash = ""  # the id is part of the hash and only known after the insert
-    session.add(event)
+    for event in pending:
+        event.prev_hash = head.last_hash
+        event.hash = ""  # the id is part of the hash and only known after the insert
+        session.add(event)
+        session.flush()
+        event.hash = event_hash(_fields(event), event.prev_hash)
+        head.last_event_id = event.id
+        head.last_hash = event.hash
     session.flush()
-    event.hash = event_hash(_fields(event), event.prev_hash)
-    head.last_event_id = event.id
-    head.last_hash = event.hash
+
+
+def _forget_pending(session: Session, _previous: Any = None) -> None:
+    session.info.pop(_PENDING, None)
+
+
+def chain_on_commit(sessions: sessionmaker[Session]) -> None:
+    """Make every transaction of ``sessions`` chain its queued audit events as it commits."""
+    sa_event.listen(sessions, "before_commit", _chain_pending)
+    sa_event.listen(sessions, "after_soft_rollback", _forget_pending)
 
 
 @dataclass(frozen=True)

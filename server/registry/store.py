@@ -14,7 +14,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from sqlalchemy import Engine
+
 from .audit import AuditLog
+from .audit_chain import chain_on_commit
 from .drift import DriftRecords
 from .engine import open_database
 from .metrics import Metrics
@@ -44,6 +47,11 @@ class Registry(
     Open with :meth:`open` (which migrates the schema) and close when done, or use it as a
     context manager. ``url`` is the password-masked URL, safe to log and show in the dashboard.
     """
+
+    def __init__(self, engine: Engine, *, url: str, artifacts_dir: Path) -> None:
+        """Use :meth:`open`; this wires an already-migrated engine (and the audit chain)."""
+        super().__init__(engine, url=url, artifacts_dir=artifacts_dir)
+        chain_on_commit(self._sessions)
 
     @classmethod
     def open(cls, url: str, *, artifacts_dir: str | os.PathLike[str] | None = None) -> Registry:
