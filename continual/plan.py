@@ -103,6 +103,8 @@ class RunPlan:
             in_channels=self.info.channels,
             image_size=self.info.image_size,
             num_classes=self.stream.num_outputs,
+            class_names=self.info.class_names,  # a dual encoder's prompts (§11)
+            held_out=self.info.held_out,
             **self.experiment.model.options,
         )
 

@@ -15,7 +15,7 @@ name the tasks without seeing any data. The three scenarios follow van de Ven & 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -45,6 +45,10 @@ class Stream:
     label_map: tuple[int, ...]
     masked: bool = False
     eval_tasks: tuple[TaskDef, ...] = field(default=())
+    #: Held-out classes no task trains on, evaluated after every task (zero-shot, §11).
+    zero_shot: TaskDef | None = None
+    #: Train each task against its own classes only (a dual encoder's class prompts, §11).
+    task_prompts: bool = False
 
     @property
     def num_tasks(self) -> int:
@@ -52,8 +56,10 @@ class Stream:
 
     @property
     def evaluation_tasks(self) -> tuple[TaskDef, ...]:
-        """Tasks accuracy is reported on (the sequential tasks, also for a joint stream)."""
-        return self.eval_tasks or self.tasks
+        """Tasks accuracy is reported on (the sequential tasks, also for a joint stream), then
+        the held-out classes when the stream has them (the accuracy matrix's zero-shot column)."""
+        tasks = self.eval_tasks or self.tasks
+        return tasks if self.zero_shot is None else (*tasks, self.zero_shot)
 
     def select(
         self,
@@ -76,14 +82,16 @@ class Stream:
 
     def train_mask(self, task_index: int) -> tuple[int, ...] | None:
         """Outputs a task trains on: task-IL knows the task, so the head is masked to it."""
+        if self.task_prompts:  # the task's prompts (a joint task's: every trained class)
+            return self.tasks[task_index].classes
         if not self.masked or self.eval_tasks:
             return None  # joint training mixes tasks: no single mask applies
         return self.tasks[task_index].classes
 
     def eval_mask(self, eval_index: int) -> tuple[int, ...] | None:
         """Outputs allowed when evaluating on evaluation task ``eval_index`` (task-IL only)."""
-        if not self.masked:
-            return None
+        if not self.masked or self.evaluation_tasks[eval_index] is self.zero_shot:
+            return None  # zero-shot: every class's prompt competes
         return self.evaluation_tasks[eval_index].classes
 
     def joint(self) -> Stream:
@@ -100,6 +108,8 @@ class Stream:
             label_map=self.label_map,
             masked=self.masked,
             eval_tasks=self.tasks,
+            zero_shot=self.zero_shot,
+            task_prompts=self.task_prompts,
         )
 
 
@@ -119,15 +129,47 @@ def build_stream(
     num_tasks: int,
     class_names: tuple[str, ...] | None = None,
     domain_names: tuple[str, ...] = ("default",),
+    held_out: tuple[int, ...] = (),
+    task_prompts: bool = False,
 ) -> Stream:
-    """Cut a dataset with ``num_classes`` classes and ``domain_names`` into ``num_tasks`` tasks."""
+    """Cut a dataset with ``num_classes`` classes and ``domain_names`` into ``num_tasks`` tasks.
+
+    ``held_out`` classes (a captioned dataset's unseen compositions) are in no task; they form
+    a last evaluation column, ``zero_shot``. ``task_prompts`` trains each task against its own
+    classes (a dual encoder compares an image with the task's class prompts only).
+    """
     if scenario not in SCENARIOS:
         raise ConfigError(f"field 'data.scenario': {scenario!r} is not one of {SCENARIOS}")
+    stream = _build_stream(scenario, num_classes, num_tasks, class_names, domain_names, held_out)
+    if not held_out and not task_prompts:
+        return stream
+    if stream.label_map != tuple(range(num_classes)):
+        raise ConfigError(
+            "field 'data.scenario': held-out classes and class prompts need one output per "
+            "class; split domain-IL on a single-domain dataset relabels classes (use class-il, "
+            "task-il or a dataset with domains)"
+        )
+    zero = None
+    if held_out:
+        name = f"zero-shot ({len(held_out)} held-out classes)"
+        zero = TaskDef(len(stream.tasks), name, tuple(held_out))
+    return replace(stream, zero_shot=zero, task_prompts=task_prompts)
+
+
+def _build_stream(
+    scenario: str,
+    num_classes: int,
+    num_tasks: int,
+    class_names: tuple[str, ...] | None,
+    domain_names: tuple[str, ...],
+    held_out: tuple[int, ...],
+) -> Stream:
+    seen = [c for c in range(num_classes) if c not in set(held_out)]
     names = class_names or tuple(str(c) for c in range(num_classes))
     identity = tuple(range(num_classes))
 
     if scenario in ("class-il", "task-il"):
-        groups = _split(list(range(num_classes)), num_tasks, "classes", "data.num_tasks")
+        groups = _split(seen, num_tasks, "classes", "data.num_tasks")
         tasks = tuple(
             TaskDef(i, "classes " + ",".join(names[c] for c in g), g) for i, g in enumerate(groups)
         )
@@ -137,7 +179,7 @@ def build_stream(
     if len(domain_names) > 1:
         groups = _split(list(range(len(domain_names))), num_tasks, "domains", "data.num_tasks")
         tasks = tuple(
-            TaskDef(i, "+".join(domain_names[d] for d in g), identity, g)
+            TaskDef(i, "+".join(domain_names[d] for d in g), tuple(seen), g)
             for i, g in enumerate(groups)
         )
         return Stream(scenario, tasks, num_classes, identity)

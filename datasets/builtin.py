@@ -18,7 +18,7 @@ import numpy as np
 
 from .dataset import DEFAULT_DOMAIN, DataError, LabeledImages
 
-BUILTIN_DATASETS: tuple[str, ...] = ("digits", "defects")
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "defects", "captioned-defects", "captioned-digits")
 
 DEFECT_CLASSES: tuple[str, ...] = ("none", "scratch", "spot", "crack")
 MATERIALS: tuple[str, ...] = ("steel", "wood", "concrete", "fabric")
@@ -61,6 +61,10 @@ def load_builtin(name: str, *, seed: int = 0, **options: Any) -> LabeledImages:
                 f"valid options: {', '.join(_DEFECTS_OPTIONS)}"
             )
         return make_defects(seed=seed, **options)
+    if key in ("captioned-defects", "captioned-digits"):  # compositions, some held out (§11)
+        from .captions import load_captioned
+
+        return load_captioned(key, seed=seed, **options)
     raise DataError(
         f"unknown built-in dataset {name!r}; valid names: {', '.join(BUILTIN_DATASETS)} "
         "(or use a folder / CSV manifest for your own images)"

@@ -39,6 +39,8 @@ class LabeledImages:
     class_names: tuple[str, ...]
     domain_names: tuple[str, ...]
     task: np.ndarray | None = None
+    #: Classes no site trains on (zero-shot evaluation of a vision-language model, §11).
+    held_out: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         x = np.asarray(self.x, dtype=np.float32)
@@ -77,6 +79,10 @@ class LabeledImages:
         object.__setattr__(self, "task", task)
         object.__setattr__(self, "class_names", class_names)
         object.__setattr__(self, "domain_names", domain_names)
+        held_out = tuple(int(c) for c in self.held_out)
+        if any(not 0 <= c < len(class_names) for c in held_out):
+            raise DataError(f"held_out classes must lie in [0, {len(class_names)}); got {held_out}")
+        object.__setattr__(self, "held_out", held_out)
 
     def subset(self, idx: np.ndarray) -> LabeledImages:
         """The examples at ``idx`` (integer indices or a boolean mask), keeping all names.
@@ -94,6 +100,7 @@ class LabeledImages:
             class_names=self.class_names,
             domain_names=self.domain_names,
             task=None if self.task is None else self.task[idx],
+            held_out=self.held_out,
         )
 
     def __len__(self) -> int:

@@ -16,6 +16,8 @@ class DatasetInfo:
     domain_names: tuple[str, ...]
     channels: int
     image_size: int
+    #: Classes no site trains on: a stream evaluates them zero-shot (docs/DESIGN.md §11).
+    held_out: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -40,7 +42,9 @@ def _builtin_info(name: str, seed: int, options: tuple) -> DatasetInfo:
     from .builtin import load_builtin
 
     data = load_builtin(name, seed=seed, **_thaw(options))
-    return DatasetInfo(data.class_names, data.domain_names, data.in_channels, data.image_size)
+    return DatasetInfo(
+        data.class_names, data.domain_names, data.in_channels, data.image_size, data.held_out
+    )
 
 
 def freeze_options(options: dict) -> tuple:

@@ -9,7 +9,10 @@ Each model also records the :class:`Objective` it trains: the loss on ``(outputs
 the evaluation metric and how a batch splits into inputs and targets. The site trainer reads it
 from the model (:func:`objective_of`) instead of hard-coding a classifier's cross-entropy, so a
 model with another objective needs a registry row, not a new trainer. Every built-in model is a
-classifier (:data:`CLASSIFIER`: cross-entropy, accuracy, ``(x, y)`` batches).
+classifier (:data:`CLASSIFIER`: cross-entropy, accuracy, ``(x, y)`` batches); the dual encoder
+(``dual-encoder``, docs/DESIGN.md §11) trains :data:`PROMPT_CONTRASTIVE`, the same per-example
+cross-entropy over its logits, which are image-prompt similarities, and is built with the class
+prompts (the dataset's class names, :func:`build_model` ``class_names``).
 """
 
 import inspect
@@ -23,7 +26,7 @@ from torch.nn import functional as F
 
 from fedcl.config.errors import FedclError
 
-from . import cnn, mlp, resnet, vit
+from . import cnn, dual, mlp, resnet, vit
 
 
 class ModelError(FedclError, ValueError):
@@ -61,10 +64,18 @@ class Objective:
     metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     metric_name: str
     split_batch: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] = _xy
+    #: The outputs are similarities to class prompts: each task trains against its own
+    #: classes' prompts and held-out classes are evaluated zero-shot (continual/streams.py).
+    task_prompts: bool = False
 
 
-#: Today's objective of every built-in model: softmax cross-entropy, accuracy, ``(x, y)``.
+#: The objective of every zoo classifier: softmax cross-entropy, accuracy, ``(x, y)``.
 CLASSIFIER = Objective("classifier", _cross_entropy, _correct, "accuracy")
+#: The dual encoder's: each image's cross-entropy over its similarities to the class prompts,
+#: a per-example loss (no other example's text in it), so DP-SGD's clipping bounds it.
+PROMPT_CONTRASTIVE = Objective(
+    "prompt-contrastive", _cross_entropy, _correct, "accuracy", task_prompts=True
+)
 _OBJECTIVE_ATTR = "fedcl_objective"
 
 
@@ -74,6 +85,8 @@ class _Spec:
     min_image_size: int
     summary: str
     objective: Objective = CLASSIFIER
+    #: Built with the class prompts (``class_names``, ``held_out``) as well.
+    prompted: bool = False
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -176,6 +189,59 @@ def _build_vit_tiny(
     )
 
 
+def _build_dual_encoder(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    held_out: Sequence[int] = (),
+    image: str = "cnn",
+    image_options: dict[str, Any] | None = None,
+    text: str = "transformer",
+    text_dim: int = 64,
+    text_depth: int = 2,
+    text_heads: int = 4,
+    embed_dim: int = 64,
+    train: Sequence[str] = dual.PARTS,
+    frozen_seed: int = 0,
+) -> nn.Module:
+    from .vl_build import build_dual_encoder
+
+    if class_names is None:
+        raise ModelError(
+            "dual-encoder needs the class prompts: build it through the run plan, which passes "
+            "the dataset's class names (or call build_model(..., class_names=[...]))"
+        )
+    if image == "dual-encoder" or image not in _MODELS:
+        valid = [m for m in available_models() if m != "dual-encoder"]
+        raise ModelError(f"dual-encoder option image={image!r} is not a zoo model; valid: {valid}")
+
+    def tower() -> nn.Module:
+        return build_model(
+            image, in_channels=in_channels, image_size=image_size, num_classes=1,
+            **dict(image_options or {}),
+        )  # fmt: skip
+
+    tower()  # a bad image option fails here, with the zoo's message
+    for key, value in (("text_dim", text_dim), ("text_depth", text_depth),
+                       ("text_heads", text_heads), ("embed_dim", embed_dim)):  # fmt: skip
+        _positive_int(key, value)
+    return build_dual_encoder(
+        tower,
+        class_names=list(class_names),
+        num_classes=num_classes,
+        held_out=held_out,
+        text=text,
+        text_dim=text_dim,
+        text_depth=text_depth,
+        text_heads=text_heads,
+        embed_dim=embed_dim,
+        train=train,
+        frozen_seed=frozen_seed,
+    )
+
+
 _MODELS: dict[str, _Spec] = {
     "mlp": _Spec(_build_mlp, 1, "flatten -> hidden layers -> logits; cheapest baseline"),
     "cnn": _Spec(_build_cnn, cnn.MIN_IMAGE_SIZE, "~67k-param GroupNorm CNN, any size >= 8"),
@@ -183,8 +249,15 @@ _MODELS: dict[str, _Spec] = {
         _build_resnet18_gn, resnet.MIN_IMAGE_SIZE, "CIFAR ResNet-18 with GroupNorm, ~11.2M"
     ),
     "vit-tiny": _Spec(_build_vit_tiny, 4, "tiny ViT with Opacus-friendly attention/embeddings"),
+    "dual-encoder": _Spec(
+        _build_dual_encoder,
+        1,
+        "image tower from the zoo + text transformer + projections + temperature (CLIP-style)",
+        PROMPT_CONTRASTIVE,
+        prompted=True,
+    ),
 }
-_SHARED = ("in_channels", "image_size", "num_classes")
+_SHARED = ("in_channels", "image_size", "num_classes", "class_names", "held_out")
 
 
 def available_models() -> list[str]:
@@ -193,12 +266,21 @@ def available_models() -> list[str]:
 
 
 def build_model(
-    name: str, *, in_channels: int, image_size: int, num_classes: int, **kwargs: Any
+    name: str,
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    held_out: Sequence[int] = (),
+    **kwargs: Any,
 ) -> nn.Module:
     """Build the model called ``name`` for ``(in_channels, image_size, image_size)`` inputs.
 
     ``kwargs`` are model-specific (``hidden`` for mlp, ``channels`` for cnn, ``width`` for
-    resnet18-gn, ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` for vit-tiny).
+    resnet18-gn, ``patch_size``/``dim``/``depth``/``heads``/``mlp_ratio`` for vit-tiny, see
+    ``_build_dual_encoder`` for dual-encoder). ``class_names`` and ``held_out`` reach only a
+    model that reads prompts (the dual encoder); the others ignore them.
     Raises :class:`ModelError` for an unknown name, an unknown keyword or invalid values, so a
     bad config fails before any client trains.
     """
@@ -214,6 +296,8 @@ def build_model(
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ModelError(f"{name} does not accept {unknown}; its options are {accepted or 'none'}")
+    if spec.prompted:
+        kwargs = {**kwargs, "class_names": class_names, "held_out": tuple(held_out)}
     try:
         model = spec.builder(
             in_channels=in_channels, image_size=image_size, num_classes=num_classes, **kwargs
