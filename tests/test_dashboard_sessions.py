@@ -86,33 +86,35 @@ def test_login_sets_a_session_id_not_the_token(board: Board) -> None:
     assert stale.get("/api/runs").status_code == 401
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {"origin": "http://evil.example"},
-        {"origin": "http://testserver:8080"},  # another port: another origin
-        {"origin": "null"},  # sandboxed frames and data: URLs
-        {"sec-fetch-site": "cross-site"},
-        {"sec-fetch-site": "same-site", "origin": OWN},  # a sibling subdomain
-    ],
-)
-def test_login_csrf_from_another_origin_is_refused(board: Board, headers: dict[str, str]) -> None:
+CROSS_SITE = [
+    {"origin": "http://evil.example"},
+    {"origin": "http://testserver:8080"},  # another port: another origin
+    {"origin": "null"},  # sandboxed frames and data: URLs
+    {"sec-fetch-site": "cross-site"},
+    {"sec-fetch-site": "same-site", "origin": OWN},  # a sibling subdomain
+]
+
+
+def test_login_and_logout_csrf_from_another_origin_are_refused(board: Board) -> None:
     """The attack of issue 13: another page auto-posts /login with the attacker's token."""
     victim, _ = board.sign_in("admin")
-    response = victim.post(
-        "/login",
-        content=f"token={board.tokens['site-1']}&next=/runs",
-        headers={**FORM, **headers},
-        follow_redirects=False,
-    )
-    assert response.status_code == 403
-    assert "cross-site request refused" in response.json()["detail"]
-    assert "set-cookie" not in response.headers
-    assert "alice (admin)" in victim.get("/audit").text  # still the victim, not site-1
+    for headers in CROSS_SITE:
+        response = victim.post(
+            "/login",
+            content=f"token={board.tokens['site-1']}&next=/runs",
+            headers={**FORM, **headers},
+            follow_redirects=False,
+        )
+        assert response.status_code == 403, headers
+        assert "cross-site request refused" in response.json()["detail"]
+        assert "set-cookie" not in response.headers
+        assert "alice (admin)" in victim.get("/audit").text  # still the victim, not site-1
 
-    forced = victim.post("/logout", headers=headers, follow_redirects=False)
-    assert forced.status_code == 403 and "set-cookie" not in forced.headers
-    assert victim.get("/api/runs").status_code == 200  # forced logout did nothing either
+        forced = victim.post("/logout", headers=headers, follow_redirects=False)
+        assert forced.status_code == 403 and "set-cookie" not in forced.headers, headers
+        assert victim.get("/api/runs").status_code == 200  # forced logout did nothing either
+    page = victim.post("/login", headers={**FORM, **CROSS_SITE[0], "accept": "text/html"})
+    assert page.status_code == 403 and 'id="refused"' in page.text  # a page for a browser
 
 
 def test_cross_site_writes_are_refused_even_with_a_bearer_token(board: Board) -> None:
@@ -215,5 +217,9 @@ def test_cli_token_list_revoke_and_duplicate_names(
         ["2", "bob", "viewer"],
     ]
     assert rows[0][5].strip() == "" and rows[1][5].strip() != ""  # bob's revoked time
+    code = main(["dashboard", "token", "create", "--db", url, "--role", "admin", "--name", "bob"])
+    assert code == 2 and "'bob' already exists (id 2, role 'viewer', revoked)" in " ".join(
+        capsys.readouterr().err.split()
+    )  # a revoked token keeps its name: the audit log still means it
     assert main(["dashboard", "token", "revoke", "--db", url]) == 2
     assert "exactly one of --id or --name" in capsys.readouterr().err
