@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from fedcl.continual.metrics import summarize
+from fedcl.continual.zero_shot import upload_bytes_per_site, zero_shot_summary
 
 from .losses import lost_site_rounds
 from .registry import MetricInfo, Registry, RegistryError, RoundInfo
@@ -76,7 +76,8 @@ def build_results(
     matrix, baseline = accuracy_matrix(
         registry, run_id, num_eval_tasks=n_eval, rounds=rounds, metrics=metrics
     )
-    summary = summarize(matrix, baseline)
+    zero_shot = _has_zero_shot(config)  # a last column of held-out classes (docs/DESIGN.md §11)
+    summary = zero_shot_summary(matrix, baseline, has_zero_shot=zero_shot)
     if _is_joint(config):
         summary["bwt"] = summary["fwt"] = None  # a single training task has no transfer
 
@@ -117,7 +118,7 @@ def build_results(
             "errors": sorted({p.detail for p in mine if p.status == "failed" and p.detail}),
             "accuracy_matrix": site_matrix,
             "baseline_accuracy": site_baseline,
-            **summarize(site_matrix, site_baseline),
+            **zero_shot_summary(site_matrix, site_baseline, has_zero_shot=zero_shot),
             **privacy.get(site, {"epsilon": None, "epsilon_lifetime": None, "delta": None}),
         }
 
@@ -159,6 +160,12 @@ def build_results(
         ],  # fmt: skip
         "sites": sites,
         "he": he_block(config, rounds, metrics),
+        "upload_bytes_per_site": upload_bytes_per_site(
+            [
+                {"kind": r.kind, "participants": r.num_participants, "bytes_up": r.bytes_up}
+                for r in rounds
+            ]
+        ),
         "rounds": [
             {
                 "task": r.task_index,
@@ -210,8 +217,9 @@ def _evaluation(
 
 
 def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
-    """Joint runs train on one task but report on every task of the sequence."""
-    if not _is_joint(config):
+    """Joint runs train on one task but report on every task of the sequence; held-out
+    classes add a zero-shot column."""
+    if not _is_joint(config) and not _has_zero_shot(config):
         return list(train_tasks)
     from fedcl.config import ExperimentConfig
     from fedcl.continual.tasks import experiment_stream
@@ -220,6 +228,15 @@ def _eval_task_names(train_tasks: list[str], config: dict) -> list[str]:
     experiment = ExperimentConfig.model_validate(config)
     stream = experiment_stream(experiment, dataset_info(experiment.data, experiment.seed))
     return [t.name for t in stream.evaluation_tasks]
+
+
+def _has_zero_shot(config: dict) -> bool:
+    from fedcl.datasets.captions import CAPTIONED_DATASETS
+
+    data = config.get("data", {})
+    return data.get("dataset") in CAPTIONED_DATASETS and data.get("options", {}).get(
+        "zero_shot", True
+    )
 
 
 def _is_joint(config: dict) -> bool:
