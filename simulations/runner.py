@@ -193,6 +193,7 @@ def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     elif plan.engine == "inprocess":
         from .local_grid import LocalGrid
 
+        site_gpus(experiment.simulation)  # says so when the sites cannot have their GPUs
         client_app, wrap_grid = _apps(experiment)
         grid = LocalGrid(client_app, experiment.simulation.num_sites)
         Coordinator(wrap_grid(grid) if wrap_grid else grid, options).run()
@@ -289,28 +290,33 @@ def join_ray_cluster(address: str) -> RayCluster:
 
 
 def ray_backend_config(sim: SimulationSpec, cluster: RayCluster | None = None) -> dict[str, Any]:
-    """Flower's Ray backend settings: each site's resources, and how Ray starts.
-
-    ``num_gpus > 0`` where no GPU can serve it (no CUDA in this process for a local Ray, no GPU
-    in a joined cluster) would leave Flower's actor pool empty; the sites train on the CPU
-    instead, and the run says so.
-    """
-    num_gpus = sim.num_gpus
-    if num_gpus > 0:
-        if cluster is None:
-            from fedcl.client.device import cuda_unavailable_reason
-
-            why = cuda_unavailable_reason()
-        else:
-            why = None if cluster.gpus > 0 else f"the Ray cluster at {cluster.address} has no GPU"
-        if why is not None:
-            logger.warning(
-                "simulation.num_gpus = %g asked for, but %s: the virtual sites train on the CPU",
-                num_gpus,
-                why,
-            )
-            num_gpus = 0.0
+    """Flower's Ray backend settings: each site's resources, and how Ray starts."""
     return {
-        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": num_gpus},
+        "client_resources": {"num_cpus": sim.num_cpus, "num_gpus": site_gpus(sim, cluster)},
         "init_args": {"logging_level": "ERROR", "log_to_driver": False},
     }
+
+
+def site_gpus(sim: SimulationSpec, cluster: RayCluster | None = None) -> float:
+    """The GPU share each virtual site gets: ``simulation.num_gpus``, or 0 where none can serve.
+
+    ``num_gpus > 0`` where no GPU exists (no CUDA in this process for a local run, no GPU in a
+    joined cluster) would leave Flower's actor pool empty; the sites train on the CPU instead,
+    and the run says so.
+    """
+    if sim.num_gpus <= 0:
+        return 0.0
+    if cluster is None:
+        from fedcl.client.device import cuda_unavailable_reason
+
+        why = cuda_unavailable_reason()
+    else:
+        why = None if cluster.gpus > 0 else f"the Ray cluster at {cluster.address} has no GPU"
+    if why is None:
+        return sim.num_gpus
+    logger.warning(
+        "simulation.num_gpus = %g asked for, but %s: the virtual sites train on the CPU",
+        sim.num_gpus,
+        why,
+    )
+    return 0.0

@@ -118,3 +118,17 @@ def test_simulation_gpu_settings_fall_back_to_the_cpu_and_say_why(tmp_path, capl
     cpu_sites = write_site_configs(cpu, tmp_path / "cpu")
     assert {read_toml(p)["device"] for p in gpu_sites} == {"auto"}
     assert {read_toml(p).get("device", "cpu") for p in cpu_sites} == {"cpu"}
+
+
+def test_gpu_check_says_there_is_no_cuda_here_and_exits_cleanly(capsys, tmp_path) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--output", str(tmp_path / "gpu.json")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("no CUDA here (") and cuda_unavailable_reason() in said
+    assert not (tmp_path / "gpu.json").exists()  # nothing measured, nothing written
