@@ -21,6 +21,7 @@ from fedcl.strategies import Aggregate, Evaluation, SiteDirectory, SiteOutcome
 
 from .observers import RoundSummary
 from .registry import MetricRow, Registry
+from .registry.participations import ParticipationRow
 
 logger = logging.getLogger("fedcl.server")
 
@@ -93,38 +94,27 @@ class RunRecorder:
         sent: list[Message] | None,
         sites: SiteDirectory,
     ) -> None:
-        for o in outcomes:
-            self.registry.record_participation(
-                round_id,
-                o.site_id,
-                phase=phase,
-                status=o.status,
-                num_examples=o.num_examples,
-                detail=o.detail or None,
-            )
-        if sent is None:
-            return
+        rows = [
+            ParticipationRow(o.site_id, phase, o.status, o.num_examples, o.detail or None)
+            for o in outcomes
+        ]
         answered = {o.node_id for o in outcomes}
-        for msg in sent:
+        for msg in sent or ():
             node = msg.metadata.dst_node_id
             if node not in answered:
-                self.registry.record_participation(
-                    round_id, sites.name(node), phase=phase, status=SiteStatus.FAILED,
-                    detail=NO_REPLY,
-                )  # fmt: skip
+                rows.append(
+                    ParticipationRow(sites.name(node), phase, SiteStatus.FAILED, 0, NO_REPLY)
+                )
+        self.registry.record_participations(round_id, rows)
 
     def absent(self, round_id: int, kind: str, sites: list[str], *, wait_s: float) -> None:
         """Sites seen before that were not connected when the round started: failed, by name."""
         phase = Phase.CONSOLIDATE if kind == Phase.CONSOLIDATE else Phase.TRAIN
+        detail = f"not connected when the round started (waited {wait_s:g} s)"
         for site in sites:
             logger.warning("round %d: site %s is not connected", round_id, site)
-            self.registry.record_participation(
-                round_id,
-                site,
-                phase=phase,
-                status=SiteStatus.FAILED,
-                detail=f"not connected when the round started (waited {wait_s:g} s)",
-            )
+        rows = [ParticipationRow(site, phase, SiteStatus.FAILED, 0, detail) for site in sites]
+        self.registry.record_participations(round_id, rows)
 
     def privacy(self, round_id: int | None, outcomes: list[SiteOutcome]) -> None:
         """ε each site reports having spent (it accounts; the coordinator only records)."""

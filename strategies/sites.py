@@ -263,12 +263,17 @@ def carried_evaluation(outcomes: Iterable[SiteOutcome]) -> Evaluation:
 
     With ``evaluation.mode = "with_train"`` a site evaluates the model it receives before it
     trains on it and sends both in one reply (``P.EVALUATION``). A reply counts when the
-    site trained or refused to train (an evaluation it paid for still leaves); a failed,
-    stale or rejected reply carries none. A site whose evaluation was refused by its policy or
-    ledger is a *refused* outcome here, as it would be for an evaluate message.
+    site trained or refused to train (an evaluation it paid for still leaves). A site whose
+    message failed failed its evaluation too, with the same reason (as an evaluate message
+    would have); a rejected reply (stale, another site's) carries none. A site whose
+    evaluation was refused by its policy or ledger is a *refused* outcome here, as it would be
+    for an evaluate message.
     """
     scored = []
     for o in outcomes:
+        if o.status == SiteStatus.FAILED:
+            scored.append(replace(o, message=None, metrics={}, bytes_up=0, num_examples=0))
+            continue
         if o.message is None or o.status not in (SiteStatus.OK, SiteStatus.REFUSED):
             continue
         record = o.message.content.metric_records.get(P.EVALUATION)

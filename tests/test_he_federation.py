@@ -52,3 +52,17 @@ def test_he_learns_like_plaintext_and_counts_never_travel_in_clear(tmp_path) -> 
     with Registry.open(url) as reg:
         versions = reg.list_model_versions(he["run_id"])
     assert versions and all(v.encrypted and v.format == "ckks" for v in versions)
+    # results.json says what encryption cost on these rounds (issue 14's he block).
+    assert plain["he"] == {"enabled": False}
+    block = he["he"]
+    assert block["enabled"] and block["ckks"]["poly_modulus_degree"] == 4096
+    assert block["packing"]["values_per_slot"] == 2 and block["packing"]["max_sites"] == 3
+    assert block["packing"]["bytes_per_param"] == 16.0  # 4x fp32 before padding
+    # Measured: whole ciphertexts for a 17k-parameter MLP, padded to 2 x 2048 values each.
+    assert 16.0 <= block["bytes_per_param_up"] <= 21.0
+    assert 16.0 <= block["bytes_per_param_down"] <= 21.0
+    seconds = block["seconds_per_round"]
+    assert all(
+        seconds[k] is not None and seconds[k] > 0 for k in ("encrypt", "aggregate", "decrypt")
+    )
+    assert [r["server_round"] for r in block["rounds"]] == [1, 2, 3, 4, 5]
