@@ -100,19 +100,47 @@ def queue_event(session: Session, event: AuditEvent) -> None:
     session.info.setdefault(_PENDING, []).append(event)
 
 
+def _next_ids(session: Session, count: int) -> list[int] | None:
+    """``count`` fresh event ids, drawn under the head lock; ``None``: let inserts draw them.
+
+    Known before the insert, they let the whole chain be hashed in Python and inserted in one
+    statement: a flush per event (its id, then its hash) cost ~9 ms an event on a busy box.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":  # INTEGER PRIMARY KEY: SQLite itself would pick max + 1
+        last = session.execute(text("SELECT coalesce(max(id), 0) FROM audit_events")).scalar()
+        return list(range(int(last) + 1, int(last) + 1 + count))
+    if dialect == "postgresql":  # from the column's own sequence, so later inserts never clash
+        rows = session.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('audit_events', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": count},
+        )
+        return [int(r[0]) for r in rows]
+    return None
+
+
 def _chain_pending(session: Session) -> None:
     pending: list[AuditEvent] = session.info.pop(_PENDING, [])
     if not pending:
         return
     head = lock_head(session)
-    for event in pending:
-        event.prev_hash = head.last_hash
-        event.hash = ""  # the id is part of the hash and only known after the insert
-        session.add(event)
-        session.flush()
-        event.hash = event_hash(_fields(event), event.prev_hash)
-        head.last_event_id = event.id
-        head.last_hash = event.hash
+    ids = _next_ids(session, len(pending))
+    prev = head.last_hash
+    for i, event in enumerate(pending):
+        event.prev_hash = prev
+        if ids is None:
+            event.hash = ""  # the id is part of the hash and only known after the insert
+            session.add(event)
+            session.flush()
+        else:
+            event.id = ids[i]
+        event.hash = prev = event_hash(_fields(event), prev)
+    session.add_all(pending)
+    head.last_event_id = pending[-1].id
+    head.last_hash = prev
     session.flush()
 
 
