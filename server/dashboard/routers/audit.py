@@ -1,4 +1,4 @@
-"""``/api/audit``: the append-only audit log, newest first."""
+"""``/api/audit``: the hash-chained audit log, newest first, scoped to the caller."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ router = APIRouter(
     response_model=list[AuditOut],
     summary="Audit events, filtered by run, site and kind",
     description=(
-        "A site token sees federation-wide events (no site) and events about its own site. "
+        "A site token sees federation-wide events (no site) and events about its own site, "
+        "never coordinator-scoped ones (other tokens' creation, revocation, sign-ins). Each "
+        "event carries its link in the hash chain (`prev_hash`, `hash`; `fedcl audit verify`). "
         "`kind` matches exactly or as a prefix (`model_version` matches "
         "`model_version.status`)."
     ),
