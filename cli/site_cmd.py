@@ -3,7 +3,8 @@
 ``init`` makes the site's state folder (site.toml, the SuperNode key pair), ``bundle`` installs
 what the coordinator sent, ``check`` validates config, policy and data against the experiment,
 ``up`` runs the supervised SuperNode, ``status`` tells whether it is connected and what the site
-has spent, ``down`` stops it. ``privacy`` prints the ledger in full.
+has spent, ``down`` stops it. ``privacy`` prints the ledger in full. ``release`` decrypts a chosen
+encrypted model version with the site's key and stores the plaintext in the registry.
 """
 
 from __future__ import annotations
@@ -76,6 +77,48 @@ def _site_toml(path: Path) -> tuple[Path, SiteDir | None]:
         site.require_site()
         return site.site_toml, site
     return path, None
+
+
+@app.command("release")
+def release(
+    site_config: Path = typer.Argument(..., help="The state folder (or a site.toml)."),
+    version: int = typer.Option(..., "--version", help="The encrypted model version's id."),
+    db: str = typer.Option(..., "--db", help="The coordinator's registry database URL."),
+    artifacts: Path | None = typer.Option(
+        None, "--artifacts", help="Artifacts folder (default: beside a SQLite registry)."
+    ),
+) -> None:
+    """Decrypt an encrypted model version with this site's secret key and release it.
+
+    The plaintext goes to the registry as a version of kind ``release`` (audited with the site),
+    downloadable as safetensors from the dashboard; the coordinator never sees the key.
+    """
+    from fedcl.client.release import decrypt_model_version, release_bytes
+    from fedcl.config import ExperimentConfig
+    from fedcl.server.registry import Registry
+
+    toml_path, _ = _site_toml(site_config)
+    site = load_toml(SiteConfig, toml_path)
+    with Registry.open(db, artifacts_dir=artifacts) as reg:
+        source = reg.get_model_version(version)
+        if source is None:
+            raise ConfigError(f"the registry at {db} has no model version {version}")
+        run = reg.get_run(source.run_id)
+        if run is None:  # a version's run is never deleted without it (cascade)
+            raise ConfigError(f"model version {version} names run {source.run_id!r}, not found")
+        experiment = ExperimentConfig.model_validate(run.config)
+        state = decrypt_model_version(reg.load_artifact(source), experiment, site)
+        released = reg.release_model_version(
+            source.id,
+            payload=release_bytes(state),
+            site_id=site.site_id,
+            actor=f"site-admin:{site.site_id}",
+        )
+    console.print(
+        f"[green]released[/] version {source.id} (run {source.run_id!r}, round "
+        f"{source.server_round}, {source.status}) as version {released.id}: "
+        f"{len(state)} tensors, sha256 {released.sha256}"
+    )
 
 
 @app.command("check")

@@ -173,7 +173,11 @@ def add_dp_run(registry: Registry) -> None:
         DP_RUN,
         name="dp-he",
         scenario="synthetic",
-        config={"stream": "sequential", "dp": {"enabled": True}, "he": {"enabled": True}},
+        config={
+            "stream": "sequential",
+            "dp": {"enabled": True},
+            "he": {"enabled": True, "max_sites": 20},
+        },
         tasks=["task a", "task b"],
     )
     registry.record_metrics(
@@ -351,6 +355,9 @@ API_GETS = [
     f"/api/runs/{DEMO_RUN}/accuracy-matrix",
     f"/api/runs/{DEMO_RUN}/charts",
     f"/api/runs/{DEMO_RUN}/drift",
+    f"/api/runs/{DEMO_RUN}/results.json",
+    f"/api/runs/{DEMO_RUN}/metrics.csv",
+    f"/api/runs/{DEMO_RUN}/ledger.csv",
     "/api/sites",
     "/api/sites/site-0",
     "/api/versions",
@@ -637,8 +644,11 @@ def test_sites_summary_privacy_and_hash_agreement(ro: Dash) -> None:
     assert s0["hash_agreement"]["metric"] == "model_hash_agreement"
     assert s0["hash_agreement"]["value"] == 1.0
     assert s1["hash_agreement"]["audit_events"] == 1
-    assert s1["hash_agreement"]["metric"] is None
-    assert s2["hash_agreement"] is None
+    # Without a site-level row, the federation's check of the site's latest checked run: the
+    # demo run's sites all agreed (it used to say "not recorded" while every site agreed).
+    for s in (s1, s2):
+        assert s["hash_agreement"]["metric"] == "model-sha256-agreement"
+        assert s["hash_agreement"]["run_id"] == DEMO_RUN and s["hash_agreement"]["value"] == 1.0
     assert s0["last_seen"] >= s0["first_seen"]
 
     detail = ro.get("/api/sites/site-2").json()

@@ -49,9 +49,9 @@ def test_a_completed_run_that_lost_site_rounds_has_its_own_badge(tmp_path) -> No
         assert charts.status_code == 200 and charts.json()["run"]["lost_site_rounds"] == 1
         client.cookies.set("fedcl_token", headers["Authorization"].split()[1])
         page = client.get("/runs", headers=headers).text
-        assert page.count("badge-completed-lost") == 1 and "completed · 1 site-rounds lost" in page
+        assert page.count("badge-completed-lost") == 1 and "degraded · 1 site-rounds lost" in page
         assert 'class="badge badge-completed"' in page  # the clean run: a plain success
         run_page = client.get("/runs/lossy", headers=headers).text
-        assert "completed · 1 site-rounds lost" in run_page
+        assert "degraded · 1 site-rounds lost" in run_page
     finally:
         registry.close()

@@ -1150,11 +1150,21 @@ def test_prometheus_alert_rules_name_metrics_the_dashboard_exports(tmp_path: Pat
         reg.create_run("r1", name="r", scenario="s", config={}, tasks=["a"])
         rid = reg.begin_round("r1", task_index=0, round_in_task=0, server_round=1)
         reg.record_drift("r1", rid, "site-1", score=1.8, alert=True, rate_shift=0.02)
+        reg.record_privacy(
+            "r1", rid, "site-1", epsilon_run=1.0, epsilon_lifetime=7.0, delta=1e-5, budget=8.0
+        )  # 7 of 8: the budget alert
+        reg.record_participation(rid, "site-1", phase="train", status="ok", num_examples=10)
         prom = CollectorRegistry()
         prom.register(RegistryCollector(reg))
         exported = generate_latest(prom).decode()
     assert 'fedcl_site_drift_alert{run="r1",site="site-1"} 1.0' in exported
     assert 'fedcl_site_drift_score{run="r1",site="site-1"} 1.8' in exported
+    assert (
+        'fedcl_run_alert{kind="budget",run="r1",severity="warning",site="site-1"} 1.0' in exported
+    )
+    assert {"FedclAccuracyDrop", "FedclSiteFailingRepeatedly", "FedclBudgetNearlySpent"} <= set(
+        alerts
+    )
     for expr in alerts.values():
         for name in re.findall(r"\bfedcl_\w+", expr):
             assert re.search(rf"^{name}[{{ ]", exported, re.M), f"{name} is not exported"

@@ -28,6 +28,7 @@ from fedcl.server.registry import Registry, RegistryError
 from .auth import DashboardError
 from .collector import RegistryCollector
 from .deps import LoginRequired
+from .offline import HeadAsGet, install_docs
 from .origin import SameOriginWrites
 from .routers import audit, pages, prometheus, runs, session, sites, tokens, versions
 
@@ -38,9 +39,9 @@ CONTENT_SECURITY_POLICY = (
     "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; "
     "base-uri 'none'; form-action 'self'"
 )
-# FastAPI's Swagger UI (/docs) loads its assets from a CDN and an inline script; it keeps
-# FastAPI's defaults (and needs network access). /openapi.json itself works air-gapped.
-_NO_CSP = ("/docs", "/redoc")
+# Swagger UI (/docs) runs an inline script, so it keeps FastAPI's defaults; its assets are served
+# by the dashboard itself (offline.py): nothing loads from a CDN.
+_NO_CSP = ("/docs",)
 
 DESCRIPTION = """
 Runs, rounds, sites, privacy spend and model versions of a fedcl federation, read from the
@@ -164,7 +165,10 @@ def create_app(
         version=_fedcl_version(),
         description=DESCRIPTION,
         openapi_tags=TAGS,
+        docs_url=None,  # offline.install_docs: the same page with local assets
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.registry = registry
     app.state.templates = _templates()
     app.state.public_metrics = public_metrics
@@ -222,4 +226,5 @@ def create_app(
 
     # Outermost: a cross-site write is refused before anything reads its body or cookie.
     app.add_middleware(SameOriginWrites)
+    app.add_middleware(HeadAsGet)  # outermost: HEAD is GET for every route and mount
     return app

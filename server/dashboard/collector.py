@@ -27,7 +27,8 @@ from fedcl.config.vocabulary import RoundStatus, RunStatus
 from fedcl.server.registry import PrivacyInfo, Registry, RegistryError
 
 from .floats import finite
-from .service import all_runs
+from .service import all_runs, results_of
+from .service.alerts import run_alerts
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,11 @@ class RegistryCollector(Collector):
             "1 if a site's latest drift report alerted (distribution or class rate)",
             labels=["run", "site"],
         )
+        alert = GaugeMetricFamily(
+            "fedcl_run_alert",
+            "1 per alert the run page shows (kind: accuracy_drop, budget, site_failing)",
+            labels=["run", "kind", "site", "severity"],
+        )
         drift_alerts = CounterMetricFamily(
             "fedcl_drift_alerts", "Drift reports that alerted, summed over rounds", labels=["run"]
         )
@@ -187,6 +193,8 @@ class RegistryCollector(Collector):
                 drift_alert.add_metric([run.id, site], float(e.alert or e.rate_alert))
             if latest_drift:
                 drift_alerts.add_metric(labels, alerted)
+            for a in run_alerts(results_of(reg, run.id)):  # the run page's alerts, one rule each
+                alert.add_metric([run.id, a.kind, a.site_id or "", a.severity], 1.0)
         for site, report in sorted(latest_report.items()):
             lifetime, site_budget = finite(report.epsilon_lifetime), finite(report.budget)
             if lifetime is not None:
@@ -213,4 +221,5 @@ class RegistryCollector(Collector):
             drift_score,
             drift_alert,
             drift_alerts,
+            alert,
         ]

@@ -40,6 +40,21 @@ class RunOut(_Out):
         description="Train/consolidate site-rounds that did not contribute (failed, refused or "
         "rejected): a completed run with any is not a plain success",
     )
+    health: str = Field(
+        "",
+        description="What the badge says: running; stale (running, but nothing recorded for "
+        "longer than its rounds allow: the coordinator is gone); completed; degraded (completed, "
+        "but sites failed or refused); failed; stopped",
+    )
+    idle_seconds: float | None = Field(None, description="Seconds since anything was recorded")
+    method: str | None = Field(None, description="Continual method (continual.method)")
+    dp: bool = Field(False, description="DP-SGD at the sites (dp.enabled)")
+    he: bool = Field(False, description="CKKS-encrypted aggregation (he.enabled)")
+    rounds_completed: int = 0
+    avg_accuracy: float | None = Field(None, description="Mean accuracy after the last task (ACC)")
+    bwt: float | None = Field(None, description="Backward transfer (negative = forgetting)")
+    fwt: float | None = Field(None, description="Forward transfer")
+    epsilon: float | None = Field(None, description="Largest ε one site spent in this run")
 
 
 class RunPage(_Out):
@@ -188,7 +203,7 @@ class SiteRunOut(_Out):
     rounds_ok: int
     rounds_failed: int
     rounds_refused: int
-    examples: int
+    examples: int | None = Field(description="null under HE: the count travels encrypted")
     last_server_round: int | None
     errors: list[str]
 
@@ -213,6 +228,12 @@ class VersionOut(_Out):
     encrypted: bool
     format: str
     status: str = Field(description="candidate, production, archived or rolled_back")
+    kind: str = Field(
+        "model",
+        description="model (promotable); fisher (a task's summed Fisher, an EWC input); release "
+        "(a site's decrypted copy of the encrypted version released_from)",
+    )
+    released_from: int | None = None
     created_at: datetime
     mean_accuracy: float | None = Field(
         description="Mean federation accuracy measured in the version's round, if recorded"
@@ -234,7 +255,7 @@ class CanaryOut(_Out):
     """What the canary rule decided for a run."""
 
     run_id: str
-    action: Literal["rolled_back", "kept", "skipped"]
+    action: Literal["rolled_back", "kept", "promoted", "skipped"]
     message: str
     max_drop: float
     candidate_id: int | None
@@ -287,8 +308,11 @@ class EpsilonSeries(_Out):
 
     site_id: str
     server_rounds: list[int | None]
-    epsilon_run: list[FiniteOrNull]
-    budget: FiniteOrNull
+    epsilon_run: list[FiniteOrNull] = Field(description="ε spent in this run")
+    epsilon_lifetime: list[FiniteOrNull] = Field(
+        default_factory=list, description="The site's lifetime ε (all runs) after each round"
+    )
+    budget: FiniteOrNull = Field(description="The site's lifetime ε budget")
 
 
 class DriftEventOut(_Out):
@@ -325,8 +349,56 @@ class DriftMap(_Out):
     task_starts: list[TaskStartOut] = Field(default_factory=list)
 
 
+class FailureGroup(_Out):
+    """One kind of failure (same status, phase and error), with every site and round it hit."""
+
+    status: str
+    phase: str
+    detail: str | None
+    sites: list[str]
+    server_rounds: list[int]
+    count: int = Field(description="Site-rounds in the group")
+
+
+class AlertOut(_Out):
+    """Something a coordinator should act on (also exported as ``fedcl_run_alert``)."""
+
+    kind: Literal["accuracy_drop", "budget", "site_failing"]
+    severity: Literal["warning", "critical"]
+    message: str
+    site_id: str | None = None
+    server_round: int | None = None
+
+
+class RunSiteOut(_Out):
+    """One site in one run (the run page's per-site table)."""
+
+    site_id: str
+    rounds_trained: int
+    failed_rounds: int
+    refused_rounds: int
+    examples: int | None = Field(description="null under HE: the count travels encrypted")
+    avg_accuracy: FiniteOrNull
+    bwt: FiniteOrNull
+    epsilon: FiniteOrNull = Field(description="ε spent in this run")
+    epsilon_lifetime: FiniteOrNull
+    budget: FiniteOrNull
+
+
+class ModelHashOut(_Out):
+    """Whether the sites held the same global model (their SHA-256 reports, docs/DESIGN.md §4)."""
+
+    rounds_checked: int
+    rounds_agreed: int
+    disagreed_rounds: list[int]
+
+
 class RunCharts(_Out):
-    """Everything the run page draws, in one response so the page can poll a single endpoint."""
+    """Everything the run page draws, in one response so the page can poll a single endpoint.
+
+    ``rounds`` carry only the participations that were not ``ok`` (the incidents: a 30-site run
+    has 60 rows per round); ``/api/runs/{id}/rounds`` has them all.
+    """
 
     run: RunOut
     poll: bool = Field(description="True while the run is running: poll again for updates")
@@ -337,6 +409,11 @@ class RunCharts(_Out):
     privacy: list[EpsilonSeries]
     rounds: list[RoundOut]
     drift: DriftMap = Field(default_factory=DriftMap)
+    failures: list[FailureGroup] = Field(default_factory=list)
+    alerts: list[AlertOut] = Field(default_factory=list)
+    sites: list[RunSiteOut] = Field(default_factory=list)
+    model_hash: ModelHashOut | None = None
+    examples_hidden: bool = Field(False, description="HE: example counts are encrypted")
 
 
 class Problem(_Out):

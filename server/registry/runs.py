@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from fedcl.config.vocabulary import RunStatus
@@ -13,7 +13,19 @@ from .audit import add_audit
 from .core import RegistryCore, get_run
 from .errors import RegistryError
 from .info import RunInfo
-from .models import Run, Task, utcnow
+from .models import (
+    AuditEvent,
+    DriftEvent,
+    Metric,
+    ModelVersion,
+    Participation,
+    PrivacySpend,
+    Round,
+    Run,
+    Task,
+    TaskStart,
+    utcnow,
+)
 from .validation import RUN_STATUSES, check_run_id, check_value, differing_keys, json_normalised
 
 
@@ -97,3 +109,31 @@ class Runs(RegistryCore):
             if reason:
                 message += f" ({reason})"
             add_audit(s, "run.status", message, run_id=run_id)
+
+    def run_fingerprint(self, run_id: str) -> tuple[Any, ...]:
+        """A value that changes whenever anything recorded about the run changes.
+
+        One query of counts and newest ids (every table a run's pages read), so a reader can
+        cache what it built from the run and rebuild only after a round wrote something: the
+        dashboard's run page and its poll (a 200-round, 30-site run has ~30,000 metric rows).
+        Rows only ever change with a round's completion, a status change or an audit event, so
+        the run's ``updated_at`` and newest audit id cover overwrites in place.
+        """
+
+        def newest(model: Any, *where: Any) -> Any:
+            return select(func.count(), func.max(model.id)).where(*where)
+
+        by_run = {
+            model: newest(model, model.run_id == run_id)
+            for model in (Round, Metric, PrivacySpend, DriftEvent, TaskStart, ModelVersion)
+        }
+        parts = newest(
+            Participation, Participation.round_id.in_(by_run[Round].with_only_columns(Round.id))
+        )
+        with self._tx() as s:
+            run = s.execute(
+                select(Run.status, Run.updated_at, Run.reason).where(Run.id == run_id)
+            ).first()
+            counts = [tuple(s.execute(q).one()) for q in (*by_run.values(), parts)]
+            audit = s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.run_id == run_id))
+        return (tuple(run) if run else None, *counts, audit)

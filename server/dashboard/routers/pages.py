@@ -9,6 +9,7 @@ and polled while the run is running.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
@@ -27,6 +28,8 @@ from ..deps import (
     RunId,
     SiteId,
 )
+from ..schemas import RunOut
+from ..service.health import DEGRADED, STALE
 
 router = APIRouter(include_in_schema=False)
 
@@ -51,16 +54,46 @@ def home() -> RedirectResponse:
     return RedirectResponse("/runs", status_code=status.HTTP_303_SEE_OTHER)
 
 
+BADGES = (*RUN_STATUSES, STALE, DEGRADED)
+Text = Annotated[str | None, Query(max_length=128)]
+
+
+def _run_filter(
+    scenario: str | None, method: str | None, dp: str | None, he: str | None
+) -> Callable[[RunOut], bool] | None:
+    """The run list's filters other than status ("" or None: any)."""
+    wanted = {"on": True, "off": False}
+    checks: list[Callable[[RunOut], bool]] = []
+    if scenario:
+        checks.append(lambda r: r.scenario == scenario)
+    if method:
+        checks.append(lambda r: (r.method or "none") == method)
+    if dp in wanted:
+        checks.append(lambda r: r.dp == wanted[dp])
+    if he in wanted:
+        checks.append(lambda r: r.he == wanted[he])
+    return (lambda r: all(c(r) for c in checks)) if checks else None
+
+
 @router.get("/runs", response_class=HTMLResponse)
 def runs_page(
     request: Request,
     registry: RegistryDep,
     user: PageUser,
     status_: Annotated[str | None, Query(alias="status", max_length=32)] = None,
+    scenario: Text = None,
+    method: Text = None,
+    dp: Text = None,
+    he: Text = None,
     offset: Offset = 0,
 ) -> HTMLResponse:
-    wanted = status_ if status_ in RUN_STATUSES else None
-    items, total = service.list_runs(registry, status=wanted, limit=RUNS_PER_PAGE, offset=offset)
+    wanted = status_ if status_ in BADGES else None
+    where = _run_filter(scenario, method, dp, he)
+    items, total = service.list_runs(
+        registry, status=wanted, limit=RUNS_PER_PAGE, offset=offset, where=where
+    )
+    every = [service.run_out(registry, r) for r in service.all_runs(registry)]
+    filters = {"status": wanted, "scenario": scenario, "method": method, "dp": dp, "he": he}
     page = {
         "rows": items,
         "offset": offset,
@@ -70,8 +103,43 @@ def runs_page(
         "total": total,
     }
     return render(
-        request, "runs.html", user, nav="runs", page=page, status=wanted, statuses=RUN_STATUSES
+        request,
+        "runs.html",
+        user,
+        nav="runs",
+        page=page,
+        filters={k: v for k, v in filters.items() if v},
+        statuses=BADGES,
+        scenarios=sorted({r.scenario for r in every}),
+        methods=sorted({r.method or "none" for r in every}),
     )
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request,
+    registry: RegistryDep,
+    user: PageUser,
+    run: Annotated[list[str] | None, Query(max_length=8)] = None,
+) -> HTMLResponse:
+    """Runs side by side: ACC/BWT/FWT/ε, configuration, and their accuracy matrices."""
+    wanted = [r for r in dict.fromkeys(run or []) if re.fullmatch(RUN_ID_PATTERN, r)]
+    found = [registry.get_run(r) for r in wanted]
+    missing = [r for r, info in zip(wanted, found, strict=True) if info is None]
+    if missing:
+        return error_page(
+            request, user, status.HTTP_404_NOT_FOUND, f"run(s) not found: {', '.join(missing)}"
+        )
+    runs = [info for info in found if info is not None]
+    columns = [
+        {
+            "run": service.run_out(registry, info),
+            "matrix": service.matrix_out(registry, info),
+            "sites": len(service.results_of(registry, info.id)["sites"]),
+        }
+        for info in runs
+    ]
+    return render(request, "compare.html", user, nav="runs", columns=columns)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -135,6 +203,7 @@ def versions_page(
         run_id=run_id,
         versions=shown[:VERSIONS_PER_PAGE],
         hidden_versions=max(0, len(shown) - VERSIONS_PER_PAGE),
+        releases={v.released_from: v for v in versions if v.released_from is not None},
     )
 
 

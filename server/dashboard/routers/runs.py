@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from fedcl.server.canary import assess_canary
 
@@ -161,6 +161,62 @@ def get_charts(run_id: RunId, registry: RegistryDep, principal: Reader) -> RunCh
 def get_drift(run_id: RunId, registry: RegistryDep, principal: Reader) -> DriftMap:
     get_run_or_404(registry, run_id)
     return service.drift_map(registry, run_id, principal)
+
+
+def _attachment(body: str, media_type: str, filename: str) -> Response:
+    return Response(
+        content=body,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get(
+    "/{run_id}/results.json",
+    response_class=Response,
+    responses={200: {"content": {"application/json": {}}}},
+    summary="Download the run's results.json",
+    description=(
+        "The document `fedcl simulate` writes (built from the registry alone: "
+        "`fedcl.server.results.build_results`). A site token gets its own site's entry only."
+    ),
+)
+def download_results(run_id: RunId, registry: RegistryDep, principal: Reader) -> Response:
+    run = get_run_or_404(registry, run_id)
+    return _attachment(
+        service.results_json(registry, run, principal), "application/json", f"{run_id}-results.json"
+    )
+
+
+@router.get(
+    "/{run_id}/metrics.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="Download the run's metrics as CSV",
+    description="One row per metric value the token may see: round, task, site, name, value.",
+)
+def download_metrics(run_id: RunId, registry: RegistryDep, principal: Reader) -> Response:
+    get_run_or_404(registry, run_id)
+    return _attachment(
+        service.metrics_csv(registry, run_id, principal), "text/csv", f"{run_id}-metrics.csv"
+    )
+
+
+@router.get(
+    "/{run_id}/ledger.csv",
+    response_class=Response,
+    responses={200: {"content": {"text/csv": {}}}},
+    summary="Download the run's privacy-ledger summary as CSV",
+    description=(
+        "Per site: ε spent in this run, lifetime ε, δ and budget as the site last reported "
+        "them, the budget's used share, and the rounds it trained, failed and refused."
+    ),
+)
+def download_ledger(run_id: RunId, registry: RegistryDep, principal: Reader) -> Response:
+    run = get_run_or_404(registry, run_id)
+    return _attachment(
+        service.ledger_csv(registry, run, principal), "text/csv", f"{run_id}-ledger.csv"
+    )
 
 
 @router.post(

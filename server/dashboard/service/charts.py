@@ -1,13 +1,17 @@
-"""The run page's data in one response: accuracy over rounds, ε per site, the rounds table.
+"""The run page's data in one response: accuracy over rounds, ε per site, the rounds table,
+failures grouped, alerts, the per-site table and the sites' model-hash agreement.
 
-One endpoint rather than several so the page can poll a single URL while the run is running.
+One endpoint rather than several so the page can poll a single URL while the run is running;
+built once per change of the run (:mod:`.cache`), so a poll between rounds is one small query.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
-from fedcl.config.vocabulary import RunStatus
+from fedcl.config import protocol as P
+from fedcl.config.vocabulary import RunStatus, SiteStatus
 from fedcl.server.registry import PrivacyInfo, Registry, RunInfo
 
 from ..auth import Principal
@@ -16,11 +20,19 @@ from ..schemas import (
     DriftEventOut,
     DriftMap,
     EpsilonSeries,
+    FailureGroup,
+    ModelHashOut,
+    RoundOut,
     RunCharts,
+    RunSiteOut,
     TaskStartOut,
 )
-from .rounds import federation_accuracy_by_round, round_list
+from .alerts import run_alerts
+from .cache import cached, results_of
+from .rounds import round_list
 from .runs import federation_matrix, run_out
+
+MODEL_AGREEMENT = f"{P.MODEL_SHA256}-agreement"  # server/recording.py: 1.0 when all sites agree
 
 
 def epsilon_series(registry: Registry, run_id: str, principal: Principal) -> list[EpsilonSeries]:
@@ -37,6 +49,7 @@ def epsilon_series(registry: Registry, run_id: str, principal: Principal) -> lis
                 site_id=site_id,
                 server_rounds=[p.server_round for p in rows],
                 epsilon_run=[p.epsilon_run for p in rows],
+                epsilon_lifetime=[p.epsilon_lifetime for p in rows],
                 budget=budgets[-1] if budgets else None,
             )
         )
@@ -61,10 +74,85 @@ def drift_map(registry: Registry, run_id: str, principal: Principal) -> DriftMap
     )
 
 
+def failure_groups(rounds: list[RoundOut]) -> list[FailureGroup]:
+    """Participations that were not ok, grouped by (status, phase, error): one line per cause,
+    naming every site and round it hit, instead of the same error once per site-round."""
+    groups: dict[tuple[str, str, str | None], tuple[set[str], set[int], list[int]]] = {}
+    for r in rounds:
+        for p in r.participations:
+            if p.status == SiteStatus.OK:
+                continue
+            sites, rounds_hit, count = groups.setdefault(
+                (p.status, p.phase, p.detail), (set(), set(), [0])
+            )
+            sites.add(p.site_id)
+            rounds_hit.add(r.server_round)
+            count[0] += 1
+    out = [
+        FailureGroup(
+            status=status,
+            phase=phase,
+            detail=detail,
+            sites=sorted(sites),
+            server_rounds=sorted(rounds_hit),
+            count=count[0],
+        )  # fmt: skip
+        for (status, phase, detail), (sites, rounds_hit, count) in groups.items()
+    ]
+    return sorted(out, key=lambda g: (-g.count, g.status, g.phase))
+
+
+def model_hash(registry: Registry, run_id: str) -> ModelHashOut | None:
+    """The sites' agreement on the global model they hold, round by round (None: not checked)."""
+    rows = [m for m in registry.list_metrics(run_id, name=MODEL_AGREEMENT, site_id=None)]
+    rows = [m for m in rows if m.server_round is not None and m.value is not None]
+    if not rows:
+        return None
+    return ModelHashOut(
+        rounds_checked=len(rows),
+        rounds_agreed=sum(m.value >= 1.0 for m in rows),
+        disagreed_rounds=sorted(m.server_round for m in rows if m.value < 1.0),
+    )
+
+
+def site_rows(results: dict[str, Any], principal: Principal) -> list[RunSiteOut]:
+    """The per-site table of the run page (a site token sees its own row only)."""
+    he = bool((results.get("config") or {}).get("he", {}).get("enabled"))
+    return [
+        RunSiteOut(
+            site_id=site,
+            rounds_trained=s["rounds_trained"],
+            failed_rounds=len(s["failed_rounds"]),
+            refused_rounds=len(s["refused_rounds"]),
+            examples=None if he else s["examples"],
+            avg_accuracy=s.get("avg_accuracy"),
+            bwt=s.get("bwt"),
+            epsilon=s.get("epsilon"),
+            epsilon_lifetime=s.get("epsilon_lifetime"),
+            budget=s.get("budget"),
+        )
+        for site, s in sorted(results["sites"].items())
+        if principal.may_see_site(site)
+    ]
+
+
 def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCharts:
     """All data of the run page; polled every few seconds while the run is running."""
+    charts = cached(
+        registry, run.id, ("charts", principal.site_id), lambda: _charts(registry, run, principal)
+    )
+    # The badge ages without any new row (a run goes stale by *not* changing): always fresh.
+    return charts.model_copy(update={"run": run_out(registry, run)})
+
+
+def _charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCharts:
+    results = results_of(registry, run.id)
     matrix = federation_matrix(registry, run)
-    by_round = federation_accuracy_by_round(registry, run.id)
+    by_round: dict[int, dict[int, float]] = {}
+    for r in results["rounds"]:
+        accs = {j: a for j, a in enumerate(r["accuracy"]) if a is not None}
+        if accs:
+            by_round[r["server_round"]] = accs
     baseline = matrix.baseline
     series = []
     for j, name in enumerate(matrix.eval_tasks):
@@ -74,9 +162,17 @@ def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCha
         if rounds:
             series.append(AccuracySeries(task_index=j, task=name, server_rounds=xs, values=ys))
     rounds = round_list(registry, run.id, principal)
+    failures = failure_groups(rounds)
+    incidents = [
+        r.model_copy(
+            update={"participations": [p for p in r.participations if p.status != SiteStatus.OK]}
+        )
+        for r in rounds
+    ]
     first_of_task: dict[int, int] = {}
     for r in rounds:
         first_of_task.setdefault(r.task_index, r.server_round)
+    he = bool((run.config.get("he") or {}).get("enabled"))
     return RunCharts(
         run=run_out(registry, run),
         poll=run.status == RunStatus.RUNNING,
@@ -85,6 +181,11 @@ def run_charts(registry: Registry, run: RunInfo, principal: Principal) -> RunCha
         accuracy=series,
         matrix=matrix,
         privacy=epsilon_series(registry, run.id, principal),
-        rounds=rounds,
+        rounds=incidents,
         drift=drift_map(registry, run.id, principal),
+        failures=failures,
+        alerts=run_alerts(results, principal.may_see_site),
+        sites=site_rows(results, principal),
+        model_hash=model_hash(registry, run.id),
+        examples_hidden=he,
     )

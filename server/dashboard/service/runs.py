@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from fedcl.config.vocabulary import RoundKind, RoundStatus
-from fedcl.server.losses import lost_site_rounds
 from fedcl.server.registry import Registry, RunInfo
-from fedcl.server.results import accuracy_matrix, build_results
 
 from ..auth import Principal
 from ..schemas import AccuracyMatrixOut, RunDetail, RunOut, TaskOut
+from .cache import cached, results_of
+from .health import idle_seconds, run_health
 
 _RUN_PAGE = 500
 
@@ -28,22 +29,62 @@ def all_runs(registry: Registry) -> list[RunInfo]:
 
 def lost_count(registry: Registry, run_id: str) -> int:
     """Site-rounds the run lost (``fedcl.server.losses``: the count results.json reports)."""
-    return lost_site_rounds(registry.list_participations(run_id)).total
+    return int(results_of(registry, run_id)["lost_site_rounds"]["total"])
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    """What the run list shows of a run, from its results document."""
+    config = results.get("config") or {}
+    eps = [s["epsilon"] for s in results["sites"].values() if s.get("epsilon") is not None]
+    return {
+        "lost_site_rounds": int(results["lost_site_rounds"]["total"]),
+        "method": (config.get("continual") or {}).get("method"),
+        "dp": bool((config.get("dp") or {}).get("enabled")),
+        "he": bool((config.get("he") or {}).get("enabled")),
+        "rounds_completed": sum(r["status"] == RoundStatus.COMPLETED for r in results["rounds"]),
+        "avg_accuracy": results.get("avg_accuracy"),
+        "bwt": results.get("bwt"),
+        "fwt": results.get("fwt"),
+        "epsilon": max(eps, default=None),
+    }
 
 
 def run_out(registry: Registry, run: RunInfo) -> RunOut:
-    """A run as listed, with the site-rounds it lost (the badge tells a lossy run apart)."""
-    return RunOut.model_validate({**dict(run), "lost_site_rounds": lost_count(registry, run.id)})
+    """A run as listed: its configuration, ACC/BWT/ε and a badge that does not mislead."""
+    summary = cached(registry, run.id, "summary", lambda: _summary(results_of(registry, run.id)))
+    return RunOut.model_validate(
+        {
+            **dict(run),
+            **summary,
+            "health": run_health(run, summary["lost_site_rounds"]),
+            "idle_seconds": idle_seconds(run),
+        }
+    )
 
 
 def list_runs(
-    registry: Registry, *, status: str | None, limit: int, offset: int
+    registry: Registry,
+    *,
+    status: str | None,
+    limit: int,
+    offset: int,
+    where: Callable[[RunOut], bool] | None = None,
 ) -> tuple[list[RunOut], int]:
-    """One page of runs (newest first) and how many match ``status`` in total."""
+    """One page of runs (newest first) and how many match in total.
+
+    ``status`` filters on the registry's status, or on the badge (``stale``, ``degraded``).
+    ``where`` filters on anything else a listed run shows (scenario, method, DP, HE).
+    """
     runs = all_runs(registry)
-    if status is not None:
+    if status is not None and where is None and status in {r.status for r in runs}:
         runs = [r for r in runs if r.status == status]
-    return [run_out(registry, r) for r in runs[offset : offset + limit]], len(runs)
+        return [run_out(registry, r) for r in runs[offset : offset + limit]], len(runs)
+    listed = [run_out(registry, r) for r in runs]
+    if status is not None:
+        listed = [r for r in listed if status in (r.status, r.health)]
+    if where is not None:
+        listed = [r for r in listed if where(r)]
+    return listed[offset : offset + limit], len(listed)
 
 
 def matrix_out(
@@ -59,7 +100,7 @@ def matrix_out(
     so the dashboard and the reports agree on evaluation tasks (joint runs evaluate on more tasks
     than they train) and on when transfer metrics are undefined. ``None``: the site took no part.
     """
-    results = results if results is not None else build_results(registry, run.id)
+    results = results if results is not None else results_of(registry, run.id)
     eval_tasks = list(results["eval_tasks"])
     if site_id is None:
         summary = results
@@ -68,10 +109,7 @@ def matrix_out(
         summary = results["sites"].get(site_id)
         if summary is None:
             return None
-        matrix = summary["accuracy_matrix"]
-        _, baseline = accuracy_matrix(
-            registry, run.id, site_id=site_id, num_eval_tasks=len(eval_tasks)
-        )
+        matrix, baseline = summary["accuracy_matrix"], summary["baseline_accuracy"]
     return AccuracyMatrixOut(
         run_id=run.id,
         site_id=site_id,
@@ -95,26 +133,24 @@ def federation_matrix(registry: Registry, run: RunInfo) -> AccuracyMatrixOut:
 
 def run_detail(registry: Registry, run: RunInfo, principal: Principal) -> RunDetail:
     """The run with its config and progress; a site token sees only itself among the sites."""
-    rounds = registry.list_rounds(run.id)
-    participations = registry.list_participations(run.id)
-    sites = sorted({p.site_id for p in participations if principal.may_see_site(p.site_id)})
-    versions: dict[str, int] = defaultdict(int)
-    for v in registry.list_model_versions(run.id):
-        versions[v.status] += 1
-    matrix = federation_matrix(registry, run)
+    results = results_of(registry, run.id)
+    rounds = results["rounds"]
+
+    def versions() -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for v in registry.list_model_versions(run.id):
+            counts[v.status] += 1
+        return dict(counts)
+
     progress = {
         "rounds_total": len(rounds),
-        "rounds_completed": sum(r.status == RoundStatus.COMPLETED for r in rounds),
-        "rounds_failed": sum(r.status == RoundStatus.FAILED for r in rounds),
-        "last_server_round": max((r.server_round for r in rounds), default=None),
-        "sites": sites,
-        "versions": dict(versions),
-        "avg_accuracy": matrix.avg_accuracy,
-        "bwt": matrix.bwt,
-        "fwt": matrix.fwt,
-        "lost_site_rounds": lost_site_rounds(participations).total,
+        "rounds_failed": sum(r["status"] == RoundStatus.FAILED for r in rounds),
+        "last_server_round": max((r["server_round"] for r in rounds), default=None),
+        "sites": [s for s in sorted(results["sites"]) if principal.may_see_site(s)],
+        "versions": cached(registry, run.id, "versions", versions),
     }
-    return RunDetail.model_validate({**dict(run), **progress})
+    listed = run_out(registry, run)
+    return RunDetail.model_validate({**dict(run), **dict(listed), **progress})
 
 
 def task_list(registry: Registry, run: RunInfo) -> list[TaskOut]:

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Phase, SiteStatus
 from fedcl.server.registry import (
     AuditInfo,
@@ -22,6 +23,7 @@ from ..schemas import HashAgreementOut, SiteDetail, SiteOut, SiteRunOut
 from .audit import AUDIT_SCAN
 from .runs import all_runs
 
+MODEL_AGREEMENT = f"{P.MODEL_SHA256}-agreement"
 # A site's rounds are counted from the phases that train (evaluation is not a round's work).
 TRAIN_PHASES = (Phase.TRAIN, Phase.CONSOLIDATE)
 
@@ -39,6 +41,8 @@ class _SiteFacts:
         self.privacy: dict[str, list[PrivacyInfo]] = defaultdict(list)
         self.hash_metric: dict[str, MetricInfo] = {}
         self.hash_events: dict[str, list[AuditInfo]] = defaultdict(list)
+        # The federation-level check (server/recording.py): 1.0 when every site held the model.
+        self.run_agreement: dict[str, MetricInfo] = {}
         for run in reversed(self.runs):  # oldest first, so "latest" wins below
             by_site: dict[str, list[ParticipationInfo]] = defaultdict(list)
             for p in registry.list_participations(run.id):
@@ -52,12 +56,17 @@ class _SiteFacts:
             for m in registry.list_metrics(run.id):
                 if m.site_id in site_ids and _is_hash_related(m.name):
                     self.hash_metric[m.site_id] = m
+                elif m.site_id is None and m.name == MODEL_AGREEMENT:
+                    self.run_agreement[run.id] = m
         for event in reversed(registry.list_audit(limit=AUDIT_SCAN)):
             if event.site_id in site_ids and _is_hash_related(event.kind + " " + event.message):
                 self.hash_events[event.site_id].append(event)
 
     def hash_agreement(self, site_id: str) -> HashAgreementOut | None:
         metric = self.hash_metric.get(site_id)
+        if metric is None:  # the latest run the site took part in that checked the hashes
+            checked = [r for r in self.parts.get(site_id, {}) if r in self.run_agreement]
+            metric = self.run_agreement[checked[-1]] if checked else None
         events = self.hash_events.get(site_id, [])
         if metric is None and not events:
             return None
@@ -137,7 +146,10 @@ def site_detail(registry: Registry, site_id: str) -> SiteDetail | None:
                 rounds_ok=ok,
                 rounds_failed=failed,
                 rounds_refused=refused,
-                examples=max((p.num_examples for p in train_ok), default=0),
+                # Under HE the count travels inside the ciphertext: unknown here, not 0.
+                examples=None
+                if (run.config.get("he") or {}).get("enabled")
+                else max((p.num_examples for p in train_ok), default=0),
                 last_server_round=max(p.server_round for p in rows),
                 errors=sorted({p.detail for p in rows if p.status != SiteStatus.OK and p.detail}),
             )

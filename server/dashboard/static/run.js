@@ -40,6 +40,16 @@
 
   function pct(v) { return v === null || v === undefined ? "" : (100 * v).toFixed(1) + "%"; }
 
+  // One tick per round up to 40 rounds; beyond that Plotly picks the spacing (labels overprinted).
+  function roundAxis(title, rounds) {
+    const axis = { title: { text: title }, rangemode: "tozero" };
+    if (rounds <= 40) axis.dtick = 1;
+    else axis.nticks = 20;
+    return axis;
+  }
+
+  function nRounds(d) { return d.rounds.length; }
+
   function taskLines(bounds) {
     return bounds.map(function (x) {
       return { type: "line", x0: x - 0.5, x1: x - 0.5, yref: "paper", y0: 0, y1: 1,
@@ -55,7 +65,7 @@
     });
     if (!traces.length) return;
     Plotly.react(sized("chart-accuracy", 340), traces, layout({
-      xaxis: { title: { text: "server round (0 = untrained model)" }, dtick: 1, rangemode: "tozero" },
+      xaxis: roundAxis("server round (0 = untrained model)", nRounds(d)),
       yaxis: { title: { text: "federation accuracy" }, tickformat: ".0%", range: [0, 1.02] },
       shapes: taskLines(d.task_boundaries),
     }), config);
@@ -79,11 +89,23 @@
     }), config);
   }
 
+  // Lifetime ε (all runs) is what a site's budget bounds: solid, against the budget lines;
+  // the share this run spent is dotted in the same legend group.
+  const palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                   "#7f7f7f", "#bcbd22", "#17becf"];
   function drawPrivacy(d) {
     if (!d.privacy.length) return;
-    const traces = d.privacy.map(function (s) {
-      return { type: "scatter", mode: "lines+markers", x: s.server_rounds, y: s.epsilon_run,
-               name: esc(s.site_id), hovertemplate: "round %{x}: ε = %{y:.3f}<extra>%{fullData.name}</extra>" };
+    const traces = [];
+    d.privacy.forEach(function (s, i) {
+      const color = palette[i % palette.length];
+      const lifetime = s.epsilon_lifetime && s.epsilon_lifetime.length ? s.epsilon_lifetime : s.epsilon_run;
+      traces.push({ type: "scatter", mode: "lines", x: s.server_rounds, y: lifetime,
+                    name: esc(s.site_id), legendgroup: esc(s.site_id), line: { color: color },
+                    hovertemplate: "round %{x}: lifetime ε = %{y:.3f}<extra>%{fullData.name}</extra>" });
+      traces.push({ type: "scatter", mode: "lines", x: s.server_rounds, y: s.epsilon_run,
+                    name: esc(s.site_id) + " (this run)", legendgroup: esc(s.site_id), showlegend: false,
+                    line: { color: color, dash: "dot", width: 1 },
+                    hovertemplate: "round %{x}: ε this run = %{y:.3f}<extra>%{fullData.name}</extra>" });
     });
     // One dashed line per distinct budget, labelled with the sites that reported it.
     const budgets = {};
@@ -97,8 +119,8 @@
                         yanchor: "bottom", font: { size: 10, color: "#c62828" } } };
     });
     Plotly.react(sized("chart-privacy", 340), traces, layout({
-      xaxis: { title: { text: "server round" }, dtick: 1 },
-      yaxis: { title: { text: "ε spent in this run" }, rangemode: "tozero" },
+      xaxis: roundAxis("server round", nRounds(d)),
+      yaxis: { title: { text: "lifetime ε (dotted: this run)" }, rangemode: "tozero" },
       shapes: shapes,
     }), config);
   }
@@ -166,29 +188,34 @@
     Plotly.react(sized("chart-rounds", 340), traces, layout({
       barmode: "stack",
       margin: { l: 60, r: 60, t: 10, b: 95 },
-      xaxis: { title: { text: "server round" }, dtick: 1 },
-      yaxis: { title: { text: "sites" }, rangemode: "tozero", dtick: 1 },
+      xaxis: roundAxis("server round", nRounds(d)),
+      yaxis: { title: { text: "sites" }, rangemode: "tozero" },
       yaxis2: { title: { text: "seconds" }, overlaying: "y", side: "right", rangemode: "tozero", showgrid: false },
       shapes: taskLines(d.task_boundaries),
     }), config);
+    // Failures grouped by cause (status, phase, error): one line each, not one per site-round.
     const list = document.getElementById("incidents");
     list.replaceChildren();
-    r.forEach(function (o) {
-      if (o.status === "failed") {
-        const li = document.createElement("li");
-        li.className = "failed";
-        li.textContent = "Round " + o.server_round + " failed";
-        list.appendChild(li);
-      }
-      o.participations.forEach(function (p) {
-        if (p.status === "ok") return;
-        const li = document.createElement("li");
-        li.className = p.status;
-        li.textContent = "Round " + o.server_round + ": " + p.site_id + " " + p.status + " (" +
-          p.phase + ")" + (p.detail ? ": " + p.detail : "");
-        list.appendChild(li);
-      });
+    const failedRounds = r.filter(function (o) { return o.status === "failed"; }).map(function (o) { return o.server_round; });
+    if (failedRounds.length) {
+      const li = document.createElement("li");
+      li.className = "failed";
+      li.textContent = "Round" + (failedRounds.length > 1 ? "s " : " ") + roundList(failedRounds) + " failed";
+      list.appendChild(li);
+    }
+    (d.failures || []).forEach(function (g) {
+      const li = document.createElement("li");
+      li.className = g.status;
+      li.textContent = g.status + " (" + g.phase + ") ×" + g.count + ": " + g.sites.join(", ") +
+        " in round" + (g.server_rounds.length > 1 ? "s " : " ") + roundList(g.server_rounds) +
+        (g.detail ? ": " + g.detail : "");
+      list.appendChild(li);
     });
+  }
+
+  function roundList(rounds) {
+    if (rounds.length <= 8) return rounds.join(", ");
+    return rounds.slice(0, 8).join(", ") + " … " + rounds[rounds.length - 1];
   }
 
   function drawBytes(d) {
@@ -200,17 +227,60 @@
       { type: "bar", name: "coordinator → sites", x: x, y: r.map(function (o) { return o.bytes_down; }) },
     ], layout({
       barmode: "group",
-      xaxis: { title: { text: "server round" }, dtick: 1 },
+      xaxis: roundAxis("server round", nRounds(d)),
       yaxis: { title: { text: "bytes" }, rangemode: "tozero", tickformat: "~s" },
     }), config);
   }
 
+  function signedPct(v) { return v === null || v === undefined ? "–" : (v >= 0 ? "+" : "") + (100 * v).toFixed(1) + " pp"; }
+
+  function fact(name, text) {
+    const el = document.querySelector('#run-facts [data-fact="' + name + '"]');
+    if (el) el.textContent = text;
+  }
+
+  // The header follows the run: badge (stale, degraded), rounds, ACC/BWT/FWT, ε, hash, alerts.
   function drawStatus(d) {
+    const run = d.run;
     const badge = document.querySelector("#run-status .badge");
     if (badge) {
-      const lost = d.run.status === "completed" && d.run.lost_site_rounds > 0;
-      badge.textContent = lost ? "completed · " + d.run.lost_site_rounds + " site-rounds lost" : d.run.status;
-      badge.className = "badge badge-" + (lost ? "completed-lost" : d.run.status);
+      if (run.health === "stale") {
+        const minutes = Math.round((run.idle_seconds || 0) / 60);
+        badge.textContent = "stale · silent " + minutes + " min";
+        badge.className = "badge badge-stale";
+      } else if (run.health === "degraded") {
+        badge.textContent = "degraded · " + run.lost_site_rounds + " site-rounds lost";
+        badge.className = "badge badge-degraded badge-completed-lost";
+      } else {
+        badge.textContent = run.status;
+        badge.className = "badge badge-" + run.status;
+      }
+    }
+    const failed = d.rounds.filter(function (o) { return o.status === "failed"; }).length;
+    fact("rounds", run.rounds_completed + " completed" + (failed ? ", " + failed + " failed" : ""));
+    fact("acc", run.avg_accuracy === null ? "–" : pct(run.avg_accuracy));
+    fact("bwt", signedPct(run.bwt));
+    fact("fwt", signedPct(run.fwt));
+    fact("epsilon", run.epsilon === null || run.epsilon === undefined ? "–" : run.epsilon.toFixed(2));
+    const h = d.model_hash;
+    fact("hash", !h ? "not checked" : h.rounds_agreed === h.rounds_checked
+      ? "all sites agreed (" + h.rounds_checked + " rounds)"
+      : "sites disagreed in " + (h.rounds_checked - h.rounds_agreed) + " of " + h.rounds_checked + " rounds");
+    const reason = document.getElementById("run-reason");
+    if (reason) {
+      reason.textContent = run.reason ? "Reason: " + run.reason : "";
+      reason.hidden = !run.reason;
+    }
+    const alerts = document.getElementById("alerts");
+    if (alerts) {
+      alerts.replaceChildren();
+      (d.alerts || []).forEach(function (a) {
+        const li = document.createElement("li");
+        li.className = "alert alert-" + a.severity;
+        li.dataset.kind = a.kind;
+        li.textContent = a.message;
+        alerts.appendChild(li);
+      });
     }
     show("live", d.poll);
   }

@@ -48,7 +48,7 @@
         .then(function (body) { doneThenReload(body.message); })
         .catch(function (err) {
           say(err.message, true);
-          document.querySelectorAll("button.act").forEach(function (b) { b.disabled = false; });
+          document.querySelectorAll("button.act").forEach(function (b) { b.disabled = b.hasAttribute("data-locked"); });
         });
     });
   });
