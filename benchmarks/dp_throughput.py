@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch intra-op threads (default 1; 0 = torch's default, all cores)",
     )
+    parser.add_argument("--repeats", type=int, default=None, help="default 1 quick, 3 full")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--models", nargs="*", default=None, help="subset of model names")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, channels, size in cases:
         heavy = name in HEAVY
         batches = (2 if heavy else 4) if args.quick else (6 if heavy else 20)
-        repeats = 1 if args.quick else 3
+        repeats = args.repeats or (1 if args.quick else 3)
         t0 = time.perf_counter()
         result = run_case(
             name,
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "repeats": args.repeats or (1 if args.quick else 3),
         "device": args.device,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

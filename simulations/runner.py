@@ -258,6 +258,7 @@ def join_ray_cluster(address: str) -> RayCluster:
 
     import ray
 
+    _check_reachable(address)
     if ray.is_initialized():
         ray.shutdown()
     try:
@@ -287,6 +288,23 @@ def join_ray_cluster(address: str) -> RayCluster:
         cluster.gpus,
     )
     return cluster
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, naming the setting, when nothing listens at a ``HOST:PORT`` address
+    (``ray.init`` would retry for minutes); ``auto`` and ``ray://`` addresses go to Ray as is."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"simulation.ray_address = {address!r}: no Ray head answers there ({err}); start "
+            "one with `ray start --head --port PORT` and pass the address it prints"
+        ) from err
 
 
 def ray_backend_config(sim: SimulationSpec, cluster: RayCluster | None = None) -> dict[str, Any]:

@@ -163,6 +163,11 @@ def test_simulate_joins_an_existing_two_node_ray_cluster(ray_cluster: str, tmp_p
 
 
 def test_a_ray_address_with_no_cluster_is_a_clear_error(tmp_path) -> None:
+    from fedcl.config import ConfigError
+    from fedcl.simulations.runner import join_ray_cluster
+
+    with pytest.raises(ConfigError, match=r"simulation.ray_address = '127.0.0.1:9': no Ray head"):
+        join_ray_cluster("127.0.0.1:9")  # in seconds: ray.init itself retries for minutes
     proc = subprocess.run(
         [
             sys.executable,

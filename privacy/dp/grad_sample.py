@@ -19,8 +19,11 @@ does:
   ``add_gradients`` after the noise (``fedcl.client.trainer``), never the loss, so ghost's
   rescaling of the loss touches only data terms.
 
-Measured through the site's training path (benchmarks/dp_throughput.py --all-modes, the table
-in its JSON): the choice below is the fastest mode per architecture there.
+Measured through the site's training path (benchmarks/dp_throughput.py: every mode paired with
+non-private training in one run; docs/notes/measurements.md, "DP-SGD modes per model"): the
+choice below is the fastest mode per architecture there, or tied with it. On the CPU no Opacus
+1.6 mode reaches 0.6x of non-private throughput on the conv models: conv layers have no norm
+sampler, so every mode materialises their per-sample gradients.
 """
 
 from __future__ import annotations
