@@ -74,7 +74,7 @@ class SiteJob:
     @cached_property
     def replies(self) -> ReplyCache:
         """The replies this site produced in this run (an idempotent retry re-sends them)."""
-        return ReplyCache(self.state_dir / "replies")
+        return ReplyCache(self.state_dir / "replies", durable=P.SITES_DIR not in self.config)
 
     @cached_property
     def codec(self) -> UpdateCodec:

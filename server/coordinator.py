@@ -322,24 +322,24 @@ class Coordinator:
         train_rows = round_costs(result)
         if P.TRAIN_LOSS in result.metrics:
             train_rows.append(MetricRow(Metric.TRAIN_LOSS, float(result.metrics[P.TRAIN_LOSS])))
-        with self.registry.batch():
+        self._drift(result.model, step, round_id)  # its own round trip: before the batch
+        with self.registry.batch():  # the canary reads the rows this transaction wrote
             if not self.with_train:
                 unscored_now = Unscored(step, round_id, result.model)
                 rows = self._record_evaluation(unscored_now, evaluation)
             self.registry.record_metrics(self.run_id, round_id, train_rows)
-        self._drift(result.model, step, round_id)
-        next_model = self.versions.after_canary(
-            result.model, self.experiment.canary_max_drop, self.experiment.canary_sites
-        )
+            next_model = self.versions.after_canary(
+                result.model, self.experiment.canary_max_drop, self.experiment.canary_sites
+            )
+            seconds = time.perf_counter() - start
+            self.registry.complete_round(
+                round_id,
+                seconds=seconds,
+                bytes_up=sum(o.bytes_up for o in result.outcomes),
+                bytes_down=sum(record_bytes(m.content) for m in messages),
+            )
         if self.with_train:
             self.unscored = Unscored(step, round_id, next_model, result, model, silent)
-        seconds = time.perf_counter() - start
-        self.registry.complete_round(
-            round_id,
-            seconds=seconds,
-            bytes_up=sum(o.bytes_up for o in result.outcomes),
-            bytes_down=sum(record_bytes(m.content) for m in messages),
-        )
         summary = self.recorder.summary(step, seconds, result, rows + train_rows, evaluated)
         self._notify("round_finished", summary)
         return next_model, result

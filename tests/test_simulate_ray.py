@@ -40,6 +40,9 @@ def test_simulate_on_ray_writes_the_contract(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Accuracy matrix" in proc.stdout and "ACC" in proc.stdout
+    # Neither Flower's run_simulation deprecation notice nor Ray's FutureWarning (issue 14).
+    printed = proc.stdout + proc.stderr
+    assert "DEPRECATED FEATURE" not in printed and "FutureWarning" not in printed, printed[-3000:]
     results = json.loads((out / "results.json").read_text())
     for key in (
         "scenario",

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -89,6 +89,22 @@ def get_round(session: Session, round_id: int, run_id: str | None = None) -> Rou
             f"round id {round_id} belongs to run {rnd.run_id!r}, not to run {run_id!r}"
         )
     return rnd
+
+
+def touch_sites(session: Session, site_ids: set[str]) -> None:
+    """:func:`touch_site` for many sites in two statements (a round names up to hundreds)."""
+    for site_id in site_ids:
+        check_site_id(site_id)
+    if not site_ids:
+        return
+    now = utcnow()
+    known = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(site_ids)))}
+    for site_id in sorted(site_ids):
+        if site_id in known:
+            known[site_id].last_seen = now
+        else:
+            session.add(Site(id=site_id, first_seen=now, last_seen=now))
+    session.flush()
 
 
 def touch_site(session: Session, site_id: str) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from fedcl.config.vocabulary import Metric as MetricName
 
-from .core import RegistryCore, get_round, get_run, touch_site
+from .core import RegistryCore, get_round, get_run, touch_sites
 from .errors import RegistryError
 from .info import MetricInfo, MetricRow
 from .models import Metric, Round, utcnow
@@ -30,14 +30,12 @@ class Metrics(RegistryCore):
             if round_id is not None:
                 get_round(s, round_id, run_id)
             now = utcnow()
-            touched: set[str] = set()
+            rows = list(rows)
+            touch_sites(s, {row.site_id for row in rows if row.site_id is not None})
             for row in rows:
                 if not row.name:
                     raise RegistryError(f"metric of run {run_id!r} has an empty name")
                 value = float(row.value)
-                if row.site_id is not None and row.site_id not in touched:
-                    touch_site(s, row.site_id)
-                    touched.add(row.site_id)
                 s.add(
                     Metric(
                         run_id=run_id,

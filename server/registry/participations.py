@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from .core import RegistryCore, get_round, touch_site
+from .core import RegistryCore, get_round, touch_site, touch_sites
 from .errors import RegistryError
 from .info import ParticipationInfo, SiteInfo
 from .models import Participation, Round, Site, utcnow
@@ -52,13 +52,7 @@ class Participations(RegistryCore):
             get_round(s, round_id)
             now = utcnow()
             names = {r.site_id for r in rows}
-            known = {site.id: site for site in s.scalars(select(Site).where(Site.id.in_(names)))}
-            for name in sorted(names):
-                if name in known:
-                    known[name].last_seen = now
-                else:
-                    s.add(Site(id=name, first_seen=now, last_seen=now))
-            s.flush()
+            touch_sites(s, names)
             there = {
                 (p.site_id, p.phase): p
                 for p in s.scalars(
