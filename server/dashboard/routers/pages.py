@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse
+from markupsafe import Markup
 
 from fedcl.server.registry import RUN_STATUSES
 
@@ -36,6 +37,13 @@ router = APIRouter(include_in_schema=False)
 RUNS_PER_PAGE = 25
 AUDIT_PER_PAGE = 100
 VERSIONS_PER_PAGE = 200
+
+
+def script_safe(text: str) -> Markup:
+    """JSON for a <script type="application/json"> element: what Jinja's tojson escapes."""
+    for char, escaped in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("'", "\\u0027")):
+        text = text.replace(char, escaped)
+    return Markup(text)
 
 
 def render(
@@ -155,7 +163,8 @@ def run_page(
         user,
         nav="runs",
         run=service.run_detail(registry, run, user),
-        charts=service.run_charts(registry, run, user).model_dump(mode="json"),
+        charts=service.run_charts(registry, run, user),
+        charts_json=script_safe(service.run_charts_json(registry, run, user)),
         poll_seconds=request.app.state.poll_seconds,
     )
 

@@ -12,7 +12,7 @@ registry's snapshots (``model_validate``), never filled in field by field.
 
 from .audit import audit_list
 from .cache import results_of
-from .charts import drift_map, run_charts
+from .charts import drift_map, run_charts, run_charts_json
 from .downloads import ledger_csv, metrics_csv, results_json
 from .rounds import federation_accuracy_by_round, metric_list, round_list
 from .runs import all_runs, list_runs, matrix_out, run_detail, run_out, task_list
@@ -35,6 +35,7 @@ __all__ = [
     "round_list",
     "drift_map",
     "run_charts",
+    "run_charts_json",
     "run_detail",
     "site_detail",
     "site_list",
