@@ -188,8 +188,9 @@ def test_run_page_draws_every_panel_and_updates_live(
     browser.get(f"{base}/runs/{DP_RUN}")
     _wait(browser, lambda d: _svg_children(d, "chart-privacy") > 10, "ε chart drawn")
     assert browser.find_element(By.ID, "live").is_displayed()
-    incidents = browser.find_element(By.ID, "incidents").text
-    assert "site-2 refused" in incidents and "site-1 failed" in incidents
+    lines = browser.find_element(By.ID, "incidents").text.splitlines()  # grouped by cause
+    assert any(line.startswith("refused (") and "site-2" in line for line in lines), lines
+    assert any(line.startswith("failed (") and "site-1" in line for line in lines), lines
     _screenshot(browser, "dashboard-running-run.png", 1500)
     rendered = int(browser.execute_script("return document.body.dataset.rendered"))
     dash.registry.set_run_status(DP_RUN, "completed")
@@ -197,7 +198,7 @@ def test_run_page_draws_every_panel_and_updates_live(
     _wait(
         browser,
         lambda d: d.find_element(By.CSS_SELECTOR, "#run-status .badge").text.startswith(
-            "completed · "
+            "degraded · "
         ),
         "status badge updated by polling",
     )
@@ -348,3 +349,141 @@ def test_login_and_logout_csrf_fail_and_a_site_sees_no_other_tokens(
     refused = [f"{base}/{a} - Failed to load resource: the server responded with a status of 403"
                for a in ("login", "logout")]  # fmt: skip
     assert [e for e in _browser_errors(browser) if not e.startswith(tuple(refused))] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The version lifecycle over a real run (tests/lifecycle_helpers.py: CKKS + EWC + the unattended
+# canary, round 4 sabotaged), served by a second uvicorn in the same browser session.
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Any]]:
+    """(base URL, registry, lifecycle run) of a dashboard over the real lifecycle run."""
+    import uvicorn
+    from lifecycle_helpers import lifecycle_run
+
+    from fedcl.server.dashboard import create_app
+
+    run = lifecycle_run(tmp_path_factory.mktemp("lifecycle-browser"))
+    app = create_app(run.url, artifacts_dir=run.artifacts)
+    registry = app.state.registry
+    registry.create_token("carol", "admin")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="lifecycle-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", registry, run
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        registry.close()
+
+
+def _fetch(driver: Any, url: str, method: str = "GET") -> dict[str, Any]:
+    """fetch() from the page (its cookie and the dashboard's header): status, body, headers."""
+    return driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: arguments[1], credentials: 'same-origin',"
+        "  headers: {'X-Fedcl-Dashboard': '1', Accept: 'application/json'}})"
+        ".then(r => r.arrayBuffer().then(b => done({status: r.status, size: b.byteLength,"
+        "  text: new TextDecoder().decode(b.slice(0, 2000)),"
+        "  sha: r.headers.get('X-Fedcl-Sha256'), type: r.headers.get('Content-Type')})))"
+        ".catch(e => done({status: -1, text: String(e)}));",
+        url,
+        method,
+    )
+
+
+def _screens_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_version_lifecycle_in_the_browser(lifecycle: tuple[str, Any, Any], browser: Any) -> None:
+    """Promote is refused for a Fisher; the canary promoted and rolled back by itself; a site's
+    release of the encrypted production model downloads as safetensors."""
+    from fedcl.cli.main import main as fedcl_main
+
+    base, registry, run = lifecycle
+    token = registry.create_token("carol-browser", "admin")
+    _sign_in(browser, base, token)
+    versions = {(v.kind, v.server_round): v for v in registry.list_model_versions("test-run")}
+    fisher = next(v for (kind, _), v in versions.items() if kind == "fisher")
+
+    browser.get(f"{base}/versions?run=test-run")
+    row = browser.find_element(By.ID, f"version-{fisher.id}")
+    assert row.get_attribute("data-kind") == "fisher"
+    assert not row.find_element(By.CSS_SELECTOR, 'button[data-action="promote"]').is_enabled()
+    refused = _fetch(browser, f"/api/versions/{fisher.id}/promote", "POST")
+    assert refused["status"] == 409 and "is a fisher" in refused["text"], refused
+    # Unattended: nobody clicked anything, yet round 4 is rolled back and round 5 is production.
+    assert _status_of(browser, versions[("model", 4)].id) == "rolled_back"
+    assert _status_of(browser, versions[("model", 5)].id) == "production"
+
+    production = versions[("model", 5)]
+    site_toml = run.sites_dir / "site-0.toml"
+    assert (
+        fedcl_main(
+            [
+                "site",
+                "release",
+                str(site_toml),
+                "--version",
+                str(production.id),
+                "--db",
+                run.url,
+                "--artifacts",
+                str(run.artifacts),
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    release = next(v for v in registry.list_model_versions("test-run") if v.kind == "release")
+    browser.get(f"{base}/versions?run=test-run")
+    link = browser.find_element(By.CSS_SELECTOR, f"#version-{production.id} a.release")
+    assert link.get_attribute("href").endswith(f"/api/versions/{release.id}/download")
+    got = _fetch(browser, f"/api/versions/{release.id}/download")
+    assert got["status"] == 200 and got["sha"] == release.sha256 and got["size"] > 1000
+    errors = _browser_errors(browser)
+    assert all("409" in e for e in errors), errors  # only the refused promote was logged
+    _screenshot(browser, "dashboard-versions-lifecycle.png", 900)
+    shutil.copy(
+        _artifacts_dir() / "dashboard-versions-lifecycle.png", _screens_dir() / "versions.png"
+    )
+
+    # The pages a coordinator steers by, photographed for the docs.
+    from test_dashboard import replay
+
+    # A second real run beside it (the demo simulation the other tests share) to compare with.
+    replay(build_demo_snapshot(Path(tempfile.mkdtemp(prefix="fedcl-demo-"))), registry)
+    browser.get(f"{base}/runs")
+    assert (
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-run="test-run"]').get_attribute(
+            "data-health"
+        )
+        == "degraded"
+    )
+    _screenshot(browser, "dashboard-runs.png", 700)
+    shutil.copy(_artifacts_dir() / "dashboard-runs.png", _screens_dir() / "runs.png")
+    browser.get(f"{base}/runs/test-run")
+    _wait(browser, lambda d: _svg_children(d, "chart-accuracy") > 10, "accuracy drawn")
+    alerts = browser.find_element(By.ID, "alerts").text
+    assert "round 4: mean accuracy fell from" in alerts
+    assert "hidden (HE)" in browser.find_element(By.ID, "sites-table").text
+    _screenshot(browser, "dashboard-run-lifecycle.png", 1900)
+    shutil.copy(_artifacts_dir() / "dashboard-run-lifecycle.png", _screens_dir() / "run.png")
+    browser.get(f"{base}/runs")
+    browser.find_element(By.CSS_SELECTOR, 'input[name="run"][value="test-run"]').click()
+    browser.find_element(By.CSS_SELECTOR, f'input[name="run"][value="{DEMO_RUN}"]').click()
+    browser.find_element(By.ID, "compare-selected").click()
+    _wait(browser, lambda d: urlsplit(d.current_url).path == "/compare", "on the comparison")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#matrices table.matrix")) == 2
+    _screenshot(browser, "dashboard-compare.png", 1000)
+    shutil.copy(_artifacts_dir() / "dashboard-compare.png", _screens_dir() / "compare.png")
