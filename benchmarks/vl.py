@@ -14,6 +14,8 @@ same ServerApp and ClientApp as a deployment), read back from its ``results.json
 * ``dp``: ``fed`` with DP-SGD at ``dp.epsilon = 8`` (evaluation in clear to read the model).
 * ``he``: ``fed`` with CKKS on, and ``he-adapter``: CKKS with only the projections trained
   (``train = ["projections"]``): upload bytes per site per round from ``results.json``.
+* ``fed-adapter``, ``central-adapter``, ``dp-adapter``: the same three with only the projections
+  and the temperature trained (both towers frozen, from ``frozen_seed``).
 * ``cil-naive`` / ``cil-replay`` (dual encoder, 5 tasks of new prompts) and ``cil-classifier``
   (the same image tower with a linear head over all classes, naive fine-tuning): ACC and BWT.
 
@@ -41,11 +43,23 @@ CONFIGS: dict[str, list[str]] = {
     "dp": ["data.num_tasks=1", "dp.epsilon=8", 'dp.evaluation="clear"'],
     "he": ["data.num_tasks=1", "he.enabled=true"],
     "he-adapter": ["data.num_tasks=1", "he.enabled=true", 'model.options.train=["projections"]'],
+    "fed-adapter": ["data.num_tasks=1", 'model.options.train=["projections"]'],
+    "central-adapter": [
+        "data.num_tasks=1",
+        "simulation.num_sites=1",
+        'model.options.train=["projections"]',
+    ],
+    "dp-adapter": [
+        "data.num_tasks=1",
+        "dp.epsilon=8",
+        'dp.evaluation="clear"',
+        'model.options.train=["projections"]',
+    ],
     "cil-naive": [],
     "cil-replay": ['continual.method="replay"'],
     "cil-classifier": ['model.name="mlp"', "model.options={}"],
 }
-ONE_TASK = {"fed", "central", "dp", "he", "he-adapter"}
+ONE_TASK = {c for c in CONFIGS if not c.startswith("cil")}
 
 
 def simulate(scenario: str, overrides: list[str], out: Path) -> dict[str, Any]:
