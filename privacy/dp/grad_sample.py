@@ -39,43 +39,33 @@ if TYPE_CHECKING:
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch", "ghost")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 
-#: Share of trainable parameters in layers with an Opacus norm sampler (Linear, Embedding)
-#: above which ghost clipping is chosen: below it, the materialised layers dominate and ghost's
-#: second backward pass is pure cost.
-GHOST_PARAMETER_SHARE = 0.9
-
 
 def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> str:
     """The per-sample-gradient mode for ``model``: ``override`` if given, else by architecture.
 
-    * no convolution and ≥ 90 % of the trainable parameters in Linear/Embedding layers
-      (MLP, ViT): ``ghost`` (norms without per-sample gradients);
-    * convolutions, every parameterised layer one ExpandedWeights supports (CNN, ResNet-18-GN):
-      ``ew`` (PyTorch's per-sample conv rule beat Opacus' unfold+einsum hooks);
+    * every parameterised layer an ``nn.Linear`` (MLP): ``ghost``. On flat inputs a Linear's
+      per-sample gradient norm is ‖a‖·‖g‖, so nothing of size batch × parameters is built
+      (MLP on 3x32x32: 0.35x of non-private against 0.04x with hooks);
+    * every parameterised layer one ExpandedWeights supports (CNN, ResNet-18-GN, ViT): ``ew``,
+      PyTorch's per-sample rules, which beat Opacus' hooks on the conv and attention models
+      (cnn 3x32x32 0.78x vs 0.59x, vit-tiny 0.74x vs 0.57x; ghost 0.44x and 0.33x: sequence
+      Linears need T×T Gram matrices and conv layers have no norm sampler);
     * anything else: ``hooks``, which supports every layer Opacus validates.
     """
     if override is not None:
         return _valid_mode(override)
+    layers = [
+        module
+        for module in model.modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    if not layers:
+        return DEFAULT_GRAD_SAMPLE_MODE
     from torch import nn
 
-    trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
-    total = sum(trainable.values())
-    if total == 0:
-        return DEFAULT_GRAD_SAMPLE_MODE
-    ghost_share, has_conv, ew_ok = 0, False, True
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if isinstance(module, nn.Linear | nn.Embedding):
-            ghost_share += sum(p.numel() for p in own)
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            has_conv = True
-        if not isinstance(module, _ew_layers()):
-            ew_ok = False
-    if not has_conv and ghost_share >= GHOST_PARAMETER_SHARE * total:
+    if all(type(m) is nn.Linear for m in layers):
         return "ghost"
-    if has_conv and ew_ok:
+    if all(isinstance(m, _ew_layers()) for m in layers):
         return "ew"
     return DEFAULT_GRAD_SAMPLE_MODE
 
