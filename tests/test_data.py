@@ -58,7 +58,7 @@ def test_exports_and_error_type() -> None:
         "train_test_split_indices",
     }
     assert issubclass(DataError, ValueError) and issubclass(DataError, FedclError)
-    assert BUILTIN_DATASETS == ("digits", "defects")
+    assert BUILTIN_DATASETS == ("digits", "defects", "captioned-defects", "captioned-digits")
 
 
 def test_labeled_images_coerces_subsets_and_validates() -> None:
