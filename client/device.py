@@ -37,13 +37,14 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def resolve_device(requested: str, *, site_id: str = "this site") -> torch.device:
+def resolve_device(requested: str, *, site_id: str | None = None) -> torch.device:
     """The device to train on for ``requested`` (``cpu``, ``auto``, ``cuda``, ``cuda:N``).
 
     ``cuda`` without a usable GPU falls back to the CPU with one warning per site; an index past
     the visible devices does too. Anything else is a :class:`FedclError` naming the setting.
     """
     name = str(requested).strip().lower()
+    who = f"site {site_id}: " if site_id else ""
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
@@ -52,20 +53,18 @@ def resolve_device(requested: str, *, site_id: str = "this site") -> torch.devic
         try:
             device = torch.device(name)
         except RuntimeError as err:
-            raise FedclError(f"site {site_id}: device = {requested!r} is not a device") from err
+            raise FedclError(f"{who}device = {requested!r} is not a device") from err
         why = cuda_unavailable_reason()
         if why is None and device.index is not None and device.index >= torch.cuda.device_count():
             why = f"only {torch.cuda.device_count()} CUDA device(s) are visible"
         if why is None:
             return device
-        if (site_id, name) not in _WARNED:
-            _WARNED.add((site_id, name))
-            logger.warning(
-                "site %s: device = %r asked for, but %s; training on the CPU", site_id, name, why
-            )
+        if (who, name) not in _WARNED:
+            _WARNED.add((who, name))
+            logger.warning("%sdevice = %r asked for, but %s; training on the CPU", who, name, why)
         return torch.device("cpu")
     raise FedclError(
-        f"site {site_id}: device = {requested!r} is not supported (site.toml `device`); "
+        f"{who}device = {requested!r} is not supported (site.toml `device`); "
         "use cpu, cuda, cuda:N or auto"
     )
 

@@ -207,7 +207,7 @@ class LocalTrainer:
         device: str | torch.device = "cpu",
         seed: int = 0,
         *,
-        site_id: str = "this site",
+        site_id: str | None = None,
         mixed_precision: bool = True,
     ):
         self.spec = spec
