@@ -8,6 +8,7 @@ ledger, replay buffer).
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cached_property, lru_cache
 
@@ -29,6 +30,20 @@ def _experiment(text: str) -> ExperimentConfig:
     """Every message of a run carries the same experiment: validate it once per process (a
     frozen model, so the messages can share it)."""
     return ExperimentConfig.model_validate(json.loads(text))
+
+
+_TEMPLATES: dict[int, tuple[RunPlan, torch.nn.Module]] = {}
+
+
+def _template(plan: RunPlan) -> torch.nn.Module:
+    """One built model per experiment object (messages share it: :func:`_experiment`)."""
+    key = id(plan.experiment)
+    found = _TEMPLATES.get(key)
+    if found is None or found[0].experiment is not plan.experiment:
+        if len(_TEMPLATES) >= 4:
+            _TEMPLATES.clear()
+        found = _TEMPLATES[key] = (plan, plan.build_model())
+    return found[1]
 
 
 class SiteJob:
@@ -82,7 +97,12 @@ class SiteJob:
         return codec_for(self.experiment, self.site)
 
     def new_model(self) -> torch.nn.Module:
-        return self.plan.build_model()
+        """A model of the run's architecture (its weights are overwritten or unused).
+
+        Copied from one built per experiment: initialising a fresh model cost more than the
+        copy on every message.
+        """
+        return copy.deepcopy(_template(self.plan))
 
     def global_model(self) -> torch.nn.Module:
         """The coordinator's current model, rebuilt from the experiment and its weights."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,14 +74,22 @@ class SiteData:
     stream: Stream
     train: LabeledImages
     test: LabeledImages
+    #: The task views cut so far: every round evaluates every task, so each is cut once.
+    _views: dict = field(default_factory=dict, compare=False, repr=False)
 
     def train_set(self, task_index: int) -> TensorDataset:
-        """Training examples of one task, labels mapped to model outputs."""
-        return self._tensors(self.train, self.stream.tasks[task_index])
+        """Training examples of one task, labels mapped to model outputs (read-only)."""
+        key = ("train", task_index)
+        if key not in self._views:
+            self._views[key] = self._tensors(self.train, self.stream.tasks[task_index])
+        return self._views[key]
 
     def test_set(self, eval_index: int) -> TensorDataset:
-        """Test examples of one evaluation task."""
-        return self._tensors(self.test, self.stream.evaluation_tasks[eval_index])
+        """Test examples of one evaluation task (read-only)."""
+        key = ("test", eval_index)
+        if key not in self._views:
+            self._views[key] = self._tensors(self.test, self.stream.evaluation_tasks[eval_index])
+        return self._views[key]
 
     def _tensors(self, data: LabeledImages, task) -> TensorDataset:
         idx = self.stream.select(task, data.y, data.domain, data.task)
