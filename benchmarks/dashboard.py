@@ -35,7 +35,7 @@ def build_run(url: str, *, rounds: int, sites: int, tasks: int) -> None:
 
     from fedcl.server.registry import MetricRow, Registry
     from fedcl.server.registry.core import touch_site
-    from fedcl.server.registry.models import Participation
+    from fedcl.server.registry.models import Participation, PrivacySpend
 
     site_ids = [f"site-{i:02d}" for i in range(sites)]
     per_task = max(1, rounds // tasks)
@@ -80,11 +80,19 @@ def build_run(url: str, *, rounds: int, sites: int, tasks: int) -> None:
                 rows.append(MetricRow("accuracy", acc, task_index=j))
                 rows += [MetricRow("accuracy", acc, site_id=s, task_index=j) for s in site_ids]
             reg.record_metrics(RUN, rid, rows)
-            for site in site_ids:
-                reg.record_privacy(
-                    RUN, rid, site, epsilon_run=0.03 * r, epsilon_lifetime=1.0 + 0.03 * r,
-                    delta=1e-5, budget=8.0,
-                )  # fmt: skip
+            with reg._tx() as s:
+                s.add_all(
+                    PrivacySpend(
+                        run_id=RUN,
+                        round_id=rid,
+                        site_id=site,
+                        epsilon_run=0.03 * r,
+                        epsilon_lifetime=1.0 + 0.03 * r,
+                        delta=1e-5,
+                        budget=8.0,
+                    )  # fmt: skip
+                    for site in site_ids
+                )
             reg.save_model_version(
                 RUN, rid, task_index=task, server_round=r, payload=payload, encrypted=False,
                 format="safetensors",

@@ -6,7 +6,9 @@ version is production, the earliest candidate whose round has a federation accur
 
 **Canary.** With ``canary_max_drop`` set, every newer candidate is judged when its evaluation
 has arrived: on the canary sites (``canary_sites``; every site when empty) its mean accuracy is
-compared with production's on the same sites and tasks. It is *promoted* (audited
+compared with production's on the same sites and tasks. With canary sites the candidate goes to
+them first (:func:`holds_at_canary_sites`); the other sites evaluate it only when it holds there,
+so a candidate that is rolled back never reaches them. It is *promoted* (audited
 ``canary.promoted``; the old production is archived) when it holds, and *rolled back* (audited
 ``canary.rolled_back``; the next round starts again from production) when it dropped by more than
 ``max_drop`` — so a poisoned or diverged round is never rolled out and a resumed run does not
@@ -30,7 +32,7 @@ from typing import Literal
 
 from fedcl.config.vocabulary import Metric, VersionKind, VersionState
 
-from .registry import ModelVersionInfo, Registry, RegistryError
+from .registry import MetricRow, ModelVersionInfo, Registry, RegistryError
 
 CanaryAction = Literal["rolled_back", "kept", "promoted", "skipped"]
 
@@ -220,3 +222,30 @@ def evaluate_canary(
     """
     decision = assess_canary(registry, run_id, max_drop=max_drop, actor=actor)
     return decision.message if decision.action == "rolled_back" else None
+
+
+def holds_at_canary_sites(
+    registry: Registry,
+    run_id: str,
+    rows: Sequence[MetricRow],
+    *,
+    sites: Sequence[str],
+    max_drop: float,
+) -> bool | None:
+    """Whether a candidate the canary sites just evaluated (their accuracy ``rows``) holds
+    against production on the same sites and tasks; ``None`` when there is nothing to compare
+    with yet (no production, no shared task), which rolls it out like a candidate that holds."""
+    production, _ = _pick(registry.list_model_versions(run_id))
+    if production is None:
+        return None
+    before = site_accuracy_by_round(registry, run_id, sites).get(production.server_round, {})
+    now: dict[int, list[float]] = {}
+    for row in rows:
+        if row.name == Metric.ACCURACY and row.site_id in sites and row.task_index is not None:
+            now.setdefault(row.task_index, []).append(row.value)
+    shared = sorted(set(before) & set(now))
+    if not shared:
+        return None
+    cand = sum(sum(now[j]) / len(now[j]) for j in shared) / len(shared)
+    prod = sum(before[j] for j in shared) / len(shared)
+    return prod - cand <= max_drop

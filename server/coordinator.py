@@ -250,6 +250,38 @@ class Coordinator:
         messages = [m for m in messages if m.metadata.dst_node_id not in silent]
         return self.strategy.aggregate_evaluate(step.server_round, self._send(messages))
 
+    def _evaluate_canary_first(
+        self, model: GlobalModel, step: PlannedRound, silent: frozenset[int]
+    ) -> Evaluation:
+        """The candidate goes to the canary sites first and to the others only if it holds
+        there (server/canary.py); without canary sites (or production yet) to everyone."""
+        max_drop, sites = self.experiment.canary_max_drop, self.experiment.canary_sites
+        nodes = {n for n in (self.strategy.sites.node(s) for s in sites) if n is not None}
+        if max_drop is None or not nodes:
+            return self._evaluate(model, step, silent)
+        from .canary import holds_at_canary_sites
+
+        others = frozenset(self.grid.get_node_ids()) - nodes
+        first = self._evaluate(model, step, silent | others)
+        rows = self.recorder.accuracy_rows(first)
+        holds = holds_at_canary_sites(
+            self.registry, self.run_id, rows, sites=sites, max_drop=max_drop
+        )
+        if holds is False:
+            self.registry.audit(
+                "canary.withheld",
+                f"round {step.server_round}: the candidate fell more than {max_drop} at canary "
+                f"sites {', '.join(sites)}; the other sites do not receive it",
+                run_id=self.run_id,
+                actor="canary",
+            )
+            return first
+        rest = self._evaluate(model, step, silent | nodes)
+        totals = dict(first.totals)
+        for key, value in rest.totals.items():
+            totals[key] = totals.get(key, 0.0) + value
+        return Evaluation(totals, first.outcomes + rest.outcomes)
+
     def _begin(self, step: PlannedRound) -> int:
         return self.registry.begin_round(
             self.run_id,
@@ -312,7 +344,7 @@ class Coordinator:
                 model=result.model,
             )  # fmt: skip
         if not self.with_train:
-            evaluation = self._evaluate(result.model, step, silent)
+            evaluation = self._evaluate_canary_first(result.model, step, silent)
             if reports_corrupt(evaluation):
                 result, evaluation, reason = self._recover(step, round_id, model, result)
                 if evaluation is None:

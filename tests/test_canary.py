@@ -37,10 +37,17 @@ def test_the_unattended_canary_promotes_and_rolls_back_by_itself(tmp_path) -> No
         }
         audit = [a for a in reg.list_audit(run_id="test-run", limit=500) if a.actor == "canary"]
         rows = [m for m in reg.list_metrics("test-run", name="accuracy") if m.site_id is None]
+        evaluated = {
+            (m.site_id, m.server_round) for m in reg.list_metrics("test-run", name="accuracy")
+        }
+    # The rolled-back candidate never reached the site outside the canary; the others did.
+    assert ("site-2", 4) not in evaluated and ("site-0", 4) in evaluated
+    assert {("site-2", r) for r in (1, 2, 3, 5)} <= evaluated
     kinds = [a.kind for a in reversed(audit) if not a.kind.startswith("model_version")]
     assert kinds[0] == "production.first"  # round 1: the first evaluated version
     assert kinds.count("canary.promoted") == 3  # rounds 2, 3 and 5
     assert kinds.count("canary.rolled_back") == 1  # round 4
+    assert kinds.count("canary.withheld") == 1  # ... judged at the canary sites alone
     assert all("at canary sites site-0, site-1" in a.message for a in audit if "canary." in a.kind)
     assert versions == {
         1: "archived",

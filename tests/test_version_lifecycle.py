@@ -61,7 +61,13 @@ def test_the_canary_promoted_and_rolled_back_by_itself(served: Served) -> None:
     assert statuses == {1: "archived", 2: "archived", 4: "rolled_back", 5: "production"}
     canary = [a for a in served.registry.list_audit(run_id=RUN, limit=500) if a.actor == "canary"]
     kinds = [a.kind for a in reversed(canary) if not a.kind.startswith("model_version")]
-    assert kinds == ["production.first", "canary.promoted", "canary.rolled_back", "canary.promoted"]
+    assert kinds == [
+        "production.first",
+        "canary.promoted",
+        "canary.withheld",  # the sabotaged candidate stayed at the canary sites
+        "canary.rolled_back",
+        "canary.promoted",
+    ]
     rolled = next(a for a in canary if a.kind == "canary.rolled_back")
     assert f"round {SABOTAGED_ROUND}" in rolled.message
     assert f"at canary sites {', '.join(CANARY_SITES)}" in rolled.message

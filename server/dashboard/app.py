@@ -31,6 +31,7 @@ from .deps import LoginRequired
 from .offline import HeadAsGet, install_docs
 from .origin import SameOriginWrites
 from .routers import audit, pages, prometheus, runs, session, sites, tokens, versions
+from .service.cache import ReadScope
 
 # Pages only load our own files. Plotly injects <style> elements and inline style attributes, and
 # renders heatmaps through data: URLs, hence those two allowances; scripts stay 'self' only.
@@ -226,5 +227,6 @@ def create_app(
 
     # Outermost: a cross-site write is refused before anything reads its body or cookie.
     app.add_middleware(SameOriginWrites)
+    app.add_middleware(ReadScope)  # a read request reads each run's fingerprint once
     app.add_middleware(HeadAsGet)  # outermost: HEAD is GET for every route and mount
     return app

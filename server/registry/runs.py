@@ -120,20 +120,21 @@ class Runs(RegistryCore):
         the run's ``updated_at`` and newest audit id cover overwrites in place.
         """
 
-        def newest(model: Any, *where: Any) -> Any:
-            return select(func.count(), func.max(model.id)).where(*where)
+        def scalars(model: Any, where: Any) -> list[Any]:
+            return [
+                select(func.count()).select_from(model).where(where).scalar_subquery(),
+                select(func.max(model.id)).where(where).scalar_subquery(),
+            ]
 
-        by_run = {
-            model: newest(model, model.run_id == run_id)
-            for model in (Round, Metric, PrivacySpend, DriftEvent, TaskStart, ModelVersion)
-        }
-        parts = newest(
-            Participation, Participation.round_id.in_(by_run[Round].with_only_columns(Round.id))
-        )
-        with self._tx() as s:
-            run = s.execute(
-                select(Run.status, Run.updated_at, Run.reason).where(Run.id == run_id)
-            ).first()
-            counts = [tuple(s.execute(q).one()) for q in (*by_run.values(), parts)]
-            audit = s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.run_id == run_id))
-        return (tuple(run) if run else None, *counts, audit)
+        rounds = select(Round.id).where(Round.run_id == run_id)
+        columns = [
+            select(Run.status).where(Run.id == run_id).scalar_subquery(),
+            select(Run.updated_at).where(Run.id == run_id).scalar_subquery(),
+            select(Run.reason).where(Run.id == run_id).scalar_subquery(),
+            select(func.max(AuditEvent.id)).where(AuditEvent.run_id == run_id).scalar_subquery(),
+            *scalars(Participation, Participation.round_id.in_(rounds)),
+        ]
+        for model in (Round, Metric, PrivacySpend, DriftEvent, TaskStart, ModelVersion):
+            columns += scalars(model, model.run_id == run_id)
+        with self._tx() as s:  # one statement: it runs on every dashboard request about a run
+            return tuple(s.execute(select(*columns)).one())

@@ -15,12 +15,43 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from typing import Any, TypeVar
+
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedcl.server.registry import Registry
 
 T = TypeVar("T")
 MAX_ENTRIES = 256
+# A read request's fingerprints, so the several cached pieces one page needs cost one query.
+_REQUEST: ContextVar[dict[str, Any] | None] = ContextVar("fedcl_dashboard_read", default=None)
+
+
+class ReadScope:
+    """ASGI middleware: within one GET (or HEAD) request a run's fingerprint is read once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        token = _REQUEST.set({})
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _REQUEST.reset(token)
+
+
+def _fingerprint(registry: Registry, run_id: str) -> Any:
+    memo = _REQUEST.get()
+    if memo is None:
+        return registry.run_fingerprint(run_id)
+    if run_id not in memo:
+        memo[run_id] = registry.run_fingerprint(run_id)
+    return memo[run_id]
 
 
 class RunCache:
@@ -33,7 +64,7 @@ class RunCache:
         self.builds = 0  # how many values were (re)built: what the tests and benchmark read
 
     def get(self, registry: Registry, run_id: str, key: Hashable, build: Callable[[], T]) -> T:
-        fingerprint = registry.run_fingerprint(run_id)
+        fingerprint = _fingerprint(registry, run_id)
         slot = (run_id, key)
         with self._lock:
             hit = self._items.get(slot)
