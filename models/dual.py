@@ -15,9 +15,9 @@ Opacus' hooks would attribute its gradient wrongly. While Opacus' per-sample hoo
 (``hooks`` and ``functorch`` grad-sample modes, the ones the site uses) each example gets its own
 copy of the prompts, ``(B, K, L)``, and :mod:`.text` keeps that batch dimension in every layer:
 exact per-sample gradients at ``B``× the text compute. Without DP the prompts run once per batch
-(the same function and the same summed gradient). ExpandedWeights ("ew") attaches no hooks, so
-the model cannot see it: a dual encoder with a trainable text side must not be trained in ew
-mode (the site never uses it: ``privacy/dp/grad_sample.py`` defaults to hooks).
+(the same function and the same summed gradient). ExpandedWeights ("ew") and ghost clipping
+attach no such hooks, so the model declares the mode it needs (:attr:`DualEncoder.
+fedcl_grad_sample_mode`, read by ``privacy/dp/grad_sample.py``).
 
 **What trains and travels** is ``train``, a subset of ``image`` (the image tower), ``text`` (the
 text tower) and ``projections`` (both projection heads and the temperature). A frozen part is not
@@ -30,6 +30,8 @@ so every site builds the same ones.
 
 While training, the held-out classes' prompts are not computed (their logits are −∞): no site's
 update ever depends on a prompt reserved for zero-shot evaluation, whatever mask the trainer uses.
+(EWC's Fisher is computed in evaluation mode, where every prompt competes: the prompts are public
+text, so its curvature sees them but no held-out example.)
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class LogitScale(nn.Module):
 
 class DualEncoder(nn.Module):
     """Image tower + text tower (or its frozen prompt features) + projections + temperature."""
+
+    #: DP-SGD must use Opacus' hooks: the per-example prompt copies are made when the hooks
+    #: are attached, and ExpandedWeights or ghost clipping would not see them
+    #: (``fedcl.privacy.dp.grad_sample.choose_grad_sample_mode`` reads this).
+    fedcl_grad_sample_mode = "hooks"
 
     def __init__(
         self,

@@ -173,3 +173,11 @@ def test_pretrained_text_tower_is_optional(defects):
     model = dual(defects, text="minilm", train=["image", "projections"])
     assert not any("text_tower" in k for k in model.state_dict())
     assert model.text_features.shape == (32, 384)
+
+
+def test_dp_sgd_uses_opacus_hooks_for_the_dual_encoder(defects):
+    """The chooser would pick ExpandedWeights for its layers; only hooks get the copies."""
+    from fedcl.privacy.dp.grad_sample import choose_grad_sample_mode
+
+    assert choose_grad_sample_mode(dual(defects)) == "hooks"
+    assert choose_grad_sample_mode(dual(defects, train=["projections"])) == "hooks"

@@ -54,6 +54,9 @@ def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> st
     """
     if override is not None:
         return _valid_mode(override)
+    declared = getattr(model, "fedcl_grad_sample_mode", None)  # a model that needs one mode
+    if isinstance(declared, str):  # (the dual encoder: hooks, docs/DESIGN.md §11)
+        return _valid_mode(declared)
     layers = [
         module
         for module in model.modules()
