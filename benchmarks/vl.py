@@ -115,6 +115,7 @@ def row_of(name: str, results: dict[str, Any], seconds: float, r1: float | None)
     return {
         "config": name,
         "status": results["status"],
+        "lost_site_rounds": results.get("lost_site_rounds_summary"),
         "seen": zero.get("seen"),
         "unseen": zero.get("unseen"),
         "harmonic": zero.get("harmonic"),
