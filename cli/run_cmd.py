@@ -135,7 +135,13 @@ def start_run(
     sub.follow_log(spec)
     last = {"t": time.monotonic(), "status": "starting"}
 
-    def alive() -> bool:  # Flower's view, asked every FLOWER_POLL_S (a `flwr ls` costs ~1 s)
+    def alive() -> bool:
+        """Whether the ServerApp still runs. Flower ends ``flwr log --stream`` when the run
+        finishes, so while the log follower runs nothing is asked; once it has ended, Flower's
+        view (``flwr ls``: a process, ~1-2 s of CPU) is asked every FLOWER_POLL_S."""
+        if sub.log_running():
+            last["t"] = 0.0  # once it ends, ask Flower at once
+            return True
         if time.monotonic() - last["t"] >= FLOWER_POLL_S:
             last["t"] = time.monotonic()
             last["status"] = sub.flower_status(spec) or last["status"]

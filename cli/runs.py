@@ -158,8 +158,12 @@ class Submission:
         )  # fmt: skip
         out.close()
 
+    def log_running(self) -> bool:
+        """Whether ``flwr log --stream`` still follows the run (Flower ends it with the run)."""
+        return self.log_proc is not None and self.log_proc.poll() is None
+
     def close(self) -> None:
-        if self.log_proc is not None and self.log_proc.poll() is None:
+        if self.log_running():
             self.log_proc.terminate()
             try:
                 self.log_proc.wait(timeout=5)

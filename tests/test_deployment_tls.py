@@ -4,8 +4,9 @@ The blocks marked ``<!-- quickstart: NAME -->`` in README.md's "Deployment" sect
 they are (bash -eu), with the variables they read set per site; the only edit is the SuperLink
 port in federation.toml (a free one). What travels out of band (``node.pub`` to the coordinator,
 the bundles to the sites) is copied here. Next to the enrolled sites run an intruder (its own
-key, never enrolled) and a site holding another federation's CA: neither ever takes part, and
-each one's supervisor says why. Then `coordinator run` refuses a bad experiment without
+key, never enrolled) and a site holding another federation's CA: neither ever connects, each
+one's supervisor says why, and both are stopped before the run (each retry is a SuperNode and
+a SuperExec process: ~6 s of CPU). Then `coordinator run` refuses a bad experiment without
 submitting it, and `coordinator stop` stops a run and records it. Every process is stopped,
 also when the test fails.
 """
@@ -64,13 +65,15 @@ def fedcl(*args, env: dict, cwd: Path, timeout: float = 120) -> subprocess.Compl
     )  # fmt: skip
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    """Poll ``predicate``; one that starts a process (``fedcl site status``: ~1 s of CPU) polls
+    every 2 s, so waiting does not take a core from the processes it waits for."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = predicate()
         if got:
             return got
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -147,7 +150,8 @@ def test_readme_deployment_tls_auth_three_sites(tmp_path: Path) -> None:
         _start_outsiders(tmp_path, coord, sites, env)
         for sid in SITES:
             wait_for(lambda s=sid: _status(s, sites, env)["connection"]["connected"], 60,
-                     f"{sid} to connect")  # fmt: skip
+                     f"{sid} to connect", every=2)  # fmt: skip
+        _check_outsiders(sites, env)  # refused, each saying why; then stopped
 
         start = time.monotonic()  # 4. the run
         out = sh(blocks["coordinator-run"], cwd=coord, env=env, timeout=480)
@@ -167,7 +171,7 @@ def test_readme_deployment_tls_auth_three_sites(tmp_path: Path) -> None:
             (1, "train", "completed"), (2, "train", "completed")
         ]  # fmt: skip
         assert all(r.num_participants == 3 and r.num_failures == 0 for r in rounds)
-        assert takers == set(SITES)  # the intruder never took part
+        assert takers == set(SITES)  # only enrolled sites: the outsiders were refused
         assert versions and all(v.encrypted for v in versions)
         assert {p.site_id for p in privacy} == set(SITES)
         assert all(0 < p.epsilon_run <= 8.0 for p in privacy)
@@ -177,7 +181,6 @@ def test_readme_deployment_tls_auth_three_sites(tmp_path: Path) -> None:
         trained = [r["task"] for r in status["last_rounds"] if r["release"] == "dp-sgd"]
         assert trained == [0, 1]  # beside them, the noised evaluations it paid for
 
-        _check_outsiders(sites)
         _check_refusal(coord, env)
         start = time.monotonic()
         foreground = _restart_in_foreground(coord, sites, env, procs)
@@ -224,7 +227,7 @@ def _status(site: str, sites: Path, env: dict) -> dict:
     return json.loads(done.stdout)
 
 
-def _check_outsiders(sites: Path) -> None:
+def _check_outsiders(sites: Path, env: dict) -> None:
     log = sites / "intruder" / "supernode" / "supervisor.log"
     wait_for(lambda: "refused this site's key" in read(log), 60, "the intruder's reason")
     assert "SuperNode ID:" not in read(sites / "intruder" / "supernode" / "supernode.log")
@@ -232,6 +235,9 @@ def _check_outsiders(sites: Path) -> None:
     wait_for(lambda: "TLS: the SuperLink's certificate is not signed by the CA" in read(log), 60,
              "the wrong CA's reason")  # fmt: skip
     assert "SuperNode ID:" not in read(sites / "wrong-ca" / "supernode" / "supernode.log")
+    for outsider in ("intruder", "wrong-ca"):  # said why: stop retrying (each try is a process)
+        done = fedcl("site", "down", sites / outsider, env=env, cwd=sites, timeout=40)
+        assert done.returncode == 0, done.stderr
 
 
 def _check_refusal(coord: Path, env: dict) -> None:
@@ -261,7 +267,7 @@ def _restart_in_foreground(
     wait_for(lambda: read(log).count("already registered") == 3, 90, "up --foreground")
     for sid in SITES:
         wait_for(lambda s=sid: _status(s, sites, env)["connection"]["connected"], 150,
-                 f"{sid} to reconnect")  # fmt: skip
+                 f"{sid} to reconnect", every=2)  # fmt: skip
     return proc
 
 

@@ -10,10 +10,10 @@ exists only inside this machine). Where namespaces are not permitted the sites r
 
 * ``test_cut_site_link_mid_run``: a site's link goes down as round 1 starts; round 1 completes
   with the other two as soon as the SuperLink reports the site unavailable (2 missed heartbeats,
-  well inside the round timeout), names the site and why, and does not ask it to evaluate; the
-  link comes back, round 2 waits for the site, whose supervised SuperNode reconnected, and it
-  trains. Seconds to detect, rounds missed and seconds to rejoin are printed (``faults:``
-  lines, -s).
+  well inside the round timeout) and names the site and why; the link comes back, round 2 waits
+  for the site, whose supervised SuperNode reconnected, and it evaluates round 1's model (the
+  evaluation travels in the train message) and trains. Seconds to detect, rounds missed and
+  seconds to rejoin are printed (``faults:`` lines, -s).
 * ``test_coordinator_killed_mid_run_resumes``: DP + HE + EWC; the ServerApp (the process the
   SuperLink's SuperExec starts for a run: the coordinator) and `fedcl coordinator run` are
   SIGKILLed once round 2 (EWC's consolidation) is stored; `fedcl coordinator stop` ends the dead
@@ -162,7 +162,8 @@ class Federation:
         return json.loads(done.stdout[start:]) if start >= 0 else {}
 
     def online(self) -> set[str]:
-        """The sites the SuperLink counts as online (its view, not the sites')."""
+        """The sites the SuperLink counts as online (its view, not the sites'). Each call is a
+        `flwr` process (~1 s of CPU): poll it every few seconds."""
         nodes = json.loads((self.coord / "superlink" / "nodes.json").read_text())
         by_node = {str(node): site for site, node in nodes.items()}
         listed = self.flwr("supernode", "ls", "faults").get("nodes") or []
@@ -286,7 +287,7 @@ def _enrol(fed: Federation) -> None:
         fed.fedcl("site", "bundle", fed.state(sid), fed.coord / "bundles" / sid)
         prefix = fed.net.exec_prefix(sid) if fed.net else ()
         fed.fedcl("site", "up", fed.state(sid), "--detach", prefix=prefix)
-    wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=1)
+    wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=3)
 
 
 def _check_certificate(fed: Federation) -> None:
@@ -361,7 +362,7 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
     fed = federation
     if fed.net is None:
         pytest.skip(fed.skip_reason)
-    wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=1)
+    wait_for(lambda: fed.online() == set(SITES), 120, "all three sites online", every=3)
     # Two training rounds (one per task). Round 1 goes on without the cut site once the
     # SuperLink says it is unavailable, and the link comes back; the site's SuperNode, still
     # retrying (cli/supernode.py MAX_WAIT_S), reconnects, round 2 waits for it (site_wait_s)
@@ -399,13 +400,18 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
         return {p.site_id for p in here if p.status == "ok"}
 
     # Round 1 went on with the other two, within its timeout, and names the site and why.
-    assert took_part(1, "train") == took_part(1, "evaluate") == {"site-a", "site-b"}
+    # Its model was scored by round 2's train messages (one round trip per round), at every
+    # site: the cut site, back, evaluated the model it had missed before training on it.
+    assert took_part(1, "train") == {"site-a", "site-b"}
+    assert took_part(1, "evaluate") == set(SITES)
     asked = {(p.phase, p.status) for p in cut_site_rows(1)}
-    assert asked == {("train", "failed")}, asked  # not asked to evaluate: no second timeout
+    assert asked == {("train", "failed"), ("evaluate", "ok")}, asked
     assert (failure.phase, failure.status) == ("train", "failed")
     assert "Node Unavailable" in (failure.detail or ""), failure.detail
     train_phase_s = (failure.created_at - rounds[0].started_at).total_seconds()
-    assert train_phase_s <= HEARTBEAT_PATIENCE_S + 30, train_phase_s  # not the 300 s timeout
+    # Not the 300 s round timeout: the heartbeats, plus slack for a busy box (100 s seen at a
+    # load average of 20).
+    assert train_phase_s <= HEARTBEAT_PATIENCE_S + 60, train_phase_s
     # Round 2: the site is back and trained from the current global model like the others
     # (every model-hash agreement metric is 1.0).
     assert took_part(2, "train") == took_part(2, "evaluate") == set(SITES), fed.run_log("cut")
@@ -435,7 +441,7 @@ def test_cut_site_link_mid_run(federation: Federation) -> None:
 # --- 2. the coordinator killed mid-run, resumed ------------------------------------------------
 def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     fed = federation
-    wait_for(lambda: fed.online() == set(SITES), 240, "all three sites online", every=1)
+    wait_for(lambda: fed.online() == set(SITES), 240, "all three sites online", every=3)
     exp = fed.experiment("dphe", dp_he=True)
     start = time.monotonic()
     serverapp = ("flwr-serverapp", fed.superlink)  # a ServerApp dialling our SuperLink
