@@ -400,10 +400,14 @@ def _fetch(driver: Any, url: str, method: str = "GET") -> dict[str, Any]:
     )
 
 
-def _screens_dir() -> Path:
-    path = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _publish(name: str, as_name: str) -> None:
+    """Copy a screenshot into docs/screenshots/ when FEDCL_UPDATE_SCREENSHOTS=1 (the committed
+    ones the docs quote; other runs leave the tree untouched)."""
+    if os.environ.get("FEDCL_UPDATE_SCREENSHOTS") != "1":
+        return
+    target = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_artifacts_dir() / name, target / as_name)
 
 
 def test_version_lifecycle_in_the_browser(lifecycle: tuple[str, Any, Any], browser: Any) -> None:
@@ -454,9 +458,7 @@ def test_version_lifecycle_in_the_browser(lifecycle: tuple[str, Any, Any], brows
     errors = _browser_errors(browser)
     assert all("409" in e for e in errors), errors  # only the refused promote was logged
     _screenshot(browser, "dashboard-versions-lifecycle.png", 900)
-    shutil.copy(
-        _artifacts_dir() / "dashboard-versions-lifecycle.png", _screens_dir() / "versions.png"
-    )
+    _publish("dashboard-versions-lifecycle.png", "versions.png")
 
     # The pages a coordinator steers by, photographed for the docs.
     from test_dashboard import replay
@@ -471,14 +473,14 @@ def test_version_lifecycle_in_the_browser(lifecycle: tuple[str, Any, Any], brows
         == "degraded"
     )
     _screenshot(browser, "dashboard-runs.png", 700)
-    shutil.copy(_artifacts_dir() / "dashboard-runs.png", _screens_dir() / "runs.png")
+    _publish("dashboard-runs.png", "runs.png")
     browser.get(f"{base}/runs/test-run")
     _wait(browser, lambda d: _svg_children(d, "chart-accuracy") > 10, "accuracy drawn")
     alerts = browser.find_element(By.ID, "alerts").text
     assert "round 4: mean accuracy fell from" in alerts
     assert "hidden (HE)" in browser.find_element(By.ID, "sites-table").text
     _screenshot(browser, "dashboard-run-lifecycle.png", 1900)
-    shutil.copy(_artifacts_dir() / "dashboard-run-lifecycle.png", _screens_dir() / "run.png")
+    _publish("dashboard-run-lifecycle.png", "run.png")
     browser.get(f"{base}/runs")
     browser.find_element(By.CSS_SELECTOR, 'input[name="run"][value="test-run"]').click()
     browser.find_element(By.CSS_SELECTOR, f'input[name="run"][value="{DEMO_RUN}"]').click()
@@ -486,4 +488,4 @@ def test_version_lifecycle_in_the_browser(lifecycle: tuple[str, Any, Any], brows
     _wait(browser, lambda d: urlsplit(d.current_url).path == "/compare", "on the comparison")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#matrices table.matrix")) == 2
     _screenshot(browser, "dashboard-compare.png", 1000)
-    shutil.copy(_artifacts_dir() / "dashboard-compare.png", _screens_dir() / "compare.png")
+    _publish("dashboard-compare.png", "compare.png")
