@@ -305,10 +305,13 @@ class Coordinator:
         round_id = self._begin(step)
         self._await_sites(step, round_id)
         unscored = self.unscored if self.with_train else None
+        repaired = False
         while True:
             messages, replies, result = self._exchange(model, step, unscored)
-            if unscored is None or not reports_corrupt(Evaluation({}, result.outcomes)):
-                break
+            corrupt = reports_corrupt(Evaluation({}, result.outcomes))
+            if unscored is None or repaired or not corrupt:
+                break  # once repaired, a site still reporting corruption fails on its own
+            repaired = True
             # The model they were sent (the previous round's sum) does not decrypt intact at
             # the sites: find its culprits, then send this round again from the repaired model.
             recovered, reason = self._repair(unscored)

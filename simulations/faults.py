@@ -135,7 +135,9 @@ class FaultyGrid:
         self._grid = grid
         self._faults = [f for f in faults if f.kind in NETWORK_SIDE]
         self._nodes: dict[int, int] = {}  # virtual site index -> node id, learnt from replies
-        self._last: dict[int, Message] = {}  # node id -> its last train reply
+        #: node id -> server round -> its train reply (the latest of that round: a round may
+        #: be sent twice, after a corrupt aggregate was repaired)
+        self._replies: dict[int, dict[int, Message]] = {}
         self._round = 0  # the server round of the messages being answered
         self._upcoming = 1  # the round a site that disconnects is gone for, from its start
 
@@ -181,16 +183,17 @@ class FaultyGrid:
             site = self._site_of(reply)
             kinds = _kinds(self._faults, site, self._round, NETWORK_SIDE) if site >= 0 else set()
             train = reply.metadata.message_type == "train"
-            if "stale" in kinds and node in self._last:
+            earlier = [r for r in self._replies.get(node, {}) if r < self._round]
+            if "stale" in kinds and earlier:
                 logger.warning("site-%d round %d: replaying its previous reply", site, self._round)
-                out.append(self._last[node])
+                out.append(self._replies[node][max(earlier)])  # the round before's
             else:
                 out.append(reply)
             if "duplicate" in kinds:
                 logger.warning("site-%d round %d: delivering its reply twice", site, self._round)
                 out.append(reply)
             if train and not reply.has_error():
-                self._last[node] = reply
+                self._replies.setdefault(node, {})[self._round] = reply
         return out
 
     def _site_of(self, reply: Message) -> int:
