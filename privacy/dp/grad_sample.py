@@ -45,11 +45,12 @@ def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> st
 
     * every parameterised layer an ``nn.Linear`` (MLP): ``ghost``. On flat inputs a Linear's
       per-sample gradient norm is ‖a‖·‖g‖, so nothing of size batch × parameters is built
-      (MLP on 3x32x32: 0.35x of non-private against 0.04x with hooks);
+      (MLP on 3x32x32: 0.34x of non-private against 0.03x with hooks);
     * every parameterised layer one ExpandedWeights supports (CNN, ResNet-18-GN, ViT): ``ew``,
-      PyTorch's per-sample rules, which beat Opacus' hooks on the conv and attention models
-      (cnn 3x32x32 0.78x vs 0.59x, vit-tiny 0.74x vs 0.57x; ghost 0.44x and 0.33x: sequence
-      Linears need T×T Gram matrices and conv layers have no norm sampler);
+      PyTorch's per-sample rules, which beat or tie Opacus' hooks on the conv and attention
+      models (cnn 1x8x8 0.40x vs 0.31x, resnet18-gn 0.45x vs 0.38x, vit-tiny 0.81x vs 0.69x;
+      ghost 0.28x / - / 0.37x: conv layers have no norm sampler, sequence Linears need T×T
+      Gram matrices);
     * anything else: ``hooks``, which supports every layer Opacus validates.
     """
     if override is not None:
