@@ -494,6 +494,8 @@ class Coordinator:
                 round_id, Phase.TRAIN, [(o.site_id, o.detail) for o in culprits]
             )
             self.recorder.participation(round_id, Phase.TRAIN, culprits, None, self.strategy.sites)
+            if self.with_train:  # the round completed before its sites could decrypt its sum
+                self.registry.recount_round(round_id)
             if recovered.model is None:
                 return recovered, self.recorder.no_update_reason(step.server_round, culprits)
             self.versions.save(

@@ -108,25 +108,23 @@ class Rounds(RegistryCore):
                     f"cannot complete server round {rnd.server_round} of run {rnd.run_id!r}: "
                     f"it is {rnd.status}, not running"
                 )
-            rows = s.execute(
-                select(Participation.status, func.count(func.distinct(Participation.site_id)))
-                .where(
-                    Participation.round_id == round_id,
-                    Participation.phase.in_(COUNTED_PHASES),
-                )
-                .group_by(Participation.status)
-            ).all()
-            counts = {status: int(n) for status, n in rows}
             now = utcnow()
             rnd.status = RoundStatus.COMPLETED
             rnd.finished_at = now
             rnd.seconds = float(seconds)
             rnd.bytes_up = int(bytes_up)
             rnd.bytes_down = int(bytes_down)
-            rnd.num_participants = counts.get(SiteStatus.OK, 0)
-            rnd.num_failures = counts.get(SiteStatus.FAILED, 0) + counts.get(SiteStatus.REJECTED, 0)
-            rnd.num_refusals = counts.get(SiteStatus.REFUSED, 0)
+            _count(s, rnd)
             get_run(s, rnd.run_id).updated_at = now
+
+    def recount_round(self, round_id: int) -> None:
+        """Derive a completed round's counts again after its participations changed.
+
+        A culprit found after the round completed (its corrupt aggregate shows only when the
+        next round's sites decrypt it) turns an ``ok`` into ``rejected``.
+        """
+        with self._tx() as s:
+            _count(s, get_round(s, round_id))
 
     def fail_round(self, round_id: int, reason: str) -> None:
         """Mark a round failed; the reason goes to the audit log (rounds have no reason column)."""
@@ -167,3 +165,16 @@ class Rounds(RegistryCore):
                 select(Round).where(Round.run_id == run_id).order_by(Round.server_round)
             ).all()
             return [RoundInfo.model_validate(r) for r in rounds]
+
+
+def _count(s: Session, rnd: Round) -> None:
+    """A round's counts from its train/consolidate participations (distinct sites)."""
+    rows = s.execute(
+        select(Participation.status, func.count(func.distinct(Participation.site_id)))
+        .where(Participation.round_id == rnd.id, Participation.phase.in_(COUNTED_PHASES))
+        .group_by(Participation.status)
+    ).all()
+    counts = {status: int(n) for status, n in rows}
+    rnd.num_participants = counts.get(SiteStatus.OK, 0)
+    rnd.num_failures = counts.get(SiteStatus.FAILED, 0) + counts.get(SiteStatus.REJECTED, 0)
+    rnd.num_refusals = counts.get(SiteStatus.REFUSED, 0)
