@@ -200,6 +200,7 @@ def test_no_reply_under_dp_and_he_reveals_a_sites_training_set_size(tmp_path) ->
         "ckks-clipped-fraction",  # share of the *model's* values beyond the quantiser's clip,
         # counted before the weighting by N: a property of the weights
         "ckks-encrypt-seconds",  # time to encrypt a fixed-size model
+        P.HE_DECRYPT_S,  # time to decrypt the fixed-size aggregate it was sent
         "ewc_penalty",  # EWC's penalty at the trained weights (after a consolidation)
         "ewc_max_curvature",  # the largest λ·F of the *federated* Fisher the coordinator sent
     }
@@ -221,19 +222,27 @@ def test_no_reply_under_dp_and_he_reveals_a_sites_training_set_size(tmp_path) ->
         P.CONSOLIDATE: [p.shape for p in model.parameters() if p.requires_grad],
     }
     kinds = {"train": 0, P.CONSOLIDATE: 0, "evaluate": 0}
+    carried = 0  # train replies carrying the evaluation of the model they were sent
     for kind, reply in replies:
         kinds[kind] += 1
         content = reply.content
         site = dict(content.config_records[P.SITE])
         assert site[P.STATUS] == P.STATUS_OK, site
         metrics = dict(content.metric_records.get(P.METRICS, {}))
-        if kind == "evaluate":
-            # Under DP evaluation sends noised per-task (correct, count), charged first, and ε;
-            # no loss and no exact count (tests/test_private_evaluation.py checks the values).
+
+        def noised_counts_only(evaluation: dict) -> None:
+            # Under DP an evaluation sends noised per-task (correct, count), charged first, and
+            # ε; no loss and no exact count (tests/test_private_evaluation.py checks the values).
             assert all(k.startswith(("correct-t", "count-t")) or k in allowed_metrics
-                       for k in metrics), metrics  # fmt: skip
-            assert P.NUM_EXAMPLES not in metrics and P.TRAIN_LOSS not in metrics
+                       for k in evaluation), evaluation  # fmt: skip
+            assert P.NUM_EXAMPLES not in evaluation and P.TRAIN_LOSS not in evaluation
+
+        if kind == "evaluate":
+            noised_counts_only(metrics)
             continue
+        if P.EVALUATION in content.metric_records:  # the model it was sent, scored (train)
+            carried += 1
+            noised_counts_only(dict(content.metric_records[P.EVALUATION]))
         assert set(metrics) <= allowed_metrics, set(metrics) - allowed_metrics
         assert P.NUM_EXAMPLES not in metrics and not any(k.startswith("dp_") for k in metrics)
         assert set(site) <= allowed_site, set(site) - allowed_site
@@ -253,7 +262,10 @@ def test_no_reply_under_dp_and_he_reveals_a_sites_training_set_size(tmp_path) ->
             assert float(record["ckks-max-examples"]) == exp.he.max_examples
         for record in content.array_records.values():
             assert all(k.startswith(P.CKKS_BLOCK_PREFIX) for k in record), list(record)
-    assert kinds["train"] == 6 and kinds[P.CONSOLIDATE] == 3 and kinds["evaluate"] >= 6
+    # One round trip per round: every train reply scored the model it was sent (only those the
+    # accuracy matrix reads carry counts), and one evaluate message per site scored the last.
+    assert kinds["train"] == 6 and kinds[P.CONSOLIDATE] == 3 and kinds["evaluate"] == 3
+    assert carried == 6
     train_metrics = [
         set(dict(r.content.metric_records[P.METRICS])) for k, r in replies if k == "train"
     ]
