@@ -67,11 +67,7 @@ class Sessions(RegistryCore):
         if not session_id:
             return None
         with self._tx() as s:
-            found = s.execute(
-                select(DashboardSession, ApiToken)
-                .join(ApiToken, ApiToken.id == DashboardSession.token_id)
-                .where(DashboardSession.session_hash == hash_secret(session_id))
-            ).first()
+            found = _find_session(s, session_id)
             if found is None:
                 return None
             record, token = found
@@ -86,11 +82,7 @@ class Sessions(RegistryCore):
         if not session_id:
             return False
         with self._tx() as s:
-            found = s.execute(
-                select(DashboardSession, ApiToken)
-                .join(ApiToken, ApiToken.id == DashboardSession.token_id)
-                .where(DashboardSession.session_hash == hash_secret(session_id))
-            ).first()
+            found = _find_session(s, session_id)
             if found is None or found[0].ended_at is not None:
                 return False
             record, token = found
@@ -113,3 +105,12 @@ def _info(record: DashboardSession, token: ApiToken) -> SessionInfo:
         created_at=record.created_at,
         expires_at=record.expires_at,
     )
+
+
+def _find_session(s, session_id: str) -> tuple[DashboardSession, ApiToken] | None:
+    """The session row with the id's hash and its token (only the hash is stored)."""
+    return s.execute(
+        select(DashboardSession, ApiToken)
+        .join(ApiToken, ApiToken.id == DashboardSession.token_id)
+        .where(DashboardSession.session_hash == hash_secret(session_id))
+    ).first()
