@@ -28,6 +28,7 @@ from fedcl.privacy.ckks.packing import HEADER_SLOTS, Packing
 from fedcl.privacy.ckks.params import CKKSParams
 from fedcl.privacy.ckks.wire import (
     FORMAT,
+    FORMAT_VERSION,
     EncryptedSum,
     ExpectedReply,
     WireMeta,
@@ -225,7 +226,12 @@ def test_checksums_sum_exactly_at_max_sites_and_catch_any_one_field_error() -> N
     """Plaintext slot arithmetic (no encryption): the sum of max_sites updates at the extremes
     of the quantiser still verifies, and an error of any size in any one value slot does not."""
     rng = np.random.default_rng(3)
-    for packing in (Packing(max_sites=20), Packing(bits=8, values_per_slot=3, max_sites=20)):
+    spill = Packing(max_sites=5, spill_bits=2)  # what packing_for picks for 5 sites
+    for packing in (
+        Packing(max_sites=20),
+        Packing(bits=8, values_per_slot=3, max_sites=20),
+        spill,
+    ):
         layout = Layout.from_state_dict({"w": np.zeros((33, 31))})
         extremes = [np.full((33, 31), packing.clip * s) for s in (1, -1)]
         updates = [
@@ -268,7 +274,8 @@ def test_wire_format_1_is_refused_with_a_clear_message(fed) -> None:
     with pytest.raises(AggregateError, match="version 1"):
         decode_aggregate_full(agg_arrays, old_agg, secret, layout=layout)
     payload = aggregate_to_bytes(agg_arrays, agg_meta).replace(
-        b'"ckks-format": 2', b'"ckks-format": 1'
+        f'"ckks-format": {FORMAT_VERSION}'.encode(), b'"ckks-format": 1'
     )
+    assert payload != aggregate_to_bytes(agg_arrays, agg_meta)
     with pytest.raises(ValueError, match="version 1"):
         aggregate_from_bytes(payload)

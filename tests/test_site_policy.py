@@ -31,12 +31,13 @@ TWO_TASKS = ("data.num_tasks=2",)
 
 #: The metadata beside an encrypted record (``fedcl.privacy.ckks.wire``): format and kind, the
 #: key set's fingerprint, the model's layout hash, its number of values and of blocks, and the
-#: packing (slots, bits, values per slot, he.max_sites, clip, he.max_examples, scale), and the
-#: SHA-256 of the model the site trained from. None of it depends on the site's data.
+#: packing (slots, bits, values per slot, he.max_sites, clip, he.max_examples, spill bits,
+#: scale), and the SHA-256 of the model the site trained from. None of it depends on the
+#: site's data.
 CKKS_META = {
     "ckks-format", "ckks-kind", "ckks-fingerprint", "ckks-layout", "ckks-values", "ckks-blocks",
     "ckks-blocks-per-array", "ckks-slots", "ckks-bits", "ckks-values-per-slot", "ckks-max-sites",
-    "ckks-clip", "ckks-max-examples", "ckks-scale-bits", "ckks-base",
+    "ckks-clip", "ckks-max-examples", "ckks-spill-bits", "ckks-scale-bits", "ckks-base",
 }  # fmt: skip
 
 

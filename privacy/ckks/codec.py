@@ -23,9 +23,12 @@ site sends, inside the ciphertext, both its weighted update and its weight:
   so q ∈ [0, 2^bits - 2].
 * **Packing**: each field gets ``bits + headroom`` bits, headroom = ceil(log2(max_sites)), so the
   sum of up to ``max_sites`` fields never carries into its neighbour; ``values_per_slot``
-  fields share one slot as q0 + q1·2^F + q2·2^2F. The first two slots of block 0 hold the
-  contributor count (1) and the capped example count: after summation the sites learn both and
-  the coordinator neither. Decoding subtracts offset × contributors from every field.
+  fields share one slot as q0 + q1·2^F + q2·2^2F; where the round leaves bits to spare above
+  them, a narrower spill field carries further values cut into chunks
+  (:attr:`Packing.spill_bits`, chosen by :func:`~.packing.spill_bits_for`). The first two
+  slots of block 0 hold the contributor count (1) and the capped example count: after
+  summation the sites learn both and the coordinator neither. Decoding subtracts offset ×
+  contributors from every field.
 * **Checksum**: after the values come ``Packing.checksum_fields`` keyed linear checksums of the
   header and values, each below 2^bits like a value, so they sum exactly too; a site decoding an
   aggregate checks them and refuses a corrupt one (:class:`AggregateIntegrityError`;
@@ -151,7 +154,7 @@ def slot_vector(
     slots = np.empty(packing.slots_needed(layout.num_values), dtype=np.float64)
     slots[0] = 1.0
     slots[1] = float(count)
-    slots[HEADER_SLOTS:] = pack(np.concatenate([q, sums]), packing)
+    slots[HEADER_SLOTS:] = pack(np.concatenate([q, sums]), packing, slots.shape[0] - HEADER_SLOTS)
     return slots, clipped, capped
 
 
@@ -236,7 +239,7 @@ def decode_slots(
     ints = rounded.astype(np.int64)
     contributors, total = int(ints[0]), int(ints[1])
     slots = ints[HEADER_SLOTS:]
-    fields = unpack(slots, packing, slots.shape[0] * packing.values_per_slot)
+    fields = unpack(slots, packing)
     verify(fields, layout.num_values, (contributors, total), packing, key)
     if expected_contributors is not None and contributors != expected_contributors:
         raise AggregateError(

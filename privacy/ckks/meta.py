@@ -16,10 +16,13 @@ from flwr.app import ConfigRecord
 
 from .packing import Packing
 
-#: 2: every update carries its checksum fields after its values (:mod:`.integrity`). Version 1
-#: (no checksum) is refused, not read: its slots have another layout, and an aggregate without
-#: a checksum cannot be told from a corrupt one.
-FORMAT_VERSION = 2
+#: 3: the packing may have a spill field (``ckks-spill-bits``; :mod:`.packing`). 2: every update
+#: carries its checksum fields after its values (:mod:`.integrity`); a version-2 record is read
+#: as spill 0 (the same slot layout), so aggregates stored by it still load. Version 1 (no
+#: checksum) is refused, not read: its slots have another layout, and an aggregate without a
+#: checksum cannot be told from a corrupt one.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 META_KEY = "ckks"  # RecordDict key of the metadata ConfigRecord
 KIND_UPDATE = "update"
 KIND_AGGREGATE = "aggregate"
@@ -41,6 +44,7 @@ SCALE_BITS = "ckks-scale-bits"
 BASE = "ckks-base"
 SUMMED = "ckks-summed"
 PER_ARRAY = "ckks-blocks-per-array"
+SPILL_BITS = "ckks-spill-bits"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class WireMeta:
             MAX_SITES: p.max_sites,
             CLIP: float(p.clip),
             MAX_EXAMPLES: p.max_examples,
+            SPILL_BITS: p.spill_bits,
             SCALE_BITS: self.scale_bits,
             BASE: self.base_sha256,
         }
@@ -101,8 +106,10 @@ class WireMeta:
                     "run the same fedcl at every site and the coordinator, and start an "
                     "encrypted run stored by the old one afresh"
                 )
-            if version != FORMAT_VERSION:
-                raise ValueError(f"wire format version {version}, expected {FORMAT_VERSION}")
+            if version not in READABLE_VERSIONS:
+                raise ValueError(
+                    f"wire format version {version}, expected one of {list(READABLE_VERSIONS)}"
+                )
             kind = str(rec[KIND])
             if kind not in (KIND_UPDATE, KIND_AGGREGATE):
                 raise ValueError(f"unknown kind {kind!r}")
@@ -112,6 +119,7 @@ class WireMeta:
                 max_sites=int(rec[MAX_SITES]),
                 clip=float(rec[CLIP]),
                 max_examples=int(rec[MAX_EXAMPLES]),
+                spill_bits=int(rec[SPILL_BITS]) if version >= 3 else 0,
             )
             return cls(
                 kind=kind,
