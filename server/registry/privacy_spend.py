@@ -46,8 +46,14 @@ class PrivacyRecords(RegistryCore):
                 )
             )
 
-    def list_privacy(self, run_id: str, site_id: str | None = None) -> list[PrivacyInfo]:
-        """Privacy spend records of a run (optionally one site), oldest first."""
+    def list_privacy(
+        self, run_id: str, site_id: str | None = None, *, round_id: int | None = None
+    ) -> list[PrivacyInfo]:
+        """Privacy spend records of a run (optionally one site, one round), oldest first.
+
+        ``round_id``: as for metrics and participations, so a reader that holds a run's
+        reports (the dashboard) reads only a new round's.
+        """
         with self._tx() as s:
             # The report's columns plus its round's server round: the snapshot's fields.
             query = (
@@ -57,5 +63,7 @@ class PrivacyRecords(RegistryCore):
             )
             if site_id is not None:
                 query = query.where(PrivacySpend.site_id == site_id)
+            if round_id is not None:
+                query = query.where(PrivacySpend.round_id == round_id)
             query = query.order_by(PrivacySpend.id)
             return [PrivacyInfo.model_validate(row) for row in s.execute(query)]
