@@ -1,13 +1,14 @@
 """What CKKS-encrypted aggregation costs, per fp32 parameter, against plaintext Flower and TenSEAL's
 common default parameters.
 
-    python benchmarks/he_overhead.py [--quick] [--sites 10] [--out FILE]
+    python benchmarks/he_overhead.py [--quick] [--sites 10] [--max-sites 20] [--out FILE]
 
 For a 1M-parameter update and ResNet-18-GN (11.2M), in one run:
 
-* **fedcl CKKS**: N = 4096, primes [60, 49], 15-bit stochastic quantisation, two values per slot,
-  headroom for 20 sites (the defaults of ``[he]``). Encrypt = quantise + pack + encrypt + serialize
-  at a site (worker processes, pool already started; its start-up is reported separately);
+* **fedcl CKKS**: N = 4096, primes [60, 49], 15-bit stochastic quantisation, the packing
+  ``packing_for`` gives a round of ``--max-sites`` (20: two values per slot; 5, the default
+  scenario's round: two and a 2-bit spill field, 2.125). Encrypt = quantise + pack + encrypt +
+  serialize at a site (worker processes, pool already started; its start-up is reported separately);
   aggregate = validate + deserialize + add one site's reply at the coordinator (public context);
   decrypt = decrypt + unpack + dequantise the aggregate at a site.
 * **plaintext Flower**: ``ArrayRecord`` of the float32 state dict (bytes on the wire, time to
@@ -98,12 +99,16 @@ def _models(quick: bool) -> list[tuple[str, dict, int]]:
     return [("1M dense", dense, 1_000_000), ("ResNet-18-GN", resnet, total)]
 
 
-def bench_fedcl(name: str, delta: dict, full_params: int, sites: int, keys_dir: Path) -> dict:
+def bench_fedcl(
+    name: str, delta: dict, full_params: int, sites: int, keys_dir: Path, max_sites: int = 20
+) -> dict:
     import numpy as np
 
+    from fedcl.config.experiment import HESpec
     from fedcl.privacy.ckks import parallel
-    from fedcl.privacy.ckks.codec import Layout, Packing
+    from fedcl.privacy.ckks.codec import Layout
     from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
+    from fedcl.privacy.ckks.packing import packing_for
     from fedcl.privacy.ckks.params import CKKSParams
     from fedcl.privacy.ckks.wire import (
         EncryptedSum,
@@ -114,7 +119,8 @@ def bench_fedcl(name: str, delta: dict, full_params: int, sites: int, keys_dir: 
 
     files = init_keys(keys_dir, force=True)
     secret, public = load_secret_context(files.secret), load_public_context(files.public)
-    packing = Packing(bits=15, values_per_slot=2, max_sites=20)
+    # The packing a round of ``max_sites`` gets (``[he]`` defaults but the clip of the deltas).
+    packing = packing_for(HESpec(enabled=True, max_sites=max_sites, clip=0.5))
     layout = Layout.from_state_dict(delta)
     n = layout.num_values
     workers = parallel.plan_workers(10_000)
@@ -147,7 +153,12 @@ def bench_fedcl(name: str, delta: dict, full_params: int, sites: int, keys_dir: 
     return {
         "model": name,
         "scheme": "fedcl CKKS",
-        "parameters": "N=4096 [60,49], 15-bit stochastic, 2 values/slot, headroom 20 sites",
+        "parameters": (
+            f"N=4096 [60,49], {packing.bits}-bit stochastic, {packing.values_per_slot} "
+            f"values/slot{f' + {packing.spill_bits}-bit spill' if packing.spill_bits else ''}, "
+            f"headroom {packing.max_sites} sites"
+        ),
+        "values_per_slot_effective": packing.values_per_slot_effective,
         "params_full": full_params,
         "params_measured": n,
         "bytes_per_param": full_blocks * (wire / int(enc.meta["ckks-blocks"])) / full_params,
@@ -345,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="ResNet-18-GN on a ~2M prefix")
     parser.add_argument("--sites", type=int, default=10, help="replies summed at the coordinator")
+    parser.add_argument(
+        "--max-sites",
+        type=int,
+        default=20,
+        help="he.max_sites of the packing (headroom, spill); 5 is the default scenario's round",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--round-seeds",
@@ -363,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, delta, full in _models(args.quick):
-            fed = bench_fedcl(name, delta, full, args.sites, Path(tmp) / "keys")
+            fed = bench_fedcl(name, delta, full, args.sites, Path(tmp) / "keys", args.max_sites)
             plain = bench_plaintext(name, delta, full, args.sites)
             sample = 500_000 if args.quick else 2_000_000
             default = bench_tenseal_default(name, delta, full, args.sites, sample)
@@ -400,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "quick": args.quick,
         "sites": args.sites,
+        "max_sites": args.max_sites,
         "machine": {
             "cpus": parallel.available_cpus(),
             "load_average": load,

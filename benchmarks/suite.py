@@ -1,6 +1,7 @@
 """One benchmark suite (issue 14): fedcl against plain Flower, scale, HE bytes on real rounds.
 
     python benchmarks/suite.py [--quick] [--only flower,scale,he] [--repeats 2] [--out DIR]
+                               [--he-seeds 0,1,2] [--no-he-many]
 
 * **flower**: fedcl (``digits-domain-il``: 5 tasks, MLP) against a plain Flower 1.41 FedAvg app
   (``FedAvg.start``: a train and an evaluate round trip per round, as Flower's examples do) on
@@ -17,7 +18,9 @@
 * **he**: the default scenario with HE on and off, paired (round time ratio), and the ``he``
   block of its results.json (bytes per parameter up and down measured on the real rounds,
   encrypt / aggregate / decrypt seconds per round); then HE with 100 sites per round and the
-  default packing (he.max_sites and he.values_per_slot unset).
+  default packing (he.max_sites and he.values_per_slot unset). ``--he-seeds 0,1,2`` makes the
+  pairs one per experiment seed (alternating which runs first), ``--no-he-many`` skips the
+  100-site run.
 
 Every measurement runs in its own worker process (``--worker``), with torch's thread count set
 explicitly (1: on a shared box more threads than free cores only slow torch down), so memory is
@@ -330,21 +333,47 @@ def bench_scale(quick: bool) -> dict:
     return {"rows": rows}
 
 
-def bench_he(quick: bool, repeats: int) -> dict:
+def bench_he(
+    quick: bool, repeats: int, seeds: list[int] | None = None, many_sites: bool = True
+) -> dict:
+    """HE on against off on the default scenario, paired; with ``seeds``, one pair per
+    experiment seed (``seed=S`` on both runs, so both train on the same shards and order), the
+    pair's order alternating so that drift on a shared box does not favour one side."""
     rounds = "train.rounds_per_task=2" if quick else "train.rounds_per_task=3"
+    plan = [(s, [f"seed={s}"]) for s in seeds] if seeds else [(None, [])] * repeats
     pairs = []
-    for _ in range(repeats):
-        on = run_worker("fedcl", "digits-domain-il", [rounds, "he.enabled=true"])
-        off = run_worker("fedcl", "digits-domain-il", [rounds])
+    for i, (seed, extra) in enumerate(plan):
+        base = [rounds, *extra]
+        if i % 2:
+            off = run_worker("fedcl", "digits-domain-il", base)
+            on = run_worker("fedcl", "digits-domain-il", [*base, "he.enabled=true"])
+        else:
+            on = run_worker("fedcl", "digits-domain-il", [*base, "he.enabled=true"])
+            off = run_worker("fedcl", "digits-domain-il", base)
         pairs.append(
             {
+                "seed": seed,
                 "on_round_s": steady(on["round_s"]),
                 "off_round_s": steady(off["round_s"]),
+                "on_round_cpu_s": steady(on["round_cpu_s"]),
+                "off_round_cpu_s": steady(off["round_cpu_s"]),
                 "ratio": steady(on["round_s"]) / steady(off["round_s"]),
                 "cpu_ratio": steady(on["round_cpu_s"]) / steady(off["round_cpu_s"]),
+                "on_accuracy": on["avg_accuracy"],
+                "off_accuracy": off["avg_accuracy"],
                 "he": on["he"],
             }
         )
+    doc: dict[str, Any] = {
+        "default_scenario": {
+            "pairs": pairs,
+            "round_ratio": statistics.median(p["ratio"] for p in pairs),
+            "round_cpu_ratio": statistics.median(p["cpu_ratio"] for p in pairs),
+            "he": pairs[-1]["he"],
+        }
+    }
+    if not many_sites:
+        return doc
     many = run_worker(
         "fedcl",
         "digits-many-sites",
@@ -356,21 +385,14 @@ def bench_he(quick: bool, repeats: int) -> dict:
             "he.enabled=true",
         ],
     )
-    return {
-        "default_scenario": {
-            "pairs": pairs,
-            "round_ratio": statistics.median(p["ratio"] for p in pairs),
-            "round_cpu_ratio": statistics.median(p["cpu_ratio"] for p in pairs),
-            "he": pairs[-1]["he"],
-        },
-        "hundred_sites": {
-            "status": many["status"],
-            "sites_per_round": many["sites_per_round"],
-            "round_s": steady(many["round_s"], skip=1),
-            "round_cpu_s": steady(many["round_cpu_s"], skip=1),
-            "he": many["he"],
-        },
+    doc["hundred_sites"] = {
+        "status": many["status"],
+        "sites_per_round": many["sites_per_round"],
+        "round_s": steady(many["round_s"], skip=1),
+        "round_cpu_s": steady(many["round_cpu_s"], skip=1),
+        "he": many["he"],
     }
+    return doc
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -431,7 +453,7 @@ def report(doc: dict) -> str:
         he = doc["he"]["default_scenario"]
         block = he["he"]
         sec = block.get("seconds_per_round", {})
-        many = doc["he"]["hundred_sites"]
+        many = doc["he"].get("hundred_sites")
         lines += [
             "## HE on real rounds",
             "",
@@ -442,12 +464,26 @@ def report(doc: dict) -> str:
             f"time HE on/off {_f(he['round_ratio'])}× ({_f(he['round_cpu_ratio'])}× in CPU "
             f"time; median of {len(he['pairs'])} pairs).",
             "",
-            f"100 sites a round, default packing: {many['status']}, "
-            f"{_f(many['round_s'])} s/round ({_f(many['round_cpu_s'])} CPU s), packing "
-            f"{many['he'].get('packing')}, "
-            f"{_f(many['he'].get('bytes_per_param_up'))} bytes per parameter up.",
-            "",
+            "| seed | HE on s/round (CPU s) | HE off s/round (CPU s) | ratio (CPU) | "
+            "accuracy on / off |",
+            "|---|---|---|---|---|",
         ]
+        for p in he["pairs"]:
+            lines.append(
+                f"| {p.get('seed')} | {_f(p['on_round_s'])} ({_f(p.get('on_round_cpu_s'))}) | "
+                f"{_f(p['off_round_s'])} ({_f(p.get('off_round_cpu_s'))}) | {_f(p['ratio'])} "
+                f"({_f(p['cpu_ratio'])}) | {_f(p.get('on_accuracy'))} / "
+                f"{_f(p.get('off_accuracy'))} |"
+            )
+        lines.append("")
+        if many:
+            lines += [
+                f"100 sites a round, default packing: {many['status']}, "
+                f"{_f(many['round_s'])} s/round ({_f(many['round_cpu_s'])} CPU s), packing "
+                f"{many['he'].get('packing')}, "
+                f"{_f(many['he'].get('bytes_per_param_up'))} bytes per parameter up.",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -491,6 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds per run")
     parser.add_argument("--only", default="flower,scale,he", help="comma-separated sections")
     parser.add_argument("--repeats", type=int, default=2, help="paired runs per point")
+    parser.add_argument(
+        "--he-seeds",
+        help="he section: one paired HE on/off run per experiment seed (e.g. 0,1,2) instead of "
+        "--repeats unseeded pairs",
+    )
+    parser.add_argument(
+        "--no-he-many", action="store_true", help="he section: skip the 100-sites HE run"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -511,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         elif section == "scale":
             doc["scale"] = bench_scale(args.quick)
         elif section == "he":
-            doc["he"] = bench_he(args.quick, args.repeats)
+            seeds = [int(x) for x in args.he_seeds.split(",")] if args.he_seeds else None
+            doc["he"] = bench_he(args.quick, args.repeats, seeds, not args.no_he_many)
         else:
             parser.error(f"unknown section {section!r}: use flower, scale, he")
         print(f"{section}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -519,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "suite-quick" if args.quick else "suite"
     if sections != ["flower", "scale", "he"]:
         name += "-" + "-".join(sections)
+    if args.he_seeds and "he" in sections:
+        name += "-seeds"
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2))
     text = report(doc)
     (args.out / f"{name}.md").write_text(text + "\n")
