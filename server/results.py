@@ -65,18 +65,21 @@ def accuracy_matrix(
     metric: str = "accuracy",
     rounds: Sequence[RoundInfo] | None = None,
     metrics: Sequence[MetricInfo] | None = None,
+    last_of_task: dict[int, int] | None = None,
 ) -> tuple[list[list[float | None]], list[float | None]]:
     """(R, baseline): R[i][j] = accuracy on task j after the last round of training task i.
 
     ``metric = "accuracy_noise_sd"`` gives the same matrix of the DP noise's standard deviation
     (noised evaluation: :meth:`fedcl.server.recording.RunRecorder.accuracy_rows`). ``rounds``
-    and ``metrics``: the run's rows when the caller already read them.
+    and ``metrics``: the run's rows when the caller already read them; ``last_of_task``:
+    :func:`last_round_of_task` of them (one per run, not one per site's matrix).
     """
-    if rounds is None:
-        rounds = registry.list_rounds(run_id)
+    if last_of_task is None:
+        if rounds is None:
+            rounds = registry.list_rounds(run_id)
+        last_of_task = last_round_of_task(rounds)
     if metrics is None:
         metrics = registry.list_metrics(run_id)
-    last_of_task = last_round_of_task(rounds)
     by_round: dict[int, dict[int, float]] = defaultdict(dict)
     baseline: list[float | None] = [None] * num_eval_tasks
     for m in metrics:
@@ -126,7 +129,8 @@ def build_results(
     # What the accuracy matrices read, by site (None: the federation's), in order: the rows of
     # each task's last training round and the baselines. The matrices skip every other row, so
     # leaving them out here changes nothing but the time (30 sites x 19,000 rows, 200 rounds).
-    matrix_rounds = set(last_round_of_task(rounds).values())
+    last_of_task = last_round_of_task(rounds)
+    matrix_rounds = set(last_of_task.values())
     by_site: dict[str | None, list[MetricInfo]] = defaultdict(list)
     for m in metrics:
         if m.server_round in matrix_rounds or m.name.startswith("baseline_"):
@@ -136,7 +140,7 @@ def build_results(
         if m.server_round is not None and m.task_index is not None:
             federation_acc[m.server_round][m.task_index] = m.value
     matrix, baseline = accuracy_matrix(
-        registry, run_id, num_eval_tasks=n_eval, rounds=rounds, metrics=by_site[None]
+        registry, run_id, num_eval_tasks=n_eval, metrics=by_site[None], last_of_task=last_of_task
     )
     zero_shot = _has_zero_shot(config)  # a last column of held-out classes (docs/DESIGN.md §11)
     summary = zero_shot_summary(matrix, baseline, has_zero_shot=zero_shot)
@@ -174,8 +178,8 @@ def build_results(
             elif p.status == "refused":
                 refused.append(p.server_round)
         site_matrix, site_baseline = accuracy_matrix(
-            registry, run_id, site_id=site, num_eval_tasks=n_eval, rounds=rounds,
-            metrics=by_site.get(site, []),
+            registry, run_id, site_id=site, num_eval_tasks=n_eval,
+            metrics=by_site.get(site, []), last_of_task=last_of_task,
         )  # fmt: skip
         sites[site] = {
             "rounds_trained": len(ok_examples),
@@ -202,7 +206,7 @@ def build_results(
         "accuracy_matrix": matrix,
         "baseline_accuracy": baseline,
         **summary,
-        "evaluation": _evaluation(registry, run_id, config, n_eval, rounds, by_site[None]),
+        "evaluation": _evaluation(registry, run_id, config, n_eval, last_of_task, by_site[None]),
         "lost_site_rounds": lost.to_dict(),
         "lost_site_rounds_summary": lost.describe(),
         # Drift (docs/DESIGN.md §12): why each task began, and the reports that alerted.
@@ -260,7 +264,7 @@ def _evaluation(
     run_id: str,
     config: dict,
     num_eval_tasks: int,
-    rounds: Sequence[RoundInfo],
+    last_of_task: dict[int, int],
     federation: Sequence[MetricInfo],
 ) -> dict[str, Any]:
     """How the accuracy matrix was measured: exact counts, or DP-noised (with the noise)."""
@@ -273,7 +277,7 @@ def _evaluation(
         sigma = float(dp.get("evaluation_noise_multiplier", 0.0))
         sd, baseline_sd = accuracy_matrix(
             registry, run_id, num_eval_tasks=num_eval_tasks, metric="accuracy_noise_sd",
-            rounds=rounds, metrics=federation,
+            metrics=federation, last_of_task=last_of_task,
         )  # fmt: skip
         out.update(
             noise_multiplier=sigma,

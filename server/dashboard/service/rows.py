@@ -73,14 +73,35 @@ def rows_marks(rows: RunRows) -> dict[str, tuple[int, int | None]]:
 
 @dataclass(frozen=True)
 class _Held:
-    """One run's rows at one fingerprint, grouped by round (``None``: run-level rows)."""
+    """One run's rows at one fingerprint, grouped by round (``None``: run-level rows), with
+    each group's newest id (so the check against the fingerprint does not scan every row)."""
 
     fingerprint: Any
     rounds: dict[int, RoundInfo]
     metrics: dict[int | None, list[MetricInfo]]
     participations: dict[int, list[ParticipationInfo]]
     privacy: dict[int | None, list[PrivacyInfo]]
+    newest: dict[str, dict[Any, int | None]]
     rows: RunRows
+
+    def marks(self) -> dict[str, tuple[int, int | None]]:
+        """(row count, newest id) per table, from the groups."""
+        groups = {
+            "participations": self.participations,
+            "metrics": self.metrics,
+            "privacy": self.privacy,
+        }
+        return {
+            table: (
+                sum(len(g) for g in groups[table].values()),
+                max((i for i in self.newest[table].values() if i is not None), default=None),
+            )
+            for table in _MARKS
+        }
+
+
+def _newest(groups: dict[Any, list[Any]]) -> dict[Any, int | None]:
+    return {key: _marks_of(rows)[1] for key, rows in groups.items()}
 
 
 def _group(rows: RunRows, fingerprint: Any) -> _Held:
@@ -93,7 +114,12 @@ def _group(rows: RunRows, fingerprint: Any) -> _Held:
     privacy: dict[int | None, list[PrivacyInfo]] = {}
     for e in rows.privacy:
         privacy.setdefault(e.round_id, []).append(e)
-    return _Held(fingerprint, {r.id: r for r in rows.rounds}, metrics, parts, privacy, rows)
+    newest = {
+        "participations": _newest(parts),
+        "metrics": _newest(metrics),
+        "privacy": _newest(privacy),
+    }
+    return _Held(fingerprint, {r.id: r for r in rows.rounds}, metrics, parts, privacy, newest, rows)
 
 
 def _assemble(
@@ -171,18 +197,27 @@ class RowStore:
         metrics = dict(held.metrics)
         parts = dict(held.participations)
         privacy = dict(held.privacy)
+        newest = {table: dict(ids) for table, ids in held.newest.items()}
         for r in rounds:
             if r.id in tail or held.rounds.get(r.id) != r:
-                metrics[r.id] = registry.list_metrics(run_id, round_id=r.id)
-                parts[r.id] = registry.list_participations(run_id, round_id=r.id)
-                privacy[r.id] = registry.list_privacy(run_id, round_id=r.id)
+                read = {
+                    "metrics": registry.list_metrics(run_id, round_id=r.id),
+                    "participations": registry.list_participations(run_id, round_id=r.id),
+                    "privacy": registry.list_privacy(run_id, round_id=r.id),
+                }
+                metrics[r.id], parts[r.id], privacy[r.id] = (
+                    read["metrics"], read["participations"], read["privacy"]
+                )  # fmt: skip
+                for table, rows_read in read.items():
+                    newest[table][r.id] = _marks_of(rows_read)[1]
                 self.rounds_read += 1
         rows = _assemble(rounds, metrics, parts, privacy)
-        if rows_marks(rows) != marks:
+        new = _Held(fingerprint, {r.id: r for r in rounds}, metrics, parts, privacy, newest, rows)
+        if new.marks() != marks:
             self.fallbacks += 1
             return None
         self.folds += 1
-        return _Held(fingerprint, {r.id: r for r in rounds}, metrics, parts, privacy, rows)
+        return new
 
 
 _STORES: weakref.WeakKeyDictionary[Registry, RowStore] = weakref.WeakKeyDictionary()
