@@ -228,3 +228,19 @@ def test_a_store_without_the_fast_path_reads_everything(run: Run) -> None:
     after = store.rows(run.registry, RUN)
     assert after == read_run_rows(run.registry, RUN) and after != before
     assert (store.full_reads, store.folds) == (2, 0)
+
+
+def test_only_running_runs_and_the_last_finished_one_are_held(run: Run) -> None:
+    """A large run's rows are ~50 MB of snapshots: a finished run's are dropped once another
+    finished run is read (its documents stay cached against its fingerprint)."""
+    registry, store = run.registry, row_store(run.registry)
+    for name in ("done-a", "done-b"):
+        registry.create_run(name, name=name, scenario="synthetic", config={}, tasks=["t"])
+        registry.set_run_status(name, "completed")
+    run_rows(registry, RUN)
+    run_rows(registry, "done-a")
+    assert store.held_runs() == [RUN, "done-a"]
+    run_rows(registry, "done-b")
+    assert store.held_runs() == [RUN, "done-b"]
+    assert results_of(registry, "done-a")["status"] == "completed"
+    assert store.held_runs() == [RUN, "done-a"]

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedcl.config.vocabulary import RunStatus
 from fedcl.server.registry import (
     MetricInfo,
     ParticipationInfo,
@@ -44,7 +45,11 @@ from fedcl.server.results import RunRows, read_run_rows
 from .cache import _fingerprint
 
 TAIL = 2  # newest rounds read again on every change (see the module docstring)
-MAX_RUNS = 8  # runs whose rows are held (the running ones are what change)
+# Runs whose rows are held. A 200-round, 30-site run's rows take ~50 MB as snapshots, so
+# besides the running runs (what changes, what is polled) only the run read last is kept: its
+# page builds the results and then the charts from the same rows.
+MAX_RUNS = 4
+MAX_FINISHED = 1
 # Positions of (count, newest id) per table in Registry.run_fingerprint's tuple.
 _FINGERPRINT_LEN = 18
 _MARKS = {"participations": 4, "metrics": 8, "privacy": 10}
@@ -56,6 +61,11 @@ def fingerprint_marks(fingerprint: Sequence[Any]) -> dict[str, tuple[int, int | 
     if len(fingerprint) != _FINGERPRINT_LEN:
         return None
     return {table: (fingerprint[i], fingerprint[i + 1]) for table, i in _MARKS.items()}
+
+
+def _running(fingerprint: Sequence[Any]) -> bool:
+    """Whether the run was running at ``fingerprint`` (its first field is the run's status)."""
+    return len(fingerprint) == _FINGERPRINT_LEN and fingerprint[0] == RunStatus.RUNNING
 
 
 def _marks_of(rows: Sequence[Any]) -> tuple[int, int | None]:
@@ -145,9 +155,16 @@ class RowStore:
     The counters are what the tests read: they fail when the fast path stops being taken.
     """
 
-    def __init__(self, *, incremental: bool = True, max_runs: int = MAX_RUNS) -> None:
+    def __init__(
+        self,
+        *,
+        incremental: bool = True,
+        max_runs: int = MAX_RUNS,
+        max_finished: int = MAX_FINISHED,
+    ) -> None:
         self.incremental = incremental
         self.max_runs = max_runs
+        self.max_finished = max_finished
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._lock = threading.Lock()
         self._run_locks: dict[str, threading.Lock] = {}
@@ -177,10 +194,23 @@ class RowStore:
             with self._lock:
                 self._held[run_id] = new
                 self._held.move_to_end(run_id)
-                while len(self._held) > self.max_runs:
-                    dropped, _ = self._held.popitem(last=False)
-                    self._run_locks.pop(dropped, None)
+                self._evict()
             return new.rows
+
+    def held_runs(self) -> list[str]:
+        """The runs whose rows are held, least recently used first."""
+        with self._lock:
+            return list(self._held)
+
+    def _evict(self) -> None:
+        """Drop the least recently used runs beyond the bounds (call with ``_lock`` held)."""
+        finished = [k for k, h in self._held.items() if not _running(h.fingerprint)]
+        for run_id in finished[: max(0, len(finished) - self.max_finished)]:
+            del self._held[run_id]
+            self._run_locks.pop(run_id, None)
+        while len(self._held) > self.max_runs:
+            dropped, _ = self._held.popitem(last=False)
+            self._run_locks.pop(dropped, None)
 
     def _fold(self, registry: Registry, run_id: str, fingerprint: Any, held: _Held) -> _Held | None:
         """``held`` brought up to ``fingerprint`` by reading the rounds that changed, or None
