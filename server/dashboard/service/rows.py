@@ -17,7 +17,10 @@ The fast path never decides alone that nothing else changed: the rows it assembl
 the same count and newest id, table by table, as the registry's fingerprint says the run has
 (:meth:`~fedcl.server.registry.Registry.run_fingerprint`); otherwise (a row added to or deleted
 from an older round, run-level rows, a fingerprint this module does not know how to read) every
-row is read again.
+row is read again. What neither sees: a row of an older round rewritten in place without its
+round's row changing (same count, same ids). The registry's writers do not do that today (a
+retried or rejected participation is rewritten while its round runs, or with a recount); the
+whole-document cache this replaces only caught it at the run's next change.
 
 What is held is plain registry snapshots (immutable); the registry stays the only source of
 truth, and a dashboard restarted reads the same rows.
