@@ -19,7 +19,7 @@ import pytest
 
 from fedcl.server.dashboard.auth import Principal
 from fedcl.server.dashboard.service import run_charts_json
-from fedcl.server.dashboard.service.cache import results_of
+from fedcl.server.dashboard.service.cache import _REQUEST, results_of
 from fedcl.server.dashboard.service.charts import MODEL_AGREEMENT
 from fedcl.server.dashboard.service.rows import (
     TAIL,
@@ -244,3 +244,24 @@ def test_only_running_runs_and_the_last_finished_one_are_held(run: Run) -> None:
     assert store.held_runs() == [RUN, "done-b"]
     assert results_of(registry, "done-a")["status"] == "completed"
     assert store.held_runs() == [RUN, "done-a"]
+
+
+def test_a_write_between_the_fingerprint_and_the_reads_is_folded_at_a_fresh_fingerprint(
+    run: Run,
+) -> None:
+    """A poll reads the fingerprint (once per request), then a site's evaluation lands, then the
+    poll reads the newest rounds: they hold more than that fingerprint counts. The fold is tried
+    again at a fresh fingerprint instead of reading every row."""
+    registry, store = run.registry, row_store(run.registry)
+    run_rows(registry, RUN)
+    r = len(run.ids) + 1
+    run.ids[r] = _train(registry, r)
+    token = _REQUEST.set({RUN: registry.run_fingerprint(RUN)})  # what the request read first
+    try:
+        _evaluate(registry, run.ids[r - 1], r - 1)  # lands after it
+        rows = run_rows(registry, RUN)
+    finally:
+        _REQUEST.reset(token)
+    assert rows == read_run_rows(registry, RUN)
+    assert (store.full_reads, store.folds, store.fallbacks) == (1, 1, 1)
+    assert run_rows(registry, RUN) is rows  # held at the fresh fingerprint: nothing to read

@@ -191,6 +191,10 @@ class RowStore:
             new = None
             if held is not None and self.incremental:
                 new = self._fold(registry, run_id, fingerprint, held)
+                if new is None:  # a write may have landed between the fingerprint and the reads
+                    fresh = registry.run_fingerprint(run_id)
+                    if fresh != fingerprint:
+                        new = self._fold(registry, run_id, fresh, held)
             if new is None:
                 new = _group(read_run_rows(registry, run_id), fingerprint)
                 self.full_reads += 1
