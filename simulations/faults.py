@@ -65,8 +65,24 @@ def flip_middle_bit(array: Array, *, floats: bool) -> Array:
         bits[bits.size // 2] ^= np.uint32(1 << 30)
         return Array(values)
     data = bytearray(array.data)
-    data[len(data) // 2] ^= 0x01
+    data[_middle_of_middle_ciphertext(data)] ^= 0x01
     return Array(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype, data=bytes(data))
+
+
+def _middle_of_middle_ciphertext(data: bytearray) -> int:
+    """The middle byte of the ciphertext that holds the Array's middle byte: inside its data,
+    never a length frame (``fedcl.privacy.ckks.framing``; with an even number of equal blocks
+    the Array's middle byte would be the next frame's length)."""
+    from fedcl.privacy.ckks.framing import FRAME
+
+    middle, pos = len(data) // 2, 0
+    while pos + FRAME.size <= len(data):
+        (length,) = FRAME.unpack_from(data, pos)
+        start, end = pos + FRAME.size, pos + FRAME.size + length
+        if middle < end or end >= len(data):
+            return start + length // 2 if end <= len(data) else middle
+        pos = end
+    return middle
 
 
 def corrupt_reply(reply: Message, kind: str) -> Message:

@@ -21,6 +21,7 @@ from fedcl.privacy.ckks.packing import bytes_per_parameter, packing_for, spill_b
 from fedcl.privacy.ckks.parallel import decrypt_blocks
 from fedcl.privacy.ckks.params import CKKSParams, min_scale_bits
 from fedcl.privacy.ckks.quantise import pack, unpack
+from fedcl.privacy.ckks.seeded import ENV_SEEDED
 from fedcl.privacy.ckks.wire import (
     FORMAT,
     SPILL_BITS,
@@ -153,16 +154,32 @@ def test_noise_margin_at_the_largest_spill_round(contexts) -> None:
     assert np.rint(values).max() >= 2 ** (packing.slot_bits - 2)
 
 
-def test_bytes_per_parameter_of_a_real_update_of_the_default_model(contexts) -> None:
-    secret, _ = contexts
+def test_bytes_per_parameter_of_a_real_update_of_the_default_model(contexts, monkeypatch) -> None:
+    secret, public = contexts
     rng = np.random.default_rng(5)
     delta = {"w": rng.normal(0.0, 0.05, DEFAULT_MODEL_VALUES)}
-    sizes = {}
-    for name, packing in (("spill", packing_for(he(5))), ("plain", Packing(max_sites=5, clip=4.0))):
-        enc = encrypt_update(delta, 100, secret, packing, rng=np.random.default_rng(1))
-        sizes[name] = sum(len(a.data) for a in enc.arrays.values()) / DEFAULT_MODEL_VALUES
-    # fp32 is 4 bytes a parameter: the target is <= 4.2x (16.8 bytes).
-    assert sizes["spill"] / 4 <= 4.0 and sizes["plain"] / 4 > 4.8, sizes
+    layout = Layout.from_state_dict(delta)
+    spill, plain = packing_for(he(5)), Packing(max_sites=5, clip=4.0)
+
+    def up_and_down(packing: Packing) -> tuple[float, float]:
+        total = EncryptedSum(ExpectedReply.build(public, packing, layout))
+        enc = encrypt_update(delta, 100, secret, packing, layout=layout)
+        total.add(enc.arrays, enc.meta)
+        arrays, _ = total.result()
+        up = sum(len(a.data) for a in enc.arrays.values())
+        down = sum(len(a.data) for a in arrays.values())
+        return up / DEFAULT_MODEL_VALUES, down / DEFAULT_MODEL_VALUES
+
+    seeded = {"spill": up_and_down(spill), "plain": up_and_down(plain)}
+    monkeypatch.setenv(ENV_SEEDED, "0")  # public-key encryption: full-size blocks up too
+    public_key = {"spill": up_and_down(spill), "plain": up_and_down(plain)}
+    # fp32 is 4 bytes a parameter; the target is <= 4.2x (16.8 bytes). Public key:
+    # 4 blocks with the spill (15.7 bytes up and down), 5 without (19.7).
+    assert public_key["spill"][0] == public_key["spill"][1]
+    assert 15.0 < public_key["spill"][0] <= 4.0 * 4 < 4.8 * 4 < public_key["plain"][0]
+    # Seeded blocks up are half that; the aggregate down is a full-size sum of them.
+    assert seeded["spill"][0] <= 2.0 * 4 and seeded["plain"][0] <= 2.5 * 4
+    assert seeded["spill"][1] == pytest.approx(public_key["spill"][1], rel=1e-3)
 
 
 def test_spill_travels_in_the_metadata_and_a_mismatch_is_refused(contexts) -> None:

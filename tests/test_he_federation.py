@@ -62,8 +62,9 @@ def test_he_learns_like_plaintext_and_counts_never_travel_in_clear(tmp_path) -> 
     # 13.7 bytes a parameter before padding (16.0, 4x fp32, without the spill).
     assert block["packing"]["bytes_per_param"] == pytest.approx(65_536 / (2048 * (2 + 1 / 3)))
     # Measured: whole ciphertexts for a 17k-parameter MLP: 4 blocks (5 without the spill), at
-    # most 4.2x fp32 (issue 14).
-    assert 13.7 <= block["bytes_per_param_up"] <= 4.2 * 4
+    # most 4.2x fp32 (issue 14); sites send seeded ciphertexts (half the bytes, 7.9 measured),
+    # the aggregates are full-size sums (15.7).
+    assert 6.85 <= block["bytes_per_param_up"] <= 2.1 * 4
     assert 13.7 <= block["bytes_per_param_down"] <= 4.2 * 4
     seconds = block["seconds_per_round"]
     assert all(

@@ -1,7 +1,8 @@
 """The code that runs inside CKKS worker processes (and in-process for small updates).
 
-Kept free of fedcl imports beyond numpy and TenSEAL so a spawned worker starts in ~1 s: it holds
-one deserialized context, received once through the pool initializer.
+Kept free of fedcl imports beyond numpy, TenSEAL and :mod:`.seeded` (standard library) so a
+spawned worker starts in ~1 s: it holds one deserialized context, received once through the pool
+initializer (and its seeded encryptor, built at the first block).
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ def init(context_bytes: bytes) -> None:
 
 
 def encrypt_with(ctx, rows: list[np.ndarray], scale: float) -> list[bytes]:
-    """One ciphertext per row (each at most N/2 slots: longer vectors make TenSEAL warn)."""
+    """One ciphertext per row (each at most N/2 slots: longer vectors make TenSEAL warn).
+
+    Seeded symmetric encryption under a secret context (:mod:`.seeded`: half the bytes, a third
+    of the time), public-key encryption where that is not available.
+    """
     import tenseal as ts
 
+    from .seeded import encryptor_for  # numpy and the standard library only
+
+    seeded = encryptor_for(ctx)
+    if seeded is not None:
+        return seeded.encrypt(rows, scale)
     return [ts.ckks_vector(ctx, row.tolist(), scale=scale).serialize() for row in rows]
 
 

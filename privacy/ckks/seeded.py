@@ -1,0 +1,177 @@
+"""Seeded symmetric encryption at the sites: half the bytes up and a third of the encrypt time.
+
+Why: every site holds the federation's secret key (``secret.ctx``), so it may encrypt with it
+instead of the public key. SEAL's symmetric encryption c = (-a·s + m + e, a) draws ``a`` from a
+PRNG seed, and its *seeded* serialization sends c0 and the seed instead of ``a``: a fresh block
+is 33 kB instead of 66 kB (N = 4096, one 60-bit prime), and encrypting takes ~0.26 ms instead
+of ~0.73 (no ``u·pk`` products, one error term). Security is SEAL's RLWE at the same parameters
+(128-bit, ``tc128``, checked when the SEAL context is built); the noise is a single fresh error,
+smaller than a public-key encryption's, so the scale the public-key noise model picks
+(:func:`~.params.min_scale_bits`) is conservative for it.
+
+The coordinator is unchanged and key-less: TenSEAL's ``ckks_vector_from`` under the *public*
+context expands the seed while loading (:mod:`.validate` accepts either size), and every sum,
+so every aggregate, is a full-size ciphertext: bytes down are as before.
+
+How: TenSEAL 0.3.18 cannot encrypt symmetrically with an asymmetric context, nor serialize a
+seeded ciphertext. This module builds a ``tenseal.sealapi`` (SEAL) context with the exact
+primes of the site's TenSEAL context, loads the secret key into it (through a file in a fresh
+0700 directory, removed at once: SEAL's Python API loads keys only from paths), encrypts with
+``Encryptor.encrypt_symmetric`` and wraps the seeded SEAL ciphertext in TenSEAL's
+``CKKSVectorProto`` (size, ciphertext, scale), which TenSEAL then reads like its own. If any of
+this fails (another TenSEAL build), :func:`encryptor_for` returns ``None`` and the sites encrypt
+with the public key as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import weakref
+
+import numpy as np
+
+logger = logging.getLogger("fedcl.privacy.ckks")
+
+#: ``FEDCL_CKKS_SEEDED=0`` makes sites encrypt with the public key (full-size blocks).
+ENV_SEEDED = "FEDCL_CKKS_SEEDED"
+
+_ENCRYPTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _varint(x: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, x = x & 0x7F, x >> 7
+        if x:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def wrap_ckks_vector(ciphertext: bytes, size: int, scale: float) -> bytes:
+    """TenSEAL's ``CKKSVectorProto``: 1 = packed sizes, 2 = SEAL ciphertext, 3 = scale."""
+    sizes = _varint(size)
+    return b"".join(
+        [
+            b"\x0a",
+            _varint(len(sizes)),
+            sizes,
+            b"\x12",
+            _varint(len(ciphertext)),
+            ciphertext,
+            b"\x19",
+            struct.pack("<d", scale),
+        ]
+    )
+
+
+def _private_dir() -> str:
+    """A fresh 0700 directory, in memory where the system has one (/dev/shm)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="fedcl-ckks-", dir=base)
+
+
+def _seal_context(ctx, sa):
+    """A SEAL context with exactly the TenSEAL context's parameters (tc128 enforced)."""
+    import tenseal.sealapi  # noqa: F401 - registers seal::Modulus so coeff_modulus() converts
+
+    parms = ctx.seal_context().data.key_context_data().parms()
+    mine = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
+    mine.set_poly_modulus_degree(int(parms.poly_modulus_degree()))
+    mine.set_coeff_modulus([sa.Modulus(int(m.value())) for m in parms.coeff_modulus()])
+    seal = sa.SEALContext(mine, True, sa.SEC_LEVEL_TYPE.TC128)
+    if not seal.parameters_set():
+        raise RuntimeError(f"SEAL refuses the parameters: {seal.parameter_error_message()}")
+    return seal
+
+
+class SeededEncryptor:
+    """Symmetric, seeded CKKS encryption under a site's secret context (see the module doc)."""
+
+    def __init__(self, ctx) -> None:
+        import tenseal.sealapi as sa
+
+        if not ctx.is_private():
+            raise ValueError("seeded encryption needs the secret context")
+        self._sa = sa
+        self.seal = _seal_context(ctx, sa)
+        tmp = _private_dir()
+        try:
+            path = os.path.join(tmp, "sk")
+            ctx.data.secret_key().save(path)
+            secret = sa.SecretKey()
+            secret.load(self.seal, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.encoder = sa.CKKSEncoder(self.seal)
+        self.encryptor = sa.Encryptor(self.seal, secret)
+        self.slots = self.encoder.slot_count()
+
+    def encrypt(self, rows: list[np.ndarray], scale: float) -> list[bytes]:
+        """One seeded ciphertext per row (each at most N/2 slots), as TenSEAL CKKSVector bytes."""
+        sa = self._sa
+        out = []
+        tmp = _private_dir()
+        try:
+            path = os.path.join(tmp, "ct")
+            for row in rows:
+                if row.shape[0] > self.slots:
+                    raise ValueError(f"a row of {row.shape[0]} values exceeds {self.slots} slots")
+                plain = sa.Plaintext()
+                self.encoder.encode(row.tolist(), scale, plain)
+                self.encryptor.encrypt_symmetric(plain).save(path)
+                with open(path, "rb") as fh:
+                    out.append(wrap_ckks_vector(fh.read(), row.shape[0], scale))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SEEDED, "1").strip() not in ("0", "false", "no")
+
+
+def encryptor_for(ctx) -> SeededEncryptor | None:
+    """The seeded encryptor of a secret context (built once per context and process), or
+    ``None``: a public context, ``FEDCL_CKKS_SEEDED=0``, or a TenSEAL this cannot bridge."""
+    if not enabled() or not ctx.is_private():
+        return None
+    try:
+        return _ENCRYPTORS[ctx]
+    except (KeyError, TypeError):
+        pass
+    try:
+        enc = SeededEncryptor(ctx)
+    except Exception as exc:  # another TenSEAL/SEAL build: public-key encryption still works
+        logger.warning("seeded CKKS encryption unavailable (%s); using the public key", exc)
+        enc = None
+    with contextlib.suppress(TypeError):
+        _ENCRYPTORS[ctx] = enc
+    return enc
+
+
+def seeded_block_bytes(public_ctx, scale: float) -> int:
+    """Bytes of a one-slot seeded block under ``public_ctx``'s parameters, for the coordinator's
+    size check. Encrypted under a throwaway secret key made here and discarded (the coordinator
+    never holds the federation's); the size depends only on the parameters."""
+    import tenseal.sealapi as sa
+
+    seal = _seal_context(public_ctx, sa)
+    throwaway = sa.KeyGenerator(seal).secret_key()
+    encoder, encryptor = sa.CKKSEncoder(seal), sa.Encryptor(seal, throwaway)
+    plain = sa.Plaintext()
+    encoder.encode([0.0], scale, plain)
+    tmp = _private_dir()
+    try:
+        path = os.path.join(tmp, "ct")
+        encryptor.encrypt_symmetric(plain).save(path)
+        with open(path, "rb") as fh:
+            return len(wrap_ckks_vector(fh.read(), 1, scale))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
