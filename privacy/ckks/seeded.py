@@ -26,6 +26,7 @@ with the public key as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -77,14 +78,23 @@ def _private_dir() -> str:
     return tempfile.mkdtemp(prefix="fedcl-ckks-", dir=base)
 
 
-def _seal_context(ctx, sa):
-    """A SEAL context with exactly the TenSEAL context's parameters (tc128 enforced)."""
+def _parameters(ctx) -> tuple[int, tuple[int, ...]]:
+    """(N, the coefficient modulus primes) of a TenSEAL context."""
     import tenseal.sealapi  # noqa: F401 - registers seal::Modulus so coeff_modulus() converts
 
     parms = ctx.seal_context().data.key_context_data().parms()
+    return int(parms.poly_modulus_degree()), tuple(int(m.value()) for m in parms.coeff_modulus())
+
+
+def _seal_context(ctx, sa):
+    """A SEAL context with exactly the TenSEAL context's parameters (tc128 enforced)."""
+    return _seal_context_of(*_parameters(ctx), sa)
+
+
+def _seal_context_of(n: int, primes: tuple[int, ...], sa):
     mine = sa.EncryptionParameters(sa.SCHEME_TYPE.CKKS)
-    mine.set_poly_modulus_degree(int(parms.poly_modulus_degree()))
-    mine.set_coeff_modulus([sa.Modulus(int(m.value())) for m in parms.coeff_modulus()])
+    mine.set_poly_modulus_degree(n)
+    mine.set_coeff_modulus([sa.Modulus(p) for p in primes])
     seal = sa.SEALContext(mine, True, sa.SEC_LEVEL_TYPE.TC128)
     if not seal.parameters_set():
         raise RuntimeError(f"SEAL refuses the parameters: {seal.parameter_error_message()}")
@@ -158,11 +168,17 @@ def encryptor_for(ctx) -> SeededEncryptor | None:
 
 def seeded_block_bytes(public_ctx, scale: float) -> int:
     """Bytes of a one-slot seeded block under ``public_ctx``'s parameters, for the coordinator's
-    size check. Encrypted under a throwaway secret key made here and discarded (the coordinator
-    never holds the federation's); the size depends only on the parameters."""
+    size check (computed once per parameters and scale)."""
+    return _seeded_block_bytes(*_parameters(public_ctx), float(scale))
+
+
+@functools.cache
+def _seeded_block_bytes(n: int, primes: tuple[int, ...], scale: float) -> int:
+    """Encrypted under a throwaway secret key made here and discarded (the coordinator never
+    holds the federation's); the size depends only on the parameters."""
     import tenseal.sealapi as sa
 
-    seal = _seal_context(public_ctx, sa)
+    seal = _seal_context_of(n, primes, sa)
     throwaway = sa.KeyGenerator(seal).secret_key()
     encoder, encryptor = sa.CKKSEncoder(seal), sa.Encryptor(seal, throwaway)
     plain = sa.Plaintext()
