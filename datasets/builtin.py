@@ -31,6 +31,11 @@ _TINTS: dict[str, tuple[float, float, float]] = {
     "concrete": (0.95, 0.95, 0.92),
     "fabric": (0.62, 0.74, 1.00),
 }
+# Colour cast per lighting for channels=3: the dim line is lit by warm tungsten lamps.
+_CASTS: dict[str, np.ndarray] = {
+    "bright": np.ones(3, dtype=np.float32),
+    "dim": np.asarray((1.0, 0.86, 0.7), dtype=np.float32),
+}
 Arr = np.ndarray
 Rng = np.random.Generator
 _DEFECTS_OPTIONS = ("n_per_class_per_domain", "image_size", "channels", "materials", "lightings")
@@ -192,8 +197,8 @@ def make_defects(
                     img += _DEFECTS[ci](rng, n, size, xx, yy)
                 img = _light(rng, light, img, xx, yy, size)
                 if channels == 3:
-                    tint = np.asarray(_TINTS[mat], dtype=np.float32)[None, :, None, None]
-                    img = img[:, None] * tint
+                    tint = np.asarray(_TINTS[mat], dtype=np.float32) * _CASTS[light]
+                    img = img[:, None] * tint[None, :, None, None]
                     img += 0.01 * rng.standard_normal(img.shape, dtype=np.float32)
                 else:
                     img = img[:, None]
@@ -233,6 +238,18 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / (a.std(axis=(1, 2), keepdims=True) + 1e-6)
 
 
+def _blobs(
+    rng: Rng, n: int, k: int, xx: Arr, yy: Arr, radius: tuple[float, float], ecc: float = 1.0
+) -> Arr:
+    """``k`` soft discs per image (radius in pixels), summed; ``(n, H, W)`` in [0, k]."""
+    size = xx.shape[0]
+    cx = rng.uniform(0, size, (n, k, 1, 1)).astype(np.float32)
+    cy = rng.uniform(0, size, (n, k, 1, 1)).astype(np.float32)
+    r = rng.uniform(*radius, (n, k, 1, 1)).astype(np.float32)
+    d = np.sqrt(((xx - cx) * ecc) ** 2 + ((yy - cy) / ecc) ** 2)
+    return np.clip(r + 0.5 - d, 0.0, 1.0).sum(axis=1)
+
+
 def _steel(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
     """Brushed steel: fine streaks along a near-horizontal brushing direction."""
     streak = _unit(_box(_noise(rng, n, size), size // 3, axis=2))
@@ -245,7 +262,12 @@ def _steel(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
 
 
 def _wood(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
-    """Wood: low-frequency grain bands, gently warped, at a random small angle."""
+    """Wood: low-frequency grain bands, gently warped, at a random small angle, with knots.
+
+    A knot is a dark, soft, elongated blob: the texture's own "spot", which a model that learnt
+    spots on another material must learn to ignore here (one source of forgetting).
+    """
+    s = size / 32
     theta = _u(rng, -0.35, 0.35, n)
     warp = _u(rng, 0.5, 2.5, n) * np.sin(
         2 * np.pi * _u(rng, 0.5, 1.5, n) * xx / size + _u(rng, 0, 2 * np.pi, n)
@@ -254,30 +276,63 @@ def _wood(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
     f = _u(rng, 2.5, 4.5, n)
     phase = _u(rng, 0, 2 * np.pi, n)
     grain = np.sin(2 * np.pi * f * u + phase) + 0.3 * np.sin(6 * np.pi * f * u + 2 * phase)
-    return _u(rng, 0.45, 0.55, n) + _u(rng, 0.06, 0.1, n) * grain + 0.015 * _noise(rng, n, size)
+    # Knots: elongated along the grain (across the bands' normal), Gaussian edge.
+    kx, ky = _u(rng, 0.15 * size, 0.85 * size, n), _u(rng, 0.15 * size, 0.85 * size, n)
+    along = (xx - kx) * np.cos(theta) - (yy - ky) * np.sin(theta)
+    across = (xx - kx) * np.sin(theta) + (yy - ky) * np.cos(theta)
+    rc = _u(rng, 1.5, 2.2, n) * s
+    ra = rc * _u(rng, 1.7, 2.3, n)
+    knot = np.clip(2.0 * (1.0 - np.sqrt((along / ra) ** 2 + (across / rc) ** 2)), 0.0, 1.0)
+    has_knot = (rng.random((n, 1, 1)) < 0.7).astype(np.float32)
+    return (
+        _u(rng, 0.45, 0.55, n)
+        + _u(rng, 0.06, 0.1, n) * grain
+        - has_knot * _u(rng, 0.25, 0.45, n) * knot
+        + 0.015 * _noise(rng, n, size)
+    )
 
 
 def _concrete(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
-    """Concrete: per-pixel speckle on low-frequency blotches, with a few dark 1-pixel pores."""
+    """Concrete: speckle on low-frequency blotches, with dark pores and pale aggregate flecks.
+
+    Pores and flecks are small discs of either polarity: the texture's own tiny "spots".
+    """
+    s = size / 32
     k = max(2, size // 6)
     blotch = _unit(_box(_box(_noise(rng, n, size), k, 1), k, 2))
-    pores = (rng.random((n, size, size)) < 0.01).astype(np.float32)
+    pores = _blobs(rng, n, 4, xx, yy, (0.5 * s, 1.1 * s))
+    flecks = _blobs(rng, n, 3, xx, yy, (0.5 * s, 1.0 * s))
     return (
         _u(rng, 0.45, 0.58, n)
         + 0.04 * blotch
         + _u(rng, 0.04, 0.07, n) * _noise(rng, n, size)
-        - 0.12 * pores
+        - 0.2 * np.minimum(pores, 1.0)
+        + 0.15 * np.minimum(flecks, 1.0)
     )
 
 
 def _fabric(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
-    """Fabric: a woven checker of over/under threads with a random period and rotation."""
+    """Fabric: a woven checker of over/under threads, and sometimes one odd-coloured thread.
+
+    The odd thread runs the whole width along the weave: the texture's own "scratch".
+    """
     phi = _u(rng, -0.4, 0.4, n)
     u = xx * np.cos(phi) + yy * np.sin(phi)
     v = -xx * np.sin(phi) + yy * np.cos(phi)
-    w = 2 * np.pi / (_u(rng, 3.2, 4.8, n) * size / 32)
+    period = _u(rng, 3.2, 4.8, n) * size / 32
+    w = 2 * np.pi / period
     weave = np.sin(w * u) * np.sin(w * v) + 0.4 * (np.sin(w * u) + np.sin(w * v))
-    return _u(rng, 0.45, 0.55, n) + _u(rng, 0.05, 0.08, n) * weave + 0.015 * _noise(rng, n, size)
+    # One thread (a row or column of the weave) of another shade, full length.
+    pick = np.where(rng.random((n, 1, 1)) < 0.5, u, v)
+    offset = _u(rng, 0.3 * size, 0.7 * size, n)
+    thread = _stroke(np.abs(pick - offset), 0.3 * period)
+    has_thread = (rng.random((n, 1, 1)) < 0.6).astype(np.float32)
+    return (
+        _u(rng, 0.45, 0.55, n)
+        + _u(rng, 0.05, 0.08, n) * weave
+        + has_thread * _sign(rng, n) * _u(rng, 0.15, 0.3, n) * thread
+        + 0.015 * _noise(rng, n, size)
+    )
 
 
 _TEXTURES: dict[str, Callable[..., np.ndarray]] = {
@@ -286,6 +341,10 @@ _TEXTURES: dict[str, Callable[..., np.ndarray]] = {
     "concrete": _concrete,
     "fabric": _fabric,
 }
+
+#: Thinnest stroke half-width in pixels, whatever the image size: below it a scratch or crack
+#: is an anti-aliased ghost (at 16 px the size-scaled widths were 0.15-0.35 px: invisible).
+_MIN_HALF_WIDTH = 0.45
 
 
 def _stroke(d: np.ndarray, half_width: np.ndarray) -> np.ndarray:
@@ -302,22 +361,23 @@ def _scratch(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
     s = size / 32
     cx, cy = _u(rng, 0.3 * size, 0.7 * size, n), _u(rng, 0.3 * size, 0.7 * size, n)
     theta = _u(rng, 0, np.pi, n)
-    length = _u(rng, 0.5 * size, 0.85 * size, n)
+    length = _u(rng, 0.5 * size, 0.8 * size, n)
     dx, dy = xx - cx, yy - cy
     across = np.abs(-dx * np.sin(theta) + dy * np.cos(theta))
     along = np.abs(dx * np.cos(theta) + dy * np.sin(theta))
-    mask = _stroke(across, _u(rng, 0.3, 0.7, n) * s) * np.clip(length / 2 + 0.5 - along, 0, 1)
-    return _sign(rng, n) * _u(rng, 0.18, 0.4, n) * mask
+    width = np.maximum(_u(rng, 0.4, 0.8, n) * s, _MIN_HALF_WIDTH)
+    mask = _stroke(across, width) * np.clip(length / 2 + 0.5 - along, 0, 1)
+    return _sign(rng, n) * _u(rng, 0.3, 0.5, n) * mask
 
 
 def _spot(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
-    """A small round (slightly elliptic) blob; brighter or darker than the surface."""
+    """A round (slightly elliptic) blob with a crisp edge; brighter or darker than the surface."""
     s = size / 32
     cx, cy = _u(rng, 0.2 * size, 0.8 * size, n), _u(rng, 0.2 * size, 0.8 * size, n)
-    r = _u(rng, 1.6, 3.4, n) * s
-    ecc = _u(rng, 0.75, 1.33, n)
+    r = np.maximum(_u(rng, 2.0, 3.6, n) * s, 1.2)
+    ecc = _u(rng, 0.8, 1.25, n)
     d = np.sqrt(((xx - cx) * ecc) ** 2 + ((yy - cy) / ecc) ** 2)
-    return _sign(rng, n) * _u(rng, 0.18, 0.4, n) * np.clip(r + 0.5 - d, 0, 1)
+    return _sign(rng, n) * _u(rng, 0.3, 0.5, n) * np.clip(r + 0.5 - d, 0, 1)
 
 
 def _segment_distance(xx: Arr, yy: Arr, a: Arr, b: Arr) -> Arr:
@@ -338,7 +398,7 @@ def _crack(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
         drift, fork = heading, p
         for step in range(steps):
             drift = drift + rng.normal(0, 0.25, n)
-            h = drift + rng.normal(0, 0.7, n)
+            h = drift + rng.normal(0, 0.8, n)
             q = p + (rng.uniform(*step_len, n) * s)[:, None] * np.stack([np.cos(h), np.sin(h)], 1)
             dist = np.minimum(dist, _segment_distance(xx, yy, p, q))
             if step == steps // 3:
@@ -349,13 +409,13 @@ def _crack(rng: Rng, n: int, size: int, xx: Arr, yy: Arr) -> Arr:
     # Start in the middle and walk both ways so the crack stays mostly inside the image.
     start = rng.uniform(0.3 * size, 0.7 * size, (n, 2)).astype(np.float32)
     heading = rng.uniform(0, 2 * np.pi, n)
-    d1, fork, drift = walk(start, heading, 5, (1.6, 2.8))
-    d2, _, _ = walk(start, heading + np.pi, 5, (1.6, 2.8))
+    d1, fork, drift = walk(start, heading, 5, (1.8, 3.0))
+    d2, _, _ = walk(start, heading + np.pi, 5, (1.8, 3.0))
     side = np.where(rng.random(n) < 0.5, -1.0, 1.0)
-    d3, _, _ = walk(fork, drift + side * rng.uniform(0.6, 1.3, n), 4, (1.4, 2.4))
-    width = _u(rng, 0.35, 0.7, n) * s
+    d3, _, _ = walk(fork, drift + side * rng.uniform(0.6, 1.3, n), 4, (1.6, 2.6))
+    width = np.maximum(_u(rng, 0.45, 0.8, n) * s, _MIN_HALF_WIDTH)
     mask = np.maximum(_stroke(np.minimum(d1, d2), width), 0.8 * _stroke(d3, 0.75 * width))
-    return -_u(rng, 0.2, 0.42, n) * mask
+    return -_u(rng, 0.3, 0.5, n) * mask
 
 
 _DEFECTS: dict[int, Callable[..., np.ndarray]] = {1: _scratch, 2: _spot, 3: _crack}
@@ -370,5 +430,5 @@ def _light(rng: Rng, lighting: str, img: Arr, xx: Arr, yy: Arr, size: int) -> Ar
     angle = _u(rng, 0, 2 * np.pi, n)
     ramp = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size + 0.5
     gradient = 1.0 - _u(rng, 0.3, 0.5, n) * np.clip(ramp, 0, 1)
-    out = img * _u(rng, 0.5, 0.65, n) * gradient + 0.02
-    return out + 0.02 * _noise(rng, n, size)
+    out = img * _u(rng, 0.55, 0.7, n) * gradient + 0.02
+    return out + 0.025 * _noise(rng, n, size)
