@@ -1,18 +1,19 @@
 """CKKS-encrypted aggregation with TenSEAL: keys, packing codec, wire format (docs/DESIGN.md §4-§5).
 
-Sites encrypt their example-weighted, quantised, packed update under one shared CKKS key; the
-coordinator validates and *adds* ciphertexts with the public context only, and the sites decrypt
-the sum. Modules:
+Sites encrypt their example-weighted, quantised, packed update under one shared CKKS key (seeded
+symmetric encryption with its secret key: half the bytes up); the coordinator validates and
+*adds* ciphertexts with the public context only, and the sites decrypt the sum. Modules:
 
 * :mod:`.keys`      key files, fingerprints, refusing a secret key at the coordinator
 * :mod:`.params`    secure parameters (N = 4096, [60, 49]) and the noise model behind exactness
 * :mod:`.layout`    the fixed order a state dict is flattened in, and its hash
 * :mod:`.packing`   quantisation and packing settings with headroom, and the packing of an
                     experiment's ``[he]`` settings (:func:`packing_for`, :func:`check_packing`)
-* :mod:`.quantise`  stochastic rounding, and packing fields into slot integers
+* :mod:`.quantise`  stochastic rounding, and packing fields (and spill chunks) into slot integers
 * :mod:`.integrity` the checksum inside every update, and checking an aggregate's
 * :mod:`.codec`     a site's update to slot values and blocks, and an aggregate back to the mean
 * :mod:`.parallel`  encryption/decryption in worker processes (TenSEAL holds the GIL)
+* :mod:`.seeded`    seeded symmetric encryption at the sites (SEAL via ``tenseal.sealapi``)
 * :mod:`.meta`      the metadata ConfigRecord (format version, fingerprint, layout, packing)
 * :mod:`.framing`   ciphertexts framed into raw-bytes Arrays of an ArrayRecord
 * :mod:`.validate`  what the coordinator checks of a reply (public context only)
