@@ -475,14 +475,14 @@ def _integer_order_epsilon(history: list[tuple[float, ...]], delta: float) -> fl
     import warnings
 
     import numpy as np
-    from opacus.accountants.analysis.rdp import get_privacy_spent
 
     from fedcl.privacy.ledger.compose import group_rdp
+    from fedcl.privacy.ledger.rdp_analysis import rdp_analysis
 
     orders = np.arange(2.0, 65.0)
     rdp = sum(group_rdp(h[0], h[1], int(h[2]), int(h[3]) if len(h) > 3 else 1, orders)
               for h in history)  # fmt: skip
     with warnings.catch_warnings():  # probes far from the answer sit at an end of the orders
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis().get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)

@@ -104,6 +104,31 @@ def test_spawned_ckks_worker_loads_no_torch(tmp_path: Path) -> None:
     assert got["loaded"] == [["tenseal"], ["tenseal"]]
 
 
+def test_a_ledgers_epsilon_loads_no_torch_and_is_opacus_own(tmp_path: Path) -> None:
+    """`fedcl site status` composes ε with Opacus' RDP analysis without importing Opacus (and
+    with it torch): 0.5 s instead of 4.4 s a call."""
+    got = _run(
+        f"""
+        import json, sys
+        from fedcl.privacy.ledger import DPRelease, PrivacyLedger
+        ledger = PrivacyLedger("state")
+        ledger.record(DPRelease("dp-sgd", 1 / 20, 0.9, 40, 1e-5), run_id="r", task_index=0,
+                      server_round=1)
+        ledger.record(DPRelease("fisher", 1.0, 25.0, 1, 1e-5), run_id="r", task_index=0,
+                      server_round=2)
+        eps = PrivacyLedger("state").epsilon(1e-5)
+        loaded = {LOADED}
+        from opacus.accountants import RDPAccountant
+        acc = RDPAccountant()
+        acc.history = [(0.9, 1 / 20, 40), (25.0, 1.0, 1)]
+        print(json.dumps({{"eps": eps, "opacus": acc.get_epsilon(1e-5), "loaded": loaded}}))
+        """,
+        tmp_path,
+    )
+    assert got["loaded"] == []
+    assert got["eps"] == got["opacus"] > 0
+
+
 def test_config_imports_no_other_fedcl_package() -> None:
     """``config`` sits below every other subpackage: it may import only itself."""
     offending = []

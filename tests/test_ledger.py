@@ -78,6 +78,14 @@ def test_composition_matches_opacus_across_restart_subprocess_and_second_run(
     assert reopened.history(run_id="run-a")[0] == (1.1, 1 / 93, 186)
 
 
+def test_the_ledgers_orders_are_opacus_default_alphas() -> None:
+    from opacus.accountants import RDPAccountant
+
+    from fedcl.privacy.ledger.rdp_analysis import RDP_ORDERS
+
+    assert list(RDP_ORDERS) == list(RDPAccountant.DEFAULT_ALPHAS)
+
+
 def test_summary_per_run_and_task(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path)
     for i, release in enumerate(RUN_A):

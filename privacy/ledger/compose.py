@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .rdp_analysis import RDP_ORDERS, rdp_analysis
 from .records import (
     ACCOUNTANTS,
     LedgerEntry,
@@ -69,20 +70,19 @@ def compose_epsilon(
 
 
 def _compose(merged: dict[tuple[float, float, int], int], delta: float, accountant: str) -> float:
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
     if accountant == "rdp":
         # What RDPAccountant.get_privacy_spent computes (Σ compute_rdp at its DEFAULT_ALPHAS,
         # then Opacus' conversion), with each (σ, q)'s per-step curve computed once per process:
-        # RDP is linear in the steps, and the fractional orders cost a series each.
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+        # RDP is linear in the steps, and the fractional orders cost a series each. Opacus'
+        # analysis module is used without importing the package (rdp_analysis.py: ~2 s).
+        orders = np.array(RDP_ORDERS, dtype=float)
         rdp = sum(
             group_rdp(sigma, q, steps, group, orders) for (sigma, q, group), steps in merged.items()
         )
-        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis().get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
         return float(eps)
+    from opacus.accountants import PRVAccountant
+
     if any(group > 1 for _, _, group in merged):
         raise LedgerError(
             f"the {accountant} accountant cannot compose releases of group size > 1 "
@@ -126,10 +126,8 @@ def group_rdp(
 @lru_cache(maxsize=4096)
 def _step_rdp(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]) -> np.ndarray:
     """Opacus' ``compute_rdp`` of one step (``compute_rdp`` is that times ``steps``), cached."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     rdp = np.asarray(
-        compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
+        rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
         dtype=float,
     )
     rdp.flags.writeable = False
