@@ -127,7 +127,9 @@ def group_rdp(
 def _step_rdp(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]) -> np.ndarray:
     """Opacus' ``compute_rdp`` of one step (``compute_rdp`` is that times ``steps``), cached."""
     rdp = np.asarray(
-        rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
+        rdp_analysis().compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)
+        ),
         dtype=float,
     )
     rdp.flags.writeable = False

@@ -1,4 +1,4 @@
-"""Opacus' RDP analysis (``opacus/accountants/analysis/rdp.py``), reachable without ``import opacus``.
+"""Opacus' RDP analysis (``opacus/accountants/analysis/rdp.py``) without ``import opacus``.
 
 The ledger composes ε with Opacus' own ``compute_rdp`` and ``get_privacy_spent``: that module
 needs only NumPy and SciPy, but importing it the usual way runs ``opacus/__init__``, which
