@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Grad-sample modes :class:`fedcl.client.trainer.LocalTrainer` can run.
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch", "ghost")
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..ledger import DPRelease
+from .bookkeeping import BookKeeper, bk_applies
 from .grad_sample import _valid_mode, choose_grad_sample_mode
 from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, sampling_plan
 
@@ -111,6 +112,7 @@ class DPHook:
         self._wrapped: nn.Module | None = None
         self._optimizer: Any = None
         self._criterion: Any = None
+        self._bookkeeper: BookKeeper | None = None
 
     # -- TrainHook protocol
 
@@ -140,6 +142,8 @@ class DPHook:
         mode = choose_grad_sample_mode(model, self.grad_sample_mode_override)
         noise_seed, sample_seed = self._seeds()
         generator = torch.Generator(device=_device_of(model)).manual_seed(noise_seed)
+        if mode == "bk" and not bk_applies(model):
+            BookKeeper(model, self.max_grad_norm)  # raises, naming the unsupported layers
         with warnings.catch_warnings():
             # Opacus warns on every engine that its noise comes from torch's PRNG rather than a
             # CSPRNG (secure_mode needs torchcsprng); say it once per process, not per round.
@@ -155,13 +159,20 @@ class DPHook:
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 poisson_sampling=True,
-                grad_sample_mode=mode,
+                # bk: Opacus' ghost-clipping optimizer (noise on the clipped sum in p.grad),
+                # its accountant and Poisson loader; bookkeeping.py replaces the two passes.
+                grad_sample_mode="ghost" if mode == "bk" else mode,
                 noise_generator=generator,
             )
         except UnsupportedModuleError as err:
             raise DPConfigError(f"the model cannot be trained with DP-SGD: {err}") from err
         if mode == "ghost":  # ghost clipping also wraps the criterion: two backward passes
             wrapped, dp_optimizer, self._criterion, dp_loader = private
+        elif mode == "bk":  # one backward pass: Opacus' hooks off, the book-keeper's on
+            wrapped, dp_optimizer, _, dp_loader = private
+            wrapped.remove_hooks()
+            self._bookkeeper = BookKeeper(model, self.max_grad_norm)
+            self._bookkeeper.attach()
         else:
             (wrapped, dp_optimizer, dp_loader), self._criterion = private, None
         sampler = dp_loader.batch_sampler
@@ -186,8 +197,8 @@ class DPHook:
         return wrapped, dp_optimizer, _CountingLoader(dp_loader, self._count_draw)
 
     def runs_backward(self) -> bool:
-        """Whether this hook runs the backward pass itself (ghost clipping), from losses."""
-        return self._criterion is not None
+        """Whether this hook runs the backward pass itself (ghost, bk), from losses."""
+        return self._criterion is not None or self._bookkeeper is not None
 
     def backward(self, losses: torch.Tensor) -> None:
         """Ghost clipping's backward from the per-example losses (``[batch]``).
@@ -196,6 +207,9 @@ class DPHook:
         gradient norms, then a second of Σᵢ cᵢ·lossᵢ with cᵢ = min(1, C/‖gᵢ‖), which leaves
         the clipped sum in ``p.grad`` for the optimizer's noise.
         """
+        if self._bookkeeper is not None:  # bk: one pass, clipped sum straight into p.grad
+            self._bookkeeper.backward(losses)
+            return
         if self._criterion is None:
             raise DPConfigError("DPHook.backward is for ghost clipping; use loss.backward()")
         with warnings.catch_warnings():
@@ -260,6 +274,9 @@ class DPHook:
         module the site keeps using.
         """
         wrapped, module = self._wrapped, self._module
+        if self._bookkeeper is not None:
+            self._bookkeeper.detach()
+            self._bookkeeper = None
         self._wrapped = self._module = self._optimizer = self._criterion = None
         if wrapped is None or module is None:
             return
