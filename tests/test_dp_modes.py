@@ -154,13 +154,20 @@ def test_ghost_clips_each_examples_extra_loss_term_like_hooks(mode: str) -> None
 def test_bk_clips_each_example_exactly_on_the_cnn() -> None:
     """Book-keeping against an explicit per-example loop (float64), one clipped sum.
 
-    Mixed layers: the CNN's 8x8 convs take the per-example-gradient route, its 4x4 convs the
-    ghost-norm route, its GroupNorms and head their own rules. A clip bound above every norm
-    (no clipping) gives a different sum, so the clipping is what is compared.
+    Every conv route is taken: the CNN's first conv (p = 9) the patches, its second (32 -> 32
+    on 8x8) the grouped kernel, its 4x4 convs the ghost norm; GroupNorms and the head their
+    own rules. Without clipping the sum differs, so the clipping is what is compared.
     """
-    from fedcl.privacy.dp.bookkeeping import BookKeeper
+    from fedcl.privacy.dp.bookkeeping import BookKeeper, _conv_route
 
     model = _model("cnn", torch.float64).train()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    sizes = [8, 8, 4, 4]
+    routes = [
+        _conv_route(8, s * s, c.weight[0].numel(), c.out_channels, c.in_channels)
+        for c, s in zip(convs, sizes, strict=True)
+    ]
+    assert routes == ["unfold", "grouped", "ghost", "ghost"]
     x, y = _data(8, "cnn", torch.float64)[:]
     params = list(model.parameters())
     per_example = [

@@ -239,13 +239,10 @@ def _matrix_rule(
 
 
 def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, _Finish]:
-    """Conv2d: per-example weight gradients from one grouped weight-gradient kernel, or the
-    ghost norm over unfolded patches where the T×T Gram matrices cost less (deep layers).
-
-    The per-example gradients come from ``convolution_backward`` with the batch folded into
-    groups (input ``[1, n·Cin, H, W]``, output gradient ``[1, n·Cout, H', W']``, ``groups=n``):
-    the native weight-gradient kernel, measured 2-3x faster on one CPU thread than unfolding
-    (im2col) and a batched matmul, which is what Opacus and ExpandedWeights do at batch ≥ 32.
+    """Conv2d: the per-example weight gradients (grouped kernel or patches, kept for the
+    clipped sum), or the ghost norm over patches where the T×T Gram matrices cost less; then
+    the clipped sum by the native weight-gradient kernel on cᵢ-scaled output gradients.
+    :func:`_conv_route` picks the route.
     """
     n = a.shape[0]
     w, b = layer.weight, layer.bias
@@ -256,7 +253,8 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
     t = g[0, 0].numel()
     sq = torch.zeros(n, dtype=g.dtype, device=g.device)
     per_example: torch.Tensor | None = None
-    ghost = train_w and t * (p + d) < p * d
+    route = _conv_route(n, t, p, d, a.shape[1])
+    ghost = train_w and route == "ghost"
     if train_w and ghost:
         patches = _unfold(layer, a)  # [n, p, T]
         gram_a = torch.bmm(patches.transpose(1, 2), patches)  # [n, T, T]
@@ -264,8 +262,13 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
         gram_g = torch.bmm(g_flat.transpose(1, 2), g_flat)
         sq = sq + (gram_a * gram_g).sum((1, 2))
         del gram_a, gram_g, patches
+    elif train_w and route == "unfold":
+        patches = _unfold(layer, a)  # [n, p, T]
+        per_example = torch.bmm(g.reshape(n, d, t), patches.transpose(1, 2)).reshape(n, -1)
+        del patches
     elif train_w:
         per_example = _conv2d_per_example(layer, a, g).reshape(n, -1)  # [n, d·p]
+    if per_example is not None:
         sq = sq + per_example.pow(2).sum(1)
     bias_sample = g.reshape(n, d, t).sum(2) if train_b else None
     if bias_sample is not None:
@@ -295,6 +298,26 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
         return out
 
     return sq, finish
+
+
+def _conv_route(n: int, t: int, p: int, d: int, c_in: int) -> str:
+    """How a conv layer gets its per-example norms: ``ghost``, ``grouped`` or ``unfold``.
+
+    T output positions, p = Cin·kh·kw, d = Cout. Exact either way; only the cost differs, and
+    the rule is a fixed one (a timing-based choice would make runs differ in the last bit):
+
+    * ``ghost`` where the two T×T Gram matrices need fewer multiply-adds than the per-example
+      gradient (T·(p+d) < p·d: the deep, low-resolution layers; measured 3-14x faster there);
+    * else ``unfold`` (patches + one batched matmul) for a thin input (p ≤ 32, the stem) or
+      wide layers (Cin, Cout ≥ 128), where PyTorch's grouped weight-gradient kernel is slow;
+    * else ``grouped``: the batch folded into conv groups (2-3x faster than unfolding at
+      32-64 channels on 32x32 maps, one CPU thread).
+    """
+    if t * (p + d) < p * d:
+        return "ghost"
+    if p <= 32 or (c_in >= 128 and d >= 128):
+        return "unfold"
+    return "grouped"
 
 
 def _conv2d_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
