@@ -223,7 +223,7 @@ def test_mode_is_chosen_per_architecture() -> None:
         chosen[name] = choose_grad_sample_mode(model)
     vit = build_model("vit-tiny", in_channels=3, image_size=32, num_classes=10)
     chosen["vit-tiny"] = choose_grad_sample_mode(vit)
-    assert chosen == {"mlp": "ghost", "cnn": "ew", "resnet18-gn": "ew", "vit-tiny": "ew"}
+    assert chosen == {"mlp": "bk", "cnn": "bk", "resnet18-gn": "bk", "vit-tiny": "ew"}
 
     class Odd(nn.Module):  # a parameter outside any known layer: only hooks is safe
         def __init__(self):

@@ -100,8 +100,15 @@ class BookKeeper:
         """Register the forward hooks that record each layer's input and output."""
         if self._handles:
             return
+        # A new forward of the model starts a new record (a forward that was never backed
+        # through, e.g. one whose loss was discarded, leaves nothing behind).
+        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
         for layer in self._layers:
             self._handles.append(layer.register_forward_hook(self._record))
+
+    def _new_forward(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._records = []
 
     def detach(self) -> None:
         """Remove the hooks and drop any recorded batch."""

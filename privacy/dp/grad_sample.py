@@ -18,18 +18,26 @@ does:
   the per-example losses (``DPHook.backward``); regularisers enter through
   ``add_gradients`` after the noise (``fedcl.client.trainer``), never the loss, so ghost's
   rescaling of the loss touches only data terms.
+* ``bk``: book-keeping (:mod:`fedcl.privacy.dp.bookkeeping`): one backward pass to the layer
+  outputs only (no weight gradients), per-example norms from each layer's activations and
+  output gradients (conv: ghost norm over patches where cheaper, else the per-example
+  gradient), then the clipped sum straight into ``p.grad`` for Opacus' ghost-clipping optimizer
+  (same noise, same accountant). Linear, Conv2d and GroupNorm layers only, each used once per
+  forward; like ghost it takes the per-example losses.
 
 Measured through the site's training path (benchmarks/dp_throughput.py: every mode paired with
 non-private training in one run; docs/notes/measurements.md, "DP-SGD modes per model"): the
 choice below is the fastest mode per architecture there, or tied with it. On the CPU no Opacus
-1.6 mode reaches 0.6x of non-private throughput on the conv models: conv layers have no norm
-sampler, so every mode materialises their per-sample gradients.
+1.6 mode reaches 0.6x of non-private throughput on the conv models (conv layers have no norm
+sampler, so every mode materialises their per-sample gradients and still runs the full
+backward); ``bk`` does, on one thread (docs/notes/measurements.md, "Book-keeping DP-SGD").
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .bookkeeping import bk_applies
 from .planning import DPConfigError
 
 if TYPE_CHECKING:
@@ -43,14 +51,13 @@ DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> str:
     """The per-sample-gradient mode for ``model``: ``override`` if given, else by architecture.
 
-    * every parameterised layer an ``nn.Linear`` (MLP): ``ghost``. On flat inputs a Linear's
-      per-sample gradient norm is ‖a‖·‖g‖, so nothing of size batch × parameters is built
-      (MLP on 3x32x32: 0.34x of non-private against 0.03x with hooks);
-    * every parameterised layer one ExpandedWeights supports (CNN, ResNet-18-GN, ViT): ``ew``,
-      PyTorch's per-sample rules, which beat or tie Opacus' hooks on the conv and attention
-      models (cnn 1x8x8 0.40x vs 0.31x, resnet18-gn 0.45x vs 0.38x, vit-tiny 0.81x vs 0.69x;
-      ghost 0.28x / - / 0.37x: conv layers have no norm sampler, sequence Linears need T×T
-      Gram matrices);
+    * every parameterised layer a Linear, Conv2d (groups=1) or GroupNorm (MLP, CNN,
+      ResNet-18-GN): ``bk``, book-keeping, one backward pass and no per-example gradients
+      where a ghost norm is cheaper; measured fastest on all three (docs/notes/measurements.md,
+      "Book-keeping DP-SGD": cnn, resnet18-gn and mlp ahead of ew, hooks and ghost);
+    * every parameterised layer one ExpandedWeights supports (ViT: LayerNorm, attention
+      Linears on sequences): ``ew``, PyTorch's per-sample rules, which beat Opacus' hooks
+      there (vit-tiny 0.81x vs 0.69x; ghost 0.37x: sequence Linears need T×T Gram matrices);
     * anything else: ``hooks``, which supports every layer Opacus validates.
     """
     if override is not None:
@@ -65,10 +72,8 @@ def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> st
     ]
     if not layers:
         return DEFAULT_GRAD_SAMPLE_MODE
-    from torch import nn
-
-    if all(type(m) is nn.Linear for m in layers):
-        return "ghost"
+    if bk_applies(model):
+        return "bk"
     if all(isinstance(m, _ew_layers()) for m in layers):
         return "ew"
     return DEFAULT_GRAD_SAMPLE_MODE
