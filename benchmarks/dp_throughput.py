@@ -1,5 +1,8 @@
 """DP-SGD throughput: samples/s of a site's real training path, non-private vs each DP-SGD mode.
 
+Modes: Opacus' hooks, ExpandedWeights (ew), functorch and ghost clipping, and fedcl's book-keeping
+(bk, ``fedcl.privacy.dp.bookkeeping``: one backward pass, conv ghost norms where cheaper).
+
 Why one thread by default: a site trains one small model at a time, and on a shared box
 OpenMP threads that outnumber free cores spin-wait on each other (measured here: an MLP step
 60x and a CNN step 5x slower with 2 threads than with 1 under a load of 7 on 2 cores). Pass
