@@ -198,6 +198,7 @@ def _build_dual_encoder(
     held_out: Sequence[int] = (),
     image: str = "cnn",
     image_options: dict[str, Any] | None = None,
+    image_pool: str = "avg",
     text: str = "transformer",
     text_dim: int = 64,
     text_depth: int = 2,
@@ -239,6 +240,7 @@ def _build_dual_encoder(
         embed_dim=embed_dim,
         train=train,
         frozen_seed=frozen_seed,
+        image_pool=image_pool,
     )
 
 

