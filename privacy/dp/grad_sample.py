@@ -30,7 +30,8 @@ non-private training in one run; docs/notes/measurements.md, "DP-SGD modes per m
 choice below is the fastest mode per architecture there, or tied with it. On the CPU no Opacus
 1.6 mode reaches 0.6x of non-private throughput on the conv models (conv layers have no norm
 sampler, so every mode materialises their per-sample gradients and still runs the full
-backward); ``bk`` does, on one thread (docs/notes/measurements.md, "Book-keeping DP-SGD").
+backward); ``bk`` does on the CIFAR-sized CNN and ResNet-18-GN, not on the 8x8 CNN, on one
+thread (docs/notes/measurements.md, "Book-keeping DP-SGD").
 """
 
 from __future__ import annotations
