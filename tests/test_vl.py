@@ -84,15 +84,16 @@ def test_stream_leaves_held_out_classes_to_a_zero_shot_column(defects):
 
 
 @pytest.mark.parametrize(
-    ("image", "train"),
+    ("image", "train", "extra"),
     [
-        ("mlp", ["image", "text", "projections"]),
-        ("vit-tiny", ["image", "text", "projections"]),
-        ("cnn", ["projections"]),
-        ("cnn", ["image", "projections"]),
+        ("mlp", ["image", "text", "projections"], {}),
+        ("vit-tiny", ["image", "text", "projections"], {}),
+        ("cnn", ["projections"], {}),
+        ("cnn", ["image", "projections"], {}),
+        ("cnn", ["image", "text", "projections"], {"text": "bag", "image_pool": "max"}),
     ],
 )
-def test_opacus_per_sample_gradients_are_exact(defects, image, train):
+def test_opacus_per_sample_gradients_are_exact(defects, image, train, extra):
     """Opacus' per-sample gradients equal one loss.backward() per example, text side included.
 
     The text tower sees the same prompts for every example; only its per-example copies under
@@ -106,7 +107,7 @@ def test_opacus_per_sample_gradients_are_exact(defects, image, train):
         "vit-tiny": {"dim": 16, "depth": 1, "heads": 2},
         "cnn": {"channels": [8, 8]},
     }
-    model = dual(defects, image=image, image_options=small[image], train=train)
+    model = dual(defects, image=image, image_options=small[image], train=train, **extra)
     reference = copy.deepcopy(model).train()
     x = torch.from_numpy(defects.x[:5])
     y = torch.tensor([1, 2, 3, 4, 6])  # seen compositions
@@ -145,6 +146,37 @@ def test_training_never_scores_held_out_prompts_and_evaluation_scores_all(defect
     train_logits = model.train()(x)
     assert torch.isinf(train_logits[:, list(defects.held_out)]).all()
     assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_bag_of_words_prompts_compose_and_max_pool_replaces_the_average(defects):
+    """The bag tower's prompt of a held-out composition is the seen ones' arithmetic.
+
+    crack/steel/dim - crack/steel/bright == spot/steel/dim - spot/steel/bright (same token
+    counts): what zero-shot on unseen compositions rests on. The transformer breaks it.
+    """
+    names = list(defects.class_names)
+    i = {n: names.index(n) for n in names}
+    quad = [
+        i["a jagged crack on brushed steel under dim light"],
+        i["a jagged crack on brushed steel under bright light"],
+        i["a round spot on brushed steel under dim light"],
+        i["a round spot on brushed steel under bright light"],
+    ]
+
+    def gap(model):
+        f = model.text_features[quad]
+        return ((f[0] - f[1]) - (f[2] - f[3])).abs().max().item()
+
+    assert gap(dual(defects, text="bag", train=["image", "projections"])) < 1e-5
+    assert gap(dual(defects, train=["image", "projections"])) > 1e-2
+    cnn = {"image": "cnn", "image_options": {"channels": [8, 8]}}
+    pooled = dual(defects, image_pool="max", **cnn)
+    assert isinstance(pooled.image_tower.pool, torch.nn.AdaptiveMaxPool2d)
+    assert isinstance(dual(defects, **cnn).image_tower.pool, torch.nn.AdaptiveAvgPool2d)
+    with pytest.raises(VLModelError, match="image_pool='max' needs"):
+        dual(defects, image_pool="max")  # the MLP tower has no pool
+    with pytest.raises(VLModelError, match="image_pool='mean'; valid"):
+        dual(defects, image_pool="mean", **cnn)
 
 
 def test_bad_options_name_what_is_valid(defects):
