@@ -289,9 +289,12 @@ def test_plan_noise_lands_the_run_at_the_target(tmp_path) -> None:
 
 def test_grad_sample_mode_choice() -> None:
     """Per architecture (tests/test_dp_modes.py checks that every mode spends the same)."""
-    for name in ("mlp", "cnn", "resnet18-gn", "vit-tiny"):
-        assert choose_grad_sample_mode(_model(name)) in ("ghost", "ew")
+    chosen = {name: choose_grad_sample_mode(_model(name))
+              for name in ("mlp", "cnn", "resnet18-gn", "vit-tiny")}  # fmt: skip
+    # Book-keeping where every trained layer is Linear/Conv2d/GroupNorm; ExpandedWeights for
+    # the ViT (measured fastest on each: docs/notes/measurements.md).
+    assert chosen == {"mlp": "bk", "cnn": "bk", "resnet18-gn": "bk", "vit-tiny": "ew"}
     assert choose_grad_sample_mode(_model(), "ew") == "ew"
     assert choose_grad_sample_mode(_model(), "ghost") == "ghost"
-    with pytest.raises(DPConfigError, match="valid: hooks, ew, functorch, ghost"):
+    with pytest.raises(DPConfigError, match="valid: hooks, ew, functorch, ghost, bk"):
         DPHook(noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA, grad_sample_mode="x")
