@@ -5,8 +5,10 @@
 ``defects`` is a procedurally generated industrial surface-inspection set whose domains
 (material x lighting) give domain-incremental and domain-skewed federations something real to
 adapt to: the same four defect classes look different on brushed steel under dim light than on
-fabric under bright light. Both are deterministic, so every virtual site can regenerate the same
-dataset from its seed and keep only its own shard.
+fabric under bright light, and each material's clean texture holds a look-alike of a defect seen
+on another (wood knots, concrete pores, odd fabric threads), so learning the materials one at a
+time forgets. Both are deterministic, so every virtual site can regenerate the same dataset from
+its seed and keep only its own shard.
 """
 
 from __future__ import annotations
