@@ -252,11 +252,18 @@ class LocalTrainer:
         # Autocast only non-private steps: Opacus clips per-sample gradients in fp32.
         private = hasattr(optimizer, "pre_step")
         autocast = autocast_for(self.device, enabled=self.mixed_precision and not private)
-        total, batches = 0.0, 0
+        total, batches, with_examples = 0.0, 0, 0
         for _ in range(self.spec.local_epochs):
             for batch in loader:
                 x, y = objective.split_batch(batch)
                 if len(y) == 0:  # Poisson sampling can draw an empty batch
+                    if not private:
+                        continue  # nothing to learn from and nothing released
+                    # DP-SGD: the accounted mechanism still releases noise on this draw.
+                    optimizer.zero_grad(set_to_none=True)
+                    _empty_clipped_sum(optimizer)
+                    self._step(model, optimizer, hooks)
+                    batches += 1
                     continue
                 x, y = x.to(self.device), y.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
@@ -272,7 +279,10 @@ class LocalTrainer:
                 self._step(model, optimizer, hooks)
                 total += float(loss.detach())
                 batches += 1
-        result = TrainResult(n, batches, total / max(batches, 1))
+                with_examples += 1
+        # The loss is a mean over the batches that had examples (an empty one has no loss);
+        # ``steps`` counts every optimizer step, noise-only ones included.
+        result = TrainResult(n, batches, total / max(with_examples, 1))
         model.zero_grad(set_to_none=True)
         for hook in hooks:
             hook.finish(model, result)
@@ -297,6 +307,34 @@ class LocalTrainer:
         for hook in hooks:
             hook.add_gradients(model)
         optimizer.step()
+
+
+def _empty_clipped_sum(optimizer: torch.optim.Optimizer) -> None:
+    """Give Opacus' DP optimizer the clipped sum of an empty Poisson draw: zero.
+
+    Why: the accountant (RDP of the sampled Gaussian mechanism, charged for every draw) assumes
+    each draw releases Σ clipped gradients + N(0, σ²C²), the empty one included, where the
+    update is pure noise. Skipping the step instead would release "model unchanged" exactly
+    when the draw was empty, an event whose probability a lone example shifts by 1/(1−q), with
+    no noise to mask it. So an empty draw takes a noise-only step.
+
+    Not by running the model on the empty batch: Opacus 1.6 handles that only in some modes
+    (ExpandedWeights refuses batch size 0, functorch's conv rule fails on 0 groups). Instead
+    this writes what Opacus' own backward leaves for an empty batch, in the field each
+    optimizer reads: ``DPOptimizer`` (hooks, ew, functorch) clips and sums ``p.grad_sample``,
+    here of shape ``[0, *p.shape]``, which its own empty-batch branch turns into zeros;
+    ``DPOptimizerFastGradientClipping`` (ghost, bk) takes the clipped sum from ``p.grad``,
+    here 0. ``pre_step`` then adds the noise from the optimizer's own generator and divides by
+    the expected batch, exactly as on a drawn batch.
+    """
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    clipped_sum_in_grad = isinstance(optimizer, DPOptimizerFastGradientClipping)
+    for p in optimizer.params:  # type: ignore[attr-defined]  # the DP optimizer's trainables
+        if clipped_sum_in_grad:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
 
 
 @torch.no_grad()

@@ -141,6 +141,15 @@ class BookKeeper:
             raise DPConfigError(
                 f"bk backward needs one loss per example, got {tuple(losses.shape)}"
             )
+        if losses.shape[0] == 0:
+            # An empty Poisson draw: the clipped sum of no example is zero, and Opacus'
+            # optimizer still adds the noise (the accounted step). The per-layer rules are not
+            # run on zero examples (conv's reads the first example's output: an IndexError).
+            for layer in self._layers:
+                for param in layer.parameters(recurse=False):
+                    if param.requires_grad and param.grad is None:
+                        param.grad = torch.zeros_like(param)
+            return
         if not records:
             raise DPConfigError("bk backward without a recorded training forward")
         for r in records:
