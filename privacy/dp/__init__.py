@@ -23,9 +23,10 @@ Why it looks the way it does:
   the epoch length to the non-private loader's ``k = ceil(N/B)``. Hence the release recorded
   after training equals :func:`planned_release` computed before it, and a budget check done up
   front is exact.
-* **Steps are accounted as Poisson draws**, including any empty batch the trainer skips:
-  each draw is one run of the subsampled Gaussian mechanism in the accountant's model, so
-  counting draws is the conservative choice.
+* **Steps are accounted as Poisson draws**, an empty one included: each draw is one run of
+  the subsampled Gaussian mechanism in the accountant's model, so an empty draw takes a
+  noise-only step (zero clipped sum + the noise; ``fedcl.client.trainer``), never a skip,
+  which would release "unchanged" exactly when the draw was empty.
 
 Modules: :mod:`.planning` (sampling, steps and σ, known before training; no torch),
 :mod:`.grad_sample` (the per-sample-gradient mode), :mod:`.hook` (:class:`DPHook`) and
