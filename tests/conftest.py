@@ -86,3 +86,33 @@ def registry(registry_url: str, tmp_path: Path) -> Iterator[Registry]:
 
 
 # ==============================================================================================
+
+
+# ==============================================================================================
+# DP-SGD unit tests (tests/test_dp*.py): one torch thread, Opacus' expected warnings muted
+#
+# Tiny batches: one intra-op thread is faster and steadier on a shared 2-core box. Modules use
+# them with ``pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")``.
+# ==============================================================================================
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def quiet_opacus() -> Iterator[None]:
+    """Opacus' notices that every DP-SGD test triggers by design (hooks on a full backward,
+    noise from torch's PRNG rather than a CSPRNG)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        yield

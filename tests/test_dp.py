@@ -8,8 +8,6 @@ per-example loop in tests/test_models.py; here we check what DP-SGD does with th
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,20 +35,7 @@ DELTA = 1e-5
 OPACUS_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny batches: one intra-op thread is faster and steadier on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 
 
 def _data(n: int, scale: float = 1.0, seed: int = 0) -> TensorDataset:

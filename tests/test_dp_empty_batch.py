@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,20 +34,7 @@ SIGMA, CLIP, LR, SEED = 1.0, 0.5, 0.1, 3
 N, BATCH, EPOCHS = 40, 8, 2  # k = 5 draws per epoch at q = 1/5: expected batch 8, 10 steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 
 
 class _Draws:

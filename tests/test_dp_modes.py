@@ -17,8 +17,6 @@ mode agrees with hooks to ~1e-16 on the CNN and on ResNet-18-GN.
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -41,20 +39,7 @@ DELTA = 1e-5
 SIGMA, CLIP = 0.7, 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "quiet_opacus")
 
 
 #: (in_channels, image_size, build kwargs) per model; ResNet-18-GN at 1/8 width and 32x32 (at
