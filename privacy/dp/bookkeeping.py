@@ -296,19 +296,7 @@ def _conv2d(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.T
             out[w] = coef @ per_example
         elif train_w:
             scaled = g * coef.view(n, 1, 1, 1)
-            out[w] = torch.ops.aten.convolution_backward(
-                scaled,
-                a,
-                w,
-                None,
-                list(layer.stride),
-                list(layer.padding),
-                list(layer.dilation),
-                False,
-                [0, 0],
-                1,
-                [False, True, False],
-            )[1]
+            out[w] = _weight_gradient(layer, scaled, a, w, groups=1)
         if bias_sample is not None:
             out[b] = coef @ bias_sample
         return out
@@ -342,17 +330,30 @@ def _conv2d_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> t
     d = g.shape[1]
     shape = (n * d, c_in, *layer.kernel_size)
     placeholder = torch.empty(shape, dtype=a.dtype, device=a.device)  # only its shape is read
-    return torch.ops.aten.convolution_backward(
+    return _weight_gradient(
+        layer,
         g.reshape(1, n * d, *g.shape[2:]),
         a.reshape(1, n * c_in, *a.shape[2:]),
         placeholder,
+        groups=n,
+    )
+
+
+def _weight_gradient(
+    layer: nn.Conv2d, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, *, groups: int
+) -> torch.Tensor:
+    """PyTorch's conv weight-gradient kernel alone (``weight`` gives only the shape)."""
+    return torch.ops.aten.convolution_backward(
+        g,
+        a,
+        weight,
         None,
         list(layer.stride),
         list(layer.padding),
         list(layer.dilation),
         False,
         [0, 0],
-        n,
+        groups,
         [False, True, False],
     )[1]
 
