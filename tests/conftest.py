@@ -18,8 +18,8 @@ from fedcl.server.registry import Registry
 # (pyproject's addopts). Started last, the real-process tests (minutes each, mostly waiting on
 # Flower's heartbeats and polls) ran one after the other at the end; started first, the quick
 # ones fill in around them. The two fault tests, first, go to one worker and share its
-# federation. Serially on 2 cores (2026-12-01): deployment_tls 292 s, faults_processes 375 s,
-# deployment 104 s, simulate_ray ~250 s, methods_ray 62 s.
+# federation. Alone on 2 cores (2026-12-01): deployment_tls 122 s, faults_processes 235 s; in
+# the whole run 164 s and 243 s, the rest of the suite filling the other worker.
 # ==============================================================================================
 LONGEST_FIRST = ("test_faults_processes.py", "test_deployment_tls.py")
 
