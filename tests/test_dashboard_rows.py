@@ -212,8 +212,8 @@ def test_rows_added_to_an_older_round_fall_back_to_a_full_read(run: Run) -> None
 
 
 def test_the_fingerprint_counts_what_the_rows_hold(run: Run) -> None:
-    """The fold's check reads (count, newest id) per table from the fingerprint's tuple: if the
-    registry changes its layout this fails (and the store would only ever read everything)."""
+    """The fold's check reads (count, newest id) per table from the fingerprint by name; a value
+    that is not a RunFingerprint turns the fast path off."""
     marks = fingerprint_marks(run.registry.run_fingerprint(RUN))
     assert marks == rows_marks(read_run_rows(run.registry, RUN))
     assert marks["participations"][0] == 3 * len(SITES) + 2 * len(SITES)  # 3 trains, 2 evals

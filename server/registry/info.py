@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -23,6 +23,32 @@ class Record(BaseModel):
     """Base of the snapshots: immutable, and built from any object with the right attributes."""
 
     model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+class RunFingerprint(NamedTuple):
+    """What :meth:`~fedcl.server.registry.Registry.run_fingerprint` returns: the run's status
+    fields and, per table a run's pages read, its row count and newest id. A tuple, so it
+    compares and hashes as a cache key; named, so a reader (the dashboard's incremental rows)
+    reads a table's marks by name rather than by position."""
+
+    status: str | None
+    updated_at: datetime | None
+    reason: str | None
+    newest_audit: int | None
+    participations: int
+    newest_participation: int | None
+    rounds: int
+    newest_round: int | None
+    metrics: int
+    newest_metric: int | None
+    privacy: int
+    newest_privacy: int | None
+    drift: int
+    newest_drift: int | None
+    task_starts: int
+    newest_task_start: int | None
+    versions: int
+    newest_version: int | None
 
 
 class RunInfo(Record):

@@ -12,7 +12,7 @@ from fedcl.config.vocabulary import RunStatus
 from .audit import add_audit
 from .core import RegistryCore, get_run
 from .errors import RegistryError
-from .info import RunInfo
+from .info import RunFingerprint, RunInfo
 from .models import (
     AuditEvent,
     DriftEvent,
@@ -110,7 +110,7 @@ class Runs(RegistryCore):
                 message += f" ({reason})"
             add_audit(s, "run.status", message, run_id=run_id)
 
-    def run_fingerprint(self, run_id: str) -> tuple[Any, ...]:
+    def run_fingerprint(self, run_id: str) -> RunFingerprint:
         """A value that changes whenever anything recorded about the run changes.
 
         One query of counts and newest ids (every table a run's pages read), so a reader can
@@ -137,4 +137,4 @@ class Runs(RegistryCore):
         for model in (Round, Metric, PrivacySpend, DriftEvent, TaskStart, ModelVersion):
             columns += scalars(model, model.run_id == run_id)
         with self._tx() as s:  # one statement: it runs on every dashboard request about a run
-            return tuple(s.execute(select(*columns)).one())
+            return RunFingerprint(*s.execute(select(*columns)).one())

@@ -42,6 +42,7 @@ from fedcl.server.registry import (
     PrivacyInfo,
     Registry,
     RoundInfo,
+    RunFingerprint,
 )
 from fedcl.server.results import RunRows, read_run_rows
 
@@ -53,22 +54,25 @@ TAIL = 2  # newest rounds read again on every change (see the module docstring)
 # page builds the results and then the charts from the same rows.
 MAX_RUNS = 4
 MAX_FINISHED = 1
-# Positions of (count, newest id) per table in Registry.run_fingerprint's tuple.
-_FINGERPRINT_LEN = 18
-_MARKS = {"participations": 4, "metrics": 8, "privacy": 10}
+# The tables whose rows are held, checked against the fingerprint's (count, newest id).
+_TABLES = ("participations", "metrics", "privacy")
 
 
-def fingerprint_marks(fingerprint: Sequence[Any]) -> dict[str, tuple[int, int | None]] | None:
-    """(row count, newest id) of the tables held here, from a run fingerprint (None: unknown
-    layout, so the fast path is not taken)."""
-    if len(fingerprint) != _FINGERPRINT_LEN:
+def fingerprint_marks(fingerprint: Any) -> dict[str, tuple[int, int | None]] | None:
+    """(row count, newest id) of the tables held here, from a run fingerprint (None: not a
+    :class:`~fedcl.server.registry.RunFingerprint`, so the fast path is not taken)."""
+    if not isinstance(fingerprint, RunFingerprint):
         return None
-    return {table: (fingerprint[i], fingerprint[i + 1]) for table, i in _MARKS.items()}
+    return {
+        "participations": (fingerprint.participations, fingerprint.newest_participation),
+        "metrics": (fingerprint.metrics, fingerprint.newest_metric),
+        "privacy": (fingerprint.privacy, fingerprint.newest_privacy),
+    }
 
 
-def _running(fingerprint: Sequence[Any]) -> bool:
-    """Whether the run was running at ``fingerprint`` (its first field is the run's status)."""
-    return len(fingerprint) == _FINGERPRINT_LEN and fingerprint[0] == RunStatus.RUNNING
+def _running(fingerprint: Any) -> bool:
+    """Whether the run was running at ``fingerprint``."""
+    return isinstance(fingerprint, RunFingerprint) and fingerprint.status == RunStatus.RUNNING
 
 
 def _marks_of(rows: Sequence[Any]) -> tuple[int, int | None]:
@@ -109,7 +113,7 @@ class _Held:
                 sum(len(g) for g in groups[table].values()),
                 max((i for i in self.newest[table].values() if i is not None), default=None),
             )
-            for table in _MARKS
+            for table in _TABLES
         }
 
 
