@@ -82,17 +82,24 @@ class RunCache:
         return value
 
 
-_CACHES: weakref.WeakKeyDictionary[Registry, RunCache] = weakref.WeakKeyDictionary()
-_CACHES_LOCK = threading.Lock()
+def per_registry(factory: Callable[[], T]) -> Callable[[Registry], T]:
+    """One object per open registry (the dashboard opens one per app), made on first use and
+    dropped with the registry."""
+    objects: weakref.WeakKeyDictionary[Registry, T] = weakref.WeakKeyDictionary()
+    lock = threading.Lock()
+
+    def of(registry: Registry) -> T:
+        with lock:
+            found = objects.get(registry)
+            if found is None:
+                found = objects[registry] = factory()
+            return found
+
+    return of
 
 
-def run_cache(registry: Registry) -> RunCache:
-    """The cache of one open registry (the dashboard opens one per app)."""
-    with _CACHES_LOCK:
-        cache = _CACHES.get(registry)
-        if cache is None:
-            cache = _CACHES[registry] = RunCache()
-        return cache
+#: The cache of one open registry.
+run_cache: Callable[[Registry], RunCache] = per_registry(RunCache)
 
 
 def cached(registry: Registry, run_id: str, key: Hashable, build: Callable[[], T]) -> T:

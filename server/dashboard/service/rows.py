@@ -29,9 +29,8 @@ truth, and a dashboard restarted reads the same rows.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +45,7 @@ from fedcl.server.registry import (
 )
 from fedcl.server.results import RunRows, read_run_rows
 
-from .cache import _fingerprint
+from .cache import _fingerprint, per_registry
 
 TAIL = 2  # newest rounds read again on every change (see the module docstring)
 # Runs whose rows are held. A 200-round, 30-site run's rows take ~50 MB as snapshots, so
@@ -261,17 +260,8 @@ class RowStore:
         return new
 
 
-_STORES: weakref.WeakKeyDictionary[Registry, RowStore] = weakref.WeakKeyDictionary()
-_STORES_LOCK = threading.Lock()
-
-
-def row_store(registry: Registry) -> RowStore:
-    """The row store of one open registry (the dashboard opens one per app)."""
-    with _STORES_LOCK:
-        store = _STORES.get(registry)
-        if store is None:
-            store = _STORES[registry] = RowStore()
-        return store
+#: The row store of one open registry.
+row_store: Callable[[Registry], RowStore] = per_registry(RowStore)
 
 
 def run_rows(registry: Registry, run_id: str) -> RunRows:
