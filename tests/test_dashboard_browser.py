@@ -65,32 +65,38 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def _uvicorn(app: Any, name: str) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yields its base URL."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Dash]]:
     """(base URL, dashboard) of a live uvicorn server in a background thread."""
-    import uvicorn
 
     base = tmp_path_factory.mktemp("dashboard-browser")
     snapshot = build_demo_snapshot(tmp_path_factory.mktemp("dashboard-demo"))
     url = f"sqlite:///{base / 'registry.db'}"
     with populated_dashboard(url, base / "artifacts", snapshot) as dash:
         dash.app.state.poll_seconds = 1.0  # the running run's page polls every second
-        port = _free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(dash.app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, name="dashboard-uvicorn", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + WAIT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}", dash
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+        with _uvicorn(dash.app, "dashboard-uvicorn") as base_url:
+            yield base_url, dash
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +365,6 @@ def test_login_and_logout_csrf_fail_and_a_site_sees_no_other_tokens(
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Any]]:
     """(base URL, registry, lifecycle run) of a dashboard over the real lifecycle run."""
-    import uvicorn
     from lifecycle_helpers import lifecycle_run
 
     from fedcl.server.dashboard import create_app
@@ -368,20 +373,10 @@ def lifecycle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, A
     app = create_app(run.url, artifacts_dir=run.artifacts)
     registry = app.state.registry
     registry.create_token("carol", "admin")
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="lifecycle-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}", registry, run
+        with _uvicorn(app, "lifecycle-uvicorn") as base_url:
+            yield base_url, registry, run
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         registry.close()
 
 
