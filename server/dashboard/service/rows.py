@@ -120,16 +120,18 @@ def _newest(groups: dict[Any, list[Any]]) -> dict[Any, int | None]:
     return {key: _marks_of(rows)[1] for key, rows in groups.items()}
 
 
+def _by_round(rows: Sequence[Any]) -> dict[Any, list[Any]]:
+    """Rows grouped by their ``round_id`` (``None``: run-level rows), in their order."""
+    groups: dict[Any, list[Any]] = {}
+    for row in rows:
+        groups.setdefault(row.round_id, []).append(row)
+    return groups
+
+
 def _group(rows: RunRows, fingerprint: Any) -> _Held:
-    metrics: dict[int | None, list[MetricInfo]] = {}
-    for m in rows.metrics:
-        metrics.setdefault(m.round_id, []).append(m)
-    parts: dict[int, list[ParticipationInfo]] = {}
-    for p in rows.participations:
-        parts.setdefault(p.round_id, []).append(p)
-    privacy: dict[int | None, list[PrivacyInfo]] = {}
-    for e in rows.privacy:
-        privacy.setdefault(e.round_id, []).append(e)
+    metrics = _by_round(rows.metrics)
+    parts = _by_round(rows.participations)
+    privacy = _by_round(rows.privacy)
     newest = {
         "participations": _newest(parts),
         "metrics": _newest(metrics),
