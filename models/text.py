@@ -6,53 +6,19 @@ class prompts, ``(B, K, L)``, and Opacus' hooks read the batch from the first di
 layer's input. Folding ``(B, K)`` into one dimension before a ``Linear`` would make Opacus take
 ``B·K`` for the batch and mix the examples' gradients (``tests/test_vl.py`` checks exactness).
 
-The pieces follow ``vit.py`` for the same reasons: ``nn.Linear`` attention (no
-``nn.MultiheadAttention``), positions as an ``nn.Embedding`` looked up with batch-shaped indices,
-pre-norm blocks. Padding is masked in attention and in the mean pooling.
+The blocks are ``vit.py``'s, for the same reasons (``nn.Linear`` attention, no
+``nn.MultiheadAttention``; pre-norm), with the padding keys masked; positions are an
+``nn.Embedding`` looked up with batch-shaped indices. Padding is also left out of the mean
+pooling.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .tokenizer import PAD
-
-
-class PromptAttention(nn.Module):
-    """Self-attention over the last token axis of ``(..., L, D)``, padded keys masked."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(..., L, D)``; ``keep``: ``(..., L)`` bool, True for real tokens."""
-        *lead, length, dim = x.shape
-        qkv = self.qkv(x).reshape(*lead, length, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (..., H, L, d)
-        mask = keep[..., None, None, :]  # (..., 1, 1, L): every query sees the real keys
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(-3, -2).reshape(*lead, length, dim))
-
-
-class TextBlock(nn.Module):
-    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``, any leading shape."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = PromptAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), keep)
-        return x + self.mlp(self.norm2(x))
+from .vit import Block
 
 
 class TextTransformer(nn.Module):
@@ -74,7 +40,7 @@ class TextTransformer(nn.Module):
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.tokens.weight, std=0.1)
         nn.init.normal_(self.positions.weight, std=0.02)
-        self.blocks = nn.ModuleList(TextBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.register_buffer("index", torch.arange(max_len), persistent=False)
 

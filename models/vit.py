@@ -60,7 +60,9 @@ class TokenEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention from plain ``nn.Linear`` layers (see module docstring)."""
+    """Multi-head self-attention from plain ``nn.Linear`` layers (see module docstring), over
+    the token axis of ``(..., T, D)``; ``keep`` (``(..., T)``, True for real tokens) masks the
+    keys of padding (the text tower's prompts, ``text.py``)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -68,13 +70,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D)`` -> ``(B, T, D)``."""
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., T, D)`` -> ``(..., T, D)``; every leading dimension is kept (Opacus reads
+        the batch from the first)."""
+        *lead, t, d = x.shape
+        qkv = self.qkv(x).reshape(*lead, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (..., H, T, d)
+        mask = None if keep is None else keep[..., None, None, :]  # queries see real keys
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(-3, -2).reshape(*lead, t, d))
 
 
 class Block(nn.Module):
@@ -88,9 +92,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual attention then residual MLP."""
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual attention (padding masked by ``keep``, see :class:`Attention`) then
+        residual MLP."""
+        x = x + self.attn(self.norm1(x), keep)
         return x + self.mlp(self.norm2(x))
 
 
