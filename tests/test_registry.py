@@ -523,3 +523,62 @@ def test_closed_registry_raises(tmp_path: Path) -> None:
     reg.close()
     with pytest.raises(RegistryError, match="closed"):
         reg.list_runs()
+
+
+def _round_writes(registry: Registry, rid: int) -> None:
+    """What the coordinator writes about one round: participations, then two metric writes."""
+    from fedcl.server.registry.participations import ParticipationRow
+
+    sites = ["site-0", "site-1", "site-2"]
+    registry.record_participations(rid, [ParticipationRow(s, "train", "ok", 10) for s in sites])
+    registry.record_metrics(
+        "run-1", rid, [MetricRow("accuracy", 0.5 + i / 10, site_id=s) for i, s in enumerate(sites)]
+    )
+    registry.record_metrics("run-1", rid, [MetricRow("train_loss", 1.25)])
+    registry.complete_round(rid, seconds=1.0, bytes_up=1, bytes_down=2)
+
+
+def test_a_batch_looks_up_run_round_and_sites_once(registry: Registry) -> None:
+    """Inside one batch the same run, round and sites are selected once, not once per write,
+    and the rows written are the same as without a batch; the next batch selects them again."""
+    from sqlalchemy import event
+
+    _new_run(registry)
+    statements: list[str] = []
+
+    def note(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    def lookups(table: str) -> int:
+        return sum(s.startswith("SELECT") and f"FROM {table} " in s + " " for s in statements)
+
+    rid1 = registry.begin_round("run-1", task_index=0, round_in_task=0, server_round=1)
+    _round_writes(registry, rid1)  # one transaction per call, as before batches
+    rid2 = registry.begin_round("run-1", task_index=0, round_in_task=1, server_round=2)
+    event.listen(registry._engine, "before_cursor_execute", note)
+    try:
+        with registry.batch():
+            _round_writes(registry, rid2)
+        assert (lookups("runs"), lookups("rounds"), lookups("sites")) == (1, 1, 1)
+        statements.clear()
+        rid3 = registry.begin_round("run-1", task_index=1, round_in_task=0, server_round=3)
+        with registry.batch():
+            _round_writes(registry, rid3)
+        assert lookups("runs") >= 1 and lookups("sites") == 1  # nothing kept across sessions
+    finally:
+        event.remove(registry._engine, "before_cursor_execute", note)
+
+    def rows(rid: int) -> tuple[list, list]:
+        listed = registry.list_metrics("run-1", round_id=rid)
+        metrics = [(m.name, m.value, m.site_id) for m in listed]
+        parts = [
+            (p.site_id, p.phase, p.status, p.num_examples)
+            for p in registry.list_participations("run-1", round_id=rid)
+        ]
+        return metrics, parts
+
+    assert rows(rid1) == rows(rid2) == rows(rid3)
+    assert len(rows(rid1)[0]) == 4 and len(rows(rid1)[1]) == 3
+    by_round = {r.id: r for r in registry.list_rounds("run-1")}
+    assert {by_round[r].num_participants for r in (rid1, rid2, rid3)} == {3}
+    assert [s.id for s in registry.list_sites()] == ["site-0", "site-1", "site-2"]
