@@ -253,6 +253,7 @@ class LocalTrainer:
         private = hasattr(optimizer, "pre_step")
         autocast = autocast_for(self.device, enabled=self.mixed_precision and not private)
         total, batches, with_examples = 0.0, 0, 0
+        ema = WeightAverage(model, self.spec.ema) if self.spec.ema > 0 else None
         for _ in range(self.spec.local_epochs):
             for batch in loader:
                 x, y = objective.split_batch(batch)
@@ -262,7 +263,8 @@ class LocalTrainer:
                     # DP-SGD: the accounted mechanism still releases noise on this draw.
                     optimizer.zero_grad(set_to_none=True)
                     _empty_clipped_sum(optimizer)
-                    self._step(model, optimizer, hooks)
+                    if self._step(model, optimizer, hooks) and ema is not None:
+                        ema.update()
                     batches += 1
                     continue
                 x, y = x.to(self.device), y.to(self.device)
@@ -276,37 +278,79 @@ class LocalTrainer:
                     losses = example_losses(model, x, y, **kwargs)
                     owner.backward(losses)
                     loss = losses.detach().mean()
-                self._step(model, optimizer, hooks)
+                if self._step(model, optimizer, hooks) and ema is not None:
+                    ema.update()
                 total += float(loss.detach())
                 batches += 1
                 with_examples += 1
         # The loss is a mean over the batches that had examples (an empty one has no loss);
         # ``steps`` counts every optimizer step, noise-only ones included.
         result = TrainResult(n, batches, total / max(with_examples, 1))
+        if ema is not None:
+            ema.copy_to_model()  # what the site sends: the average, not the last iterate
         model.zero_grad(set_to_none=True)
         for hook in hooks:
             hook.finish(model, result)
         return result
 
     @staticmethod
-    def _step(model: nn.Module, optimizer: torch.optim.Optimizer, hooks: Sequence[TrainHook]):
+    def _step(
+        model: nn.Module, optimizer: torch.optim.Optimizer, hooks: Sequence[TrainHook]
+    ) -> bool:
         """One optimizer step, with regulariser gradients added after privatisation.
 
         Opacus' DPOptimizer exposes ``pre_step`` (clip per-sample gradients, add noise, write
         ``p.grad``) and ``original_optimizer``; splitting the two lets hooks add their
-        gradients to the *privatised* gradient. A plain optimizer just steps.
+        gradients to the *privatised* gradient. A plain optimizer just steps. Returns whether
+        the weights moved (not on an accumulation-only batch).
         """
         pre_step = getattr(optimizer, "pre_step", None)
         if pre_step is not None:
             if not pre_step():
-                return  # gradient accumulation: no step this batch
+                return False  # gradient accumulation: no step this batch
             for hook in hooks:
                 hook.add_gradients(model)
             optimizer.original_optimizer.step()
-            return
+            return True
         for hook in hooks:
             hook.add_gradients(model)
         optimizer.step()
+        return True
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable weights over one local training run.
+
+    Why: DP-SGD's iterates each carry fresh noise; averaging them cancels part of it, and the
+    average of weights DP-SGD already released is post-processing, so it costs no ε and needs
+    no change to the plan or the ledger (De et al. 2022, "parameter averaging"). It starts at
+    the weights training starts from (the global model) and, after step t (1-based), is
+    ``a ← d_t·a + (1 − d_t)·w_t`` with ``d_t = min(decay, t / (t + 9))``: De et al.'s warm-up
+    (TensorFlow's ``num_updates``), so a round of a few steps averages its last iterates
+    rather than staying near its start. Trainable parameters only (buffers are the model's).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the weights after one optimizer step into the average."""
+        self.updates += 1
+        d = min(self.decay, self.updates / (self.updates + 9))
+        for a, p in zip(self.average, self.params, strict=True):
+            a.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """Write the average into the model's weights (what the site then releases)."""
+        for a, p in zip(self.average, self.params, strict=True):
+            p.copy_(a)
 
 
 def _empty_clipped_sum(optimizer: torch.optim.Optimizer) -> None:

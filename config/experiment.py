@@ -78,15 +78,54 @@ class StrategySpec(_Strict):
     max_update_norm: float | None = Field(None, gt=0)
 
 
+#: The training settings DP-SGD takes its own values for (``[train.dp]``, :func:`dp_recipe`).
+DP_RECIPE_FIELDS = ("batch_size", "lr", "momentum", "ema")
+
+
+class TrainDPSpec(_Strict):
+    """``[train.dp]``: what local training uses instead of ``[train]``'s values when DP is on.
+
+    Why a second set: DP-SGD wants other hyper-parameters than plain SGD. The noise on the
+    averaged gradient is σ·C / (expected batch), and a larger sample rate costs less σ per
+    step than it gains, so DP-SGD wants large expected batches and a step size to match
+    (De et al. 2022; measured on digits in docs/notes/measurements.md: batch 16 / lr 0.1 gives
+    class-IL replay 0.389, batch 128 / lr 1.0 gives 0.662). A scenario's ``[train]`` is tuned
+    without DP; its ``[train.dp]`` says what to use under DP. A field left unset here takes
+    ``[train]``'s value if the experiment sets that (``base = "train"``), else the built-in
+    recipe (:func:`dp_recipe`). Without DP this table is not read.
+    """
+
+    #: What a field unset here falls back to: ``[train]``'s value where the experiment sets
+    #: it (``"train"``), or the DP recipe in any case (``"recipe"``: what a built-in scenario
+    #: says, its ``[train]`` being tuned without DP).
+    base: Literal["train", "recipe"] = "train"
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    ema: float | None = Field(None, ge=0, lt=1)
+
+
 class TrainSpec(_Strict):
-    """Local training at each site and the round schedule."""
+    """Local training at each site and the round schedule.
+
+    Under DP, ``batch_size``, ``lr``, ``momentum`` and ``ema`` are resolved from ``[train.dp]``
+    and the DP recipe when the experiment is validated (:func:`resolve_dp_training`), so every
+    reader of ``train`` (the trainer, the site's noise planner) sees the values DP-SGD uses.
+    """
 
     rounds_per_task: int = Field(3, ge=1)
     local_epochs: int = Field(1, ge=1)
+    #: The largest expected batch; under DP the Poisson sample rate is fitted to it per task.
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
+    #: Decay of an exponential moving average of the weights over a round's local steps (0:
+    #: off). The site sends the average instead of the last iterate: under DP it is
+    #: post-processing of the noised iterates, so it costs no ε (De et al. 2022).
+    ema: float = Field(0.0, ge=0, lt=1)
+    #: What DP-SGD uses instead of the values above (see :class:`TrainDPSpec`).
+    dp: TrainDPSpec = Field(default_factory=TrainDPSpec)
     round_timeout_s: float = Field(600.0, gt=0)
     #: How long a round waits for the expected sites to be connected; after it the round goes
     #: on with the sites present if there are at least ``quorum`` of them, or the run stops.
@@ -399,6 +438,13 @@ class ExperimentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _dp_training(self) -> ExperimentConfig:
+        """Under DP, ``train`` holds what DP-SGD trains with (:func:`resolve_dp_training`)."""
+        if self.dp.enabled:
+            object.__setattr__(self, "train", resolve_dp_training(self.train))
+        return self
+
+    @model_validator(mode="after")
     def _he_sized_to_the_round(self) -> ExperimentConfig:
         """``he.max_sites`` unset: the most sites one round sums, so both ends pack alike.
 
@@ -432,3 +478,81 @@ class ExperimentConfig(_Strict):
     def expected_sites(self) -> int:
         """How many sites round 1 waits for (Flower samples before waiting otherwise)."""
         return self.min_sites if self.min_sites is not None else self.simulation.num_sites
+
+
+def dp_recipe(train: TrainSpec) -> dict[str, Any]:
+    """The built-in DP-SGD training settings for ``train``'s optimizer: the one owner of them.
+
+    SGD: expected batch 128 and step size 1.0 (scaled by 1 − momentum, so the effective step
+    stays 1.0), measured on digits class-IL with replay at ε = 8 (docs/notes/measurements.md,
+    "DP training recipe"): a larger expected batch lowers the noise on the mean gradient, and
+    a larger step makes the few, less noisy steps count. Adam: batch 128 and the experiment's
+    own step size (Adam's per-coordinate scaling already normalises the step; not tuned).
+    EMA of the weights: 0 (off; measured not to help at these round lengths).
+    """
+    recipe: dict[str, Any] = {"batch_size": 128, "ema": 0.0}
+    if train.optimizer == "sgd":
+        momentum = train.dp.momentum
+        if momentum is None:
+            momentum = train.momentum if "momentum" in train.model_fields_set else 0.0
+        recipe["momentum"] = momentum
+        recipe["lr"] = 1.0 * (1.0 - momentum)
+    return recipe
+
+
+def resolve_dp_training(train: TrainSpec) -> TrainSpec:
+    """``train`` with each of :data:`DP_RECIPE_FIELDS` taken as DP-SGD should.
+
+    In this order: ``[train.dp]``'s value; else ``[train]``'s if the experiment set it (an
+    explicit value wins) and ``train.dp.base`` is ``"train"``; else :func:`dp_recipe`'s.
+    ``--set train.lr=…`` on a scenario sets ``train.dp.lr`` too (:func:`pin_explicit_training`),
+    so it wins over the scenario's ``[train.dp]``. Idempotent: a validated experiment, dumped
+    and validated again (what every site does with the experiment it receives), resolves to
+    the same values.
+    """
+    recipe = dp_recipe(train)
+    values = {}
+    for name in DP_RECIPE_FIELDS:
+        chosen = getattr(train.dp, name)
+        if chosen is None:
+            explicit = name in train.model_fields_set and train.dp.base == "train"
+            chosen = getattr(train, name) if explicit else recipe.get(name)
+        if chosen is not None:
+            values[name] = chosen
+    return train.model_copy(update=values)
+
+
+def pin_explicit_training(data: dict[str, Any], overrides: Any) -> dict[str, Any]:
+    """Make each ``--set train.<field>=V`` of :data:`DP_RECIPE_FIELDS` hold under DP too.
+
+    Why: a scenario's ``[train.dp]`` replaces ``[train]``'s values under DP, but a value the
+    user sets on the command line is theirs and wins over both; ``--set train.dp.<field>``
+    still sets the DP value alone. ``overrides`` are the ``key=value`` strings already applied
+    to ``data``; the last one naming a field decides, as for any ``--set``.
+    """
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    last: dict[tuple[str, str], int] = {}
+    for i, item in enumerate(overrides):
+        parts = [p for p in item.partition("=")[0].strip().split(".") if p]
+        if len(parts) == 2 and parts[0] == "train" and parts[1] in DP_RECIPE_FIELDS:
+            last[("train", parts[1])] = i
+        elif len(parts) == 3 and parts[:2] == ["train", "dp"] and parts[2] in DP_RECIPE_FIELDS:
+            last[("dp", parts[2])] = i
+    for name in DP_RECIPE_FIELDS:
+        if last.get(("train", name), -1) > last.get(("dp", name), -1):
+            dp = train.setdefault("dp", {})
+            if isinstance(dp, dict):
+                dp[name] = train[name]
+    return data
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        parts = [p for p in key.split(".") if p]
+        if len(parts) == 2 and parts[0] == "train" and parts[1] in DP_RECIPE_FIELDS:
+            dp = train.setdefault("dp", {})
+            if isinstance(dp, dict):
+                dp[parts[1]] = train[parts[1]]
+        elif len(parts) == 3 and parts[:2] == ["train", "dp"] and parts[2] in DP_RECIPE_FIELDS:
+            continue  # already applied to train.dp by the override itself
+    return data

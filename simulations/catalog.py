@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from fedcl.config import ConfigError, ExperimentConfig, apply_overrides, read_toml, validate_mapping
+from fedcl.config.experiment import pin_explicit_training
 
 DEFAULT_SCENARIO = "digits-domain-il"
 
@@ -40,7 +41,8 @@ def load_scenario(
 ) -> tuple[str, ExperimentConfig]:
     """(scenario label, validated experiment) with ``--set`` overrides applied."""
     path = scenario_path(name_or_path)
-    data = apply_overrides(read_toml(path), overrides)
+    # A --set train.lr (batch_size, momentum, ema) is the user's: it holds under DP too.
+    data = pin_explicit_training(apply_overrides(read_toml(path), overrides), overrides)
     source = f"{path.name}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
     label = path.stem if path.parent == _builtin_dir() else str(path)
     return label, validate_mapping(ExperimentConfig, data, source)

@@ -332,7 +332,8 @@ def test_site_check_reports_what_the_policy_would_refuse(tmp_path, capsys) -> No
     # σ = 0.5 over the run at this site's data spends far more than 2.
     assert f"{toml}: field 'privacy.max_epsilon_per_run': 2 is below the ε = " in err
     assert "that dp.noise_multiplier = 0.5" in err and "over the run at this site's data" in err
-    code, err = _check(tmp_path, state, "[dp]\nepsilon = 8.0\n", capsys)
+    # (batch 32 set, so the DP recipe's batch 128 does not apply: many more, noisier steps)
+    code, err = _check(tmp_path, state, "[train]\nbatch_size = 32\n[dp]\nepsilon = 8.0\n", capsys)
     assert code == 2
     assert "field 'privacy.max_epsilon_per_run': 2 is below the experiment's dp.epsilon = 8" in err
     # dp.epsilon = 8 at this site plans a σ below 1.0 (it is planned as the first round would).
