@@ -27,8 +27,9 @@ from . import private_eval
 from .continual_site import site_fisher, training_set
 from .job import SiteJob
 from .privacy_site import admit, released_metrics  # (no Opacus: it loads when DP-SGD runs)
+from .scoring import score_tasks
 from .site import resolve_site_config
-from .trainer import LocalTrainer, ProximalTerm, evaluate
+from .trainer import LocalTrainer, ProximalTerm
 
 logger = logging.getLogger("fedcl.client")
 
@@ -256,15 +257,13 @@ def _score(job: SiteJob, model: torch.nn.Module, privacy, mode: str) -> _Scored:
         decision = _charge_once(job, privacy, "evaluate", charged)  # before evaluating
         if not decision.accepted:
             return _Scored({}, refusal=decision, detail=privacy.refusal(decision))
-    results = [
-        evaluate(
-            model,
-            job.data.test_set(j),
-            output_mask=job.data.stream.eval_mask(j),
-            device=job.site.device,
-        )
-        for j in range(len(job.data.stream.evaluation_tasks))
-    ]
+    tasks = range(len(job.data.stream.evaluation_tasks))
+    results = score_tasks(
+        model,
+        [job.data.test_set(j) for j in tasks],
+        output_masks=[job.data.stream.eval_mask(j) for j in tasks],
+        device=job.site.device,
+    )
     metrics = private_eval.released_metrics(mode, results, charged)
     if charged is not None:
         metrics.update(privacy.metrics())
