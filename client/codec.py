@@ -12,7 +12,11 @@ server round, so a configuration reruns bit-identically.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import zlib
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -99,8 +103,53 @@ def _secret_context(path: str, mtime: float, fingerprint: str | None):
     return load_secret_context(path, expected_fingerprint=fingerprint)
 
 
+#: ``FEDCL_CKKS_DECRYPT_CACHE=0`` makes every decode decrypt, even a repeat in one process.
+ENV_DECRYPT_CACHE = "FEDCL_CKKS_DECRYPT_CACHE"
+#: Decrypted aggregates kept per process: this round's model and its Fisher share at most.
+DECRYPT_CACHE_ENTRIES = 4
+_DECRYPTED: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+_DECRYPTED_LOCK = threading.Lock()
+#: Decodes served from the cache and decrypted, per process (tests read them).
+DECRYPT_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+def _decrypt_cache_enabled() -> bool:
+    return os.environ.get(ENV_DECRYPT_CACHE, "1").strip() not in ("0", "false", "no")
+
+
+def clear_decrypt_cache() -> None:
+    """Forget every decrypted aggregate of this process (tests; a host that rotates keys)."""
+    with _DECRYPTED_LOCK:
+        _DECRYPTED.clear()
+
+
+def _aggregate_key(record: ArrayRecord, meta, ctx, packing, like: dict[str, torch.Tensor]):
+    """What a decrypted aggregate depends on: its ciphertext bytes and metadata, the key set
+    (the fingerprint of the context: one secret key per public key), the packing the
+    experiment expects, and the model it is shaped like (names, shapes, dtypes)."""
+    from fedcl.privacy.ckks.keys import fingerprint
+
+    digest = hashlib.sha256()
+    for name in sorted(record.keys()):
+        digest.update(name.encode() + b"\0")
+        digest.update(record[name].data)
+    digest.update(repr(sorted(meta.items())).encode())
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in like.items())
+    return (fingerprint(ctx), digest.digest(), packing, shapes)
+
+
 class CKKSCodec:
-    """Encrypts and decrypts under this site's secret context; the count stays in the ciphertext."""
+    """Encrypts and decrypts under this site's secret context; the count stays in the ciphertext.
+
+    One process that plays several virtual sites (the in-process engine, a Ray actor) receives
+    the same aggregate once per site each round: it is decrypted and decoded once and served
+    from a small per-process cache to the others (:data:`DECRYPT_CACHE_ENTRIES`; keyed by the
+    ciphertext's SHA-256, its metadata, the key set and the model's shapes, so another
+    aggregate, key or model is never served from it). A deployed site, one per process,
+    decrypts each aggregate once anyway. What is cached is the federation's model every site of
+    the process holds; an aggregate that fails its checks is not cached, so every site refuses
+    it as before.
+    """
 
     def __init__(self, experiment: ExperimentConfig, site: SiteConfig):
         if site.key_path is None:
@@ -141,6 +190,24 @@ class CKKSCodec:
         return self._decrypt(content[key], meta, key, like), 1  # decrypts to the mean
 
     def _decrypt(self, record, meta, key, like):
+        if not _decrypt_cache_enabled():
+            return self._decrypt_now(record, meta, key, like)
+        tag = _aggregate_key(record, meta, self.ctx, self._packing(key), like)
+        with _DECRYPTED_LOCK:
+            hit = _DECRYPTED.get(tag)
+            if hit is not None:
+                _DECRYPTED.move_to_end(tag)
+                DECRYPT_CACHE_STATS["hits"] += 1
+        if hit is None:
+            hit = self._decrypt_now(record, meta, key, like)  # raises before anything is cached
+            with _DECRYPTED_LOCK:
+                DECRYPT_CACHE_STATS["misses"] += 1
+                _DECRYPTED[tag] = hit
+                while len(_DECRYPTED) > DECRYPT_CACHE_ENTRIES:
+                    _DECRYPTED.popitem(last=False)
+        return {k: v.clone() for k, v in hit.items()}  # a site may change its copy in place
+
+    def _decrypt_now(self, record, meta, key, like):
         from fedcl.privacy.ckks.codec import Layout
         from fedcl.privacy.ckks.wire import decode_aggregate
 
