@@ -148,15 +148,53 @@ def _all_coefficients(key: bytes, moduli: tuple[int, ...], n: int) -> list:
     return out
 
 
+#: Fields below 2^this are multiplied unreduced: a coefficient (< 2^20) times a field, summed
+#: over a CHUNK (2^16) of them, stays below 2^62 in int64.
+UNREDUCED_FIELD_BITS = 26
+_MATRICES: dict[tuple[bytes, tuple[int, ...], int], list[np.ndarray]] = {}
+
+
+def _matrices(key: bytes, moduli: tuple[int, ...], n: int) -> list[np.ndarray]:
+    """Every checksum's coefficients of each CHUNK of fields as one (moduli × chunk) matrix:
+    the cached streams of :func:`_all_coefficients`, stacked once per key and layout."""
+    tag = (key, moduli, n)
+    hit = _MATRICES.get(tag)
+    if hit is None:
+        per = _all_coefficients(key, moduli, n)
+        hit = [np.stack([chunks[j] for _, chunks in per]) for j in range(len(per[0][1]))]
+        while len(_MATRICES) >= _COEFFICIENTS_MAX_ENTRIES:
+            _MATRICES.pop(next(iter(_MATRICES)))
+        _MATRICES[tag] = hit
+    return hit
+
+
 def checksums(
     fields: np.ndarray, header: tuple[int, int], moduli: tuple[int, ...], key: bytes = UNKEYED
 ) -> np.ndarray:
     """(b_i0·h_0 + b_i1·h_1 + Σ_j a_ij·fields_j) mod M_i for every modulus: int64, one per M_i.
 
-    ``fields`` are non-negative integers (one site's quantised values, or their sums).
+    ``fields`` are non-negative integers (one site's quantised values, or their sums). Small
+    fields of a cached layout (every round's) take one matrix product per CHUNK for all moduli
+    (the same sums: the products are exact, reduced once at the end); others are reduced per
+    modulus first.
     """
-    out = np.empty(len(moduli), dtype=np.int64)
     n = fields.shape[0]
+    moduli = tuple(moduli)
+    if (
+        n
+        and n * len(moduli) <= COEFFICIENT_CACHE_VALUES
+        and int(fields.min()) >= 0
+        and int(fields.max()) < 1 << UNREDUCED_FIELD_BITS
+    ):
+        m = np.asarray(moduli, dtype=np.int64)
+        acc = np.zeros(len(moduli), dtype=np.int64)
+        for start, a in zip(range(0, n, CHUNK), _matrices(key, moduli, n), strict=True):
+            acc += (a @ fields[start : start + CHUNK].astype(np.int64, copy=False)) % m
+        b = np.stack([b for b, _ in _all_coefficients(key, moduli, n)])
+        h0, h1 = (int(h) for h in header)
+        head = (b[:, 0] * (h0 % m) + b[:, 1] * (h1 % m)) % m
+        return (acc + head) % m
+    out = np.empty(len(moduli), dtype=np.int64)
     for i, (modulus, (b, chunks)) in enumerate(
         zip(moduli, _all_coefficients(key, tuple(moduli), n), strict=True)
     ):

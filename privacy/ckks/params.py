@@ -18,7 +18,9 @@ see :data:`NOISE_STD_AT_4096_SCALE18`) and :func:`max_scale_bits` the room left 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 from .errors import CKKSConfigError
@@ -109,15 +111,29 @@ class CKKSParams:
         return f"N={self.poly_modulus_degree} coeff_mod_bit_sizes={list(self.coeff_mod_bit_sizes)}"
 
 
+_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def params_of(ctx) -> CKKSParams:
-    """The parameters of a loaded TenSEAL context (read from SEAL, not trusted from a file name)."""
+    """The parameters of a loaded TenSEAL context (read from SEAL, not trusted from a file name).
+
+    Read once per context object (a context's parameters never change; every encode and decode
+    asked three times).
+    """
+    try:
+        return _PARAMS[ctx]
+    except (KeyError, TypeError):
+        pass
     import tenseal.sealapi  # noqa: F401 - registers seal::Modulus so coeff_modulus() converts
 
     parms = ctx.seal_context().data.key_context_data().parms()
-    return CKKSParams(
+    params = CKKSParams(
         poly_modulus_degree=int(parms.poly_modulus_degree()),
         coeff_mod_bit_sizes=tuple(int(m.bit_count()) for m in parms.coeff_modulus()),
     )
+    with contextlib.suppress(TypeError):  # not weakly referenceable: just do not cache
+        _PARAMS[ctx] = params
+    return params
 
 
 def min_scale_bits(params: CKKSParams, num_ciphertexts: int) -> int:

@@ -15,9 +15,9 @@ so every aggregate, is a full-size ciphertext: bytes down are as before.
 
 How: TenSEAL 0.3.18 cannot encrypt symmetrically with an asymmetric context, nor serialize a
 seeded ciphertext. This module builds a ``tenseal.sealapi`` (SEAL) context with the exact
-primes of the site's TenSEAL context, loads the secret key into it (through a file in a fresh
-0700 directory, removed at once: SEAL's Python API loads keys only from paths), encrypts with
-``Encryptor.encrypt_symmetric`` and wraps the seeded SEAL ciphertext in TenSEAL's
+primes of the site's TenSEAL context, loads the secret key into it (through an anonymous
+in-memory file, :class:`_Scratch`: SEAL's Python API saves and loads only through paths),
+encrypts with ``Encryptor.encrypt_symmetric`` and wraps the seeded SEAL ciphertext in TenSEAL's
 ``CKKSVectorProto`` (size, ciphertext, scale), which TenSEAL then reads like its own. If any of
 this fails (another TenSEAL build), :func:`encryptor_for` returns ``None`` and the sites encrypt
 with the public key as before.
@@ -32,6 +32,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import weakref
 
 import numpy as np
@@ -78,6 +79,55 @@ def _private_dir() -> str:
     return tempfile.mkdtemp(prefix="fedcl-ckks-", dir=base)
 
 
+class _Scratch:
+    """A path SEAL's ``save``/``load`` can use, and what was saved there read back.
+
+    Where Linux offers it, an anonymous in-memory file (``memfd_create``) reached as
+    ``/proc/self/fd/N``: it has no name in any file system, only this process (and root) can
+    open it, and it is gone when closed. Otherwise a fresh 0700 directory (in /dev/shm where
+    there is one) holding one file. Either is made once and reused for every block (making and
+    removing a directory per message cost more than saving a block); :meth:`close` truncates
+    and removes it.
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._dir: str | None = None
+        memfd = getattr(os, "memfd_create", None)
+        self.pid = os.getpid()
+        if memfd is not None and os.path.isdir("/proc/self/fd"):
+            try:
+                self._fd = memfd("fedcl-ckks", getattr(os, "MFD_CLOEXEC", 0))
+                self.path = f"/proc/self/fd/{self._fd}"
+                return
+            except OSError:
+                self._fd = None
+        self._dir = _private_dir()
+        self.path = os.path.join(self._dir, "x")
+
+    def read(self) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        with open(self.path, "rb") as fh:
+            return fh.read()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # what was written (a secret key) is freed now
+                os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> _Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _parameters(ctx) -> tuple[int, tuple[int, ...]]:
     """(N, the coefficient modulus primes) of a TenSEAL context."""
     import tenseal.sealapi  # noqa: F401 - registers seal::Modulus so coeff_modulus() converts
@@ -111,35 +161,35 @@ class SeededEncryptor:
             raise ValueError("seeded encryption needs the secret context")
         self._sa = sa
         self.seal = _seal_context(ctx, sa)
-        tmp = _private_dir()
-        try:
-            path = os.path.join(tmp, "sk")
-            ctx.data.secret_key().save(path)
+        with _Scratch() as key_file:  # the secret key's copy is freed when this closes
+            ctx.data.secret_key().save(key_file.path)
             secret = sa.SecretKey()
-            secret.load(self.seal, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            secret.load(self.seal, key_file.path)
         self.encoder = sa.CKKSEncoder(self.seal)
         self.encryptor = sa.Encryptor(self.seal, secret)
         self.slots = self.encoder.slot_count()
+        # Ciphertexts (not secret: they are sent) pass through one scratch file per encryptor,
+        # made once; one encryption at a time uses it.
+        self._scratch = _Scratch()
+        self._lock = threading.Lock()
+        self._plain = sa.Plaintext()
+        weakref.finalize(self, self._scratch.close)
 
     def encrypt(self, rows: list[np.ndarray], scale: float) -> list[bytes]:
         """One seeded ciphertext per row (each at most N/2 slots), as TenSEAL CKKSVector bytes."""
-        sa = self._sa
         out = []
-        tmp = _private_dir()
-        try:
-            path = os.path.join(tmp, "ct")
+        for row in rows:
+            if row.shape[0] > self.slots:
+                raise ValueError(f"a row of {row.shape[0]} values exceeds {self.slots} slots")
+        with self._lock:
+            if self._scratch.pid != os.getpid():  # a forked child: never share the parent's
+                self._scratch = _Scratch()
+                weakref.finalize(self, self._scratch.close)
+            plain, path = self._plain, self._scratch.path
             for row in rows:
-                if row.shape[0] > self.slots:
-                    raise ValueError(f"a row of {row.shape[0]} values exceeds {self.slots} slots")
-                plain = sa.Plaintext()
                 self.encoder.encode(row.tolist(), scale, plain)
                 self.encryptor.encrypt_symmetric(plain).save(path)
-                with open(path, "rb") as fh:
-                    out.append(wrap_ckks_vector(fh.read(), row.shape[0], scale))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                out.append(wrap_ckks_vector(self._scratch.read(), row.shape[0], scale))
         return out
 
 
@@ -183,11 +233,6 @@ def _seeded_block_bytes(n: int, primes: tuple[int, ...], scale: float) -> int:
     encoder, encryptor = sa.CKKSEncoder(seal), sa.Encryptor(seal, throwaway)
     plain = sa.Plaintext()
     encoder.encode([0.0], scale, plain)
-    tmp = _private_dir()
-    try:
-        path = os.path.join(tmp, "ct")
-        encryptor.encrypt_symmetric(plain).save(path)
-        with open(path, "rb") as fh:
-            return len(wrap_ckks_vector(fh.read(), 1, scale))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _Scratch() as scratch:
+        encryptor.encrypt_symmetric(plain).save(scratch.path)
+        return len(wrap_ckks_vector(scratch.read(), 1, scale))
