@@ -138,6 +138,8 @@ def train(msg: Message, context: Context) -> Message:
     records[P.METRICS] = MetricRecord({**metrics, **stats})
     if scored is not None:
         records[P.EVALUATION] = MetricRecord(scored.metrics)
+    if privacy is None:  # the reply holds copies of the weights; DP-SGD's model is not reused
+        job.reuse(model)
     return _kept(job, "train", received, _reply(msg, job, records, **extra))
 
 
@@ -223,6 +225,7 @@ def evaluate_tasks(msg: Message, context: Context) -> Message:
             if cached is not None:  # asked again: the same noised counts, no new ε
                 return Message(cached, reply_to=msg)
         scored = _score(job, model, privacy, mode)
+        job.reuse(model)  # scored in inference mode; nothing refers to it now
     except FedclError as err:
         return _failure(msg, context, err)
     if scored.refusal is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
 import torch
@@ -32,18 +34,56 @@ def _experiment(text: str) -> ExperimentConfig:
     return ExperimentConfig.model_validate(json.loads(text))
 
 
-_TEMPLATES: dict[int, tuple[RunPlan, torch.nn.Module]] = {}
+@dataclass
+class _Built:
+    """One experiment's built model, and copies of it that answered a message and came back."""
+
+    plan: RunPlan
+    template: torch.nn.Module
+    shape: tuple = ()  # the template's :func:`_shape`, what a spare must still have
+    spares: list[torch.nn.Module] = field(default_factory=list)
+
+
+_TEMPLATES: dict[int, _Built] = {}
+_LOCK = threading.Lock()  # a Ray actor may run messages on several threads
+#: Spares kept per experiment: one message at a time uses one; threads may hold a few.
+MAX_SPARES = 4
+
+
+def _built(plan: RunPlan) -> _Built:
+    """One built model per experiment object (messages share it: :func:`_experiment`)."""
+    key = id(plan.experiment)
+    with _LOCK:
+        found = _TEMPLATES.get(key)
+        if found is None or found.plan.experiment is not plan.experiment:
+            if len(_TEMPLATES) >= 4:
+                _TEMPLATES.clear()
+            model = plan.build_model()
+            found = _TEMPLATES[key] = _Built(plan, model, _shape(model))
+        return found
 
 
 def _template(plan: RunPlan) -> torch.nn.Module:
-    """One built model per experiment object (messages share it: :func:`_experiment`)."""
-    key = id(plan.experiment)
-    found = _TEMPLATES.get(key)
-    if found is None or found[0].experiment is not plan.experiment:
-        if len(_TEMPLATES) >= 4:
-            _TEMPLATES.clear()
-        found = _TEMPLATES[key] = (plan, plan.build_model())
-    return found[1]
+    return _built(plan).template
+
+
+def _shape(model: torch.nn.Module) -> tuple:
+    """What a model must still have to be reused: its modules, their hooks, its tensors.
+
+    A model that DP-SGD wrapped (Opacus' hooks, ``grad_sample``), that a method moved to a GPU,
+    froze differently or left gradients on, differs here and is not reused.
+    """
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    modules = tuple(
+        (name, type(m), *(len(getattr(m, h, ())) for h in hooks))
+        for name, m in model.named_modules()
+    )
+    params = tuple(
+        (n, p.shape, p.dtype, p.device, p.requires_grad, p.grad is None, hasattr(p, "grad_sample"))
+        for n, p in model.named_parameters()
+    )
+    buffers = tuple((n, b.shape, b.dtype, b.device) for n, b in model.named_buffers())
+    return modules, params, buffers, tuple(sorted(vars(model)))
 
 
 class SiteJob:
@@ -105,10 +145,34 @@ class SiteJob:
         return copy.deepcopy(_template(self.plan))
 
     def global_model(self) -> torch.nn.Module:
-        """The coordinator's current model, rebuilt from the experiment and its weights."""
-        model = self.new_model()
+        """The coordinator's current model, rebuilt from the experiment and its weights.
+
+        Into a model an earlier message gave back (:meth:`reuse`) when there is one: the copy
+        cost more than the round's evaluation on small models. Every parameter and buffer is
+        overwritten (``load_state_dict`` is strict), so what it held before does not matter.
+        """
+        built = _built(self.plan)
+        with _LOCK:
+            model = built.spares.pop() if built.spares else None
+        if model is None:
+            model = self.new_model()
         model.load_state_dict(self.codec.decode(self.msg.content, P.ARRAYS, model.state_dict()))
         return model
+
+    def reuse(self, model: torch.nn.Module) -> None:
+        """Give back a :meth:`global_model` whose message is answered and which nothing holds.
+
+        Only a model still shaped like the template (:func:`_shape`: no hooks added, no
+        gradients left, nothing moved or frozen) is kept, in the template's train/eval mode,
+        so the next message starts from what a fresh copy would be but for the weights it loads.
+        """
+        built = _built(self.plan)
+        model.train(built.template.training)
+        if type(model) is not type(built.template) or _shape(model) != built.shape:
+            return
+        with _LOCK:
+            if len(built.spares) < MAX_SPARES and all(m is not model for m in built.spares):
+                built.spares.append(model)
 
     def param_shapes(self) -> dict[str, torch.Tensor]:
         """Trainable parameters of the model (the names EWC and the Fisher use)."""
