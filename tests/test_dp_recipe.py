@@ -37,10 +37,10 @@ def test_without_dp_nothing_changes() -> None:
 
 def test_under_dp_a_scenario_takes_the_recipe_and_the_users_values_win() -> None:
     _, dp = load_scenario("digits-class-il", ["dp.epsilon=8"])
-    assert _train(dp) == (128, 1.0, 0.0, 0.0)  # the scenario's [train.dp] base = "recipe"
+    assert _train(dp) == (128, 1.0, 0.0, 0.9)  # the scenario's [train.dp] base = "recipe"
     # --set train.X is the user's: it holds under DP, over the scenario's [train.dp] ...
     _, mine = load_scenario("digits-class-il", ["dp.epsilon=8", "train.lr=0.3"])
-    assert _train(mine) == (128, 0.3, 0.0, 0.0)
+    assert _train(mine) == (128, 0.3, 0.0, 0.9)
     # ... and --set train.dp.X sets the DP value alone (the last --set naming a field decides).
     _, both = load_scenario(
         "digits-class-il", ["dp.epsilon=8", "train.batch_size=32", "train.dp.batch_size=64"]
@@ -53,15 +53,18 @@ def test_under_dp_a_scenario_takes_the_recipe_and_the_users_values_win() -> None
 def test_an_experiment_file_keeps_its_explicit_values_and_fills_the_rest() -> None:
     """No [train.dp]: what the experiment sets wins, unset fields come from the recipe."""
     unset = ExperimentConfig(dp={"epsilon": 8})
-    assert _train(unset) == (128, 1.0, 0.0, 0.0)
-    mine = ExperimentConfig(dp={"epsilon": 8}, train={"lr": 0.2, "momentum": 0.5})
+    assert _train(unset) == (128, 1.0, 0.0, 0.9)
+    mine = ExperimentConfig(dp={"epsilon": 8}, train={"lr": 0.2, "momentum": 0.5, "ema": 0.0})
     assert _train(mine) == (128, 0.2, 0.5, 0.0)
     # The recipe keeps the effective SGD step lr / (1 - momentum) at 1.0.
     heavy = ExperimentConfig(dp={"epsilon": 8}, train={"momentum": 0.9})
     assert heavy.train.lr == pytest.approx(0.1)
     # Adam: the recipe leaves the step size alone.
     adam = ExperimentConfig(dp={"epsilon": 8}, train={"optimizer": "adam", "lr": 0.003})
-    assert _train(adam) == (128, 0.003, 0.0, 0.0)
+    assert _train(adam) == (128, 0.003, 0.0, 0.9)
+    # A scenario's own [train.dp] (naive digits domain-IL: a smaller step, no average).
+    _, domain = load_scenario("digits-domain-il", ["dp.epsilon=8"])
+    assert _train(domain) == (128, 0.3, 0.0, 0.0)
 
 
 def test_resolution_survives_the_round_trip_to_the_sites() -> None:
@@ -134,3 +137,31 @@ def test_weight_average_off_is_the_last_iterate() -> None:
     again = _model()
     LocalTrainer(TrainSpec(batch_size=8, lr=0.5, ema=0.0), seed=0).fit(again, _data(40))
     torch.testing.assert_close(_flat(model), _flat(again))
+
+
+def test_the_evaluation_noise_follows_the_budget_and_is_planned_for() -> None:
+    """σ of the noised counts: 24 / ε within [3, 20]; the site's σ plan pays for them."""
+    from fedcl.client.privacy_site import _planned_sigma
+    from fedcl.privacy.ledger import compose_epsilon
+
+    sigmas = [ExperimentConfig(dp={"epsilon": e}).dp.evaluation_noise_multiplier for e in (8, 4, 1)]
+    assert sigmas == [3.0, 6.0, 20.0]
+    assert ExperimentConfig(dp={"noise_multiplier": 1.0}).dp.evaluation_noise_multiplier == 20.0
+    assert (
+        ExperimentConfig(
+            dp={"epsilon": 8, "evaluation_noise_multiplier": 9}
+        ).dp.evaluation_noise_multiplier
+        == 9
+    )
+    # Digits at the recipe (q = 1/2, 12 steps a task, 5 tasks) with 1 + 5 evaluations at σ = 3:
+    training = ((0.5, 12, 1),) * 5
+    evaluations = ((3.0, 1.0, 1),) * 6
+    alone, planned = (
+        _planned_sigma(8.0, DELTA, training, ()),
+        _planned_sigma(8.0, DELTA, training, evaluations),
+    )
+    assert alone < planned < 1.2 * alone  # the evaluations cost the training < 20 % more noise
+    spent = compose_epsilon(
+        [*((planned, q, s, g) for q, s, g in training), *evaluations], DELTA, "rdp"
+    )
+    assert 7.9 <= spent <= 8.0
