@@ -13,6 +13,7 @@ server round, so a configuration reruns bit-identically.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import threading
 import zlib
@@ -109,6 +110,9 @@ ENV_DECRYPT_CACHE = "FEDCL_CKKS_DECRYPT_CACHE"
 DECRYPT_CACHE_ENTRIES = 4
 _DECRYPTED: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 _DECRYPTED_LOCK = threading.Lock()
+#: The ciphertext bytes objects last hashed and their digest: the in-process engine hands every
+#: site a deep copy of the message, which shares the (immutable) bytes, so they are hashed once.
+_DIGEST_MEMO: dict[str, tuple[tuple[str, ...], tuple[bytes, ...], bytes]] = {}
 #: Decodes served from the cache and decrypted, per process (tests read them).
 DECRYPT_CACHE_STATS = {"hits": 0, "misses": 0}
 
@@ -121,6 +125,7 @@ def clear_decrypt_cache() -> None:
     """Forget every decrypted aggregate of this process (tests; a host that rotates keys)."""
     with _DECRYPTED_LOCK:
         _DECRYPTED.clear()
+        _DIGEST_MEMO.clear()
 
 
 def _aggregate_key(record: ArrayRecord, meta, ctx, packing, like: dict[str, torch.Tensor]):
@@ -129,10 +134,29 @@ def _aggregate_key(record: ArrayRecord, meta, ctx, packing, like: dict[str, torc
     experiment expects, and the model it is shaped like (names, shapes, dtypes)."""
     from fedcl.privacy.ckks.keys import fingerprint
 
-    digest = hashlib.sha256()
-    for name in sorted(record.keys()):
-        digest.update(name.encode() + b"\0")
-        digest.update(record[name].data)
+    names = sorted(record.keys())
+    datas = tuple(record[name].data for name in names)
+    immutable = all(type(d) is bytes for d in datas)
+    with _DECRYPTED_LOCK:
+        memo = _DIGEST_MEMO.get("last")
+    if (
+        immutable
+        and memo is not None
+        and memo[0] == tuple(names)
+        and len(memo[1]) == len(datas)
+        and all(map(operator.is_, memo[1], datas))
+    ):
+        blocks = memo[2]  # the very bytes objects hashed last time (bytes are immutable)
+    else:
+        h = hashlib.sha256()
+        for name, data in zip(names, datas, strict=True):
+            h.update(name.encode() + b"\0")
+            h.update(data)
+        blocks = h.digest()
+        if immutable:
+            with _DECRYPTED_LOCK:
+                _DIGEST_MEMO["last"] = (tuple(names), datas, blocks)
+    digest = hashlib.sha256(blocks)
     digest.update(repr(sorted(meta.items())).encode())
     shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in like.items())
     return (fingerprint(ctx), digest.digest(), packing, shapes)
