@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, sample_nodes
@@ -183,8 +184,9 @@ class SiteStrategy:
         reference = sent.arrays.to_torch_state_dict()
         digest = sent.digest()
         checked = []
+        decoded: dict[int, dict[str, np.ndarray]] = {}  # id(reply) -> its weights, read once
         for o in outcomes:
-            problem = self.check_update(o, reference, digest) if o.ok else None
+            problem = self.check_update(o, reference, digest, decoded=decoded) if o.ok else None
             if problem is not None:
                 logger.warning(
                     "round %d: rejected the update of %s: %s", server_round, o.site_id, problem
@@ -194,7 +196,9 @@ class SiteStrategy:
         good = [o for o in checked if o.ok and o.num_examples > 0]
         if not good:
             return Aggregate(None, checked, ignored=ignored)
-        arrays = aggregate_arrayrecords([o.message.content for o in good], P.NUM_EXAMPLES)
+        arrays = weighted_mean(
+            [o.message.content for o in good], [decoded.get(id(o.message)) for o in good]
+        )
         n = sum(o.num_examples for o in good)
         metrics = {P.NUM_EXAMPLES: float(n)}
         if all(P.TRAIN_LOSS in o.metrics for o in good):  # under DP sites keep their loss
@@ -202,13 +206,25 @@ class SiteStrategy:
         return Aggregate(GlobalModel(arrays), checked, metrics, ignored)
 
     def check_update(
-        self, o: SiteOutcome, reference: dict[str, torch.Tensor], digest: str | None
+        self,
+        o: SiteOutcome,
+        reference: dict[str, torch.Tensor],
+        digest: str | None,
+        *,
+        decoded: dict[int, dict[str, np.ndarray]] | None = None,
     ) -> str | None:
-        """Why a plaintext update must not be averaged, or None: layout, finite, base, norm."""
+        """Why a plaintext update must not be averaged, or None: layout, finite, base, norm.
+
+        ``decoded`` (by ``id`` of the reply) receives the weights read here, so the average
+        (:func:`weighted_mean`) does not deserialise every reply a second time.
+        """
         record = o.message.content.array_records.get(P.ARRAYS) if o.message else None
         if record is None:
             return "the reply holds no model weights"
-        state = record.to_torch_state_dict()
+        arrays = {k: v.numpy() for k, v in record.items()}
+        if decoded is not None:
+            decoded[id(o.message)] = arrays
+        state = {k: torch.from_numpy(a) for k, a in arrays.items()}  # to_torch_state_dict's
         if set(state) != set(reference):
             missing = sorted(set(reference) - set(state))
             extra = sorted(set(state) - set(reference))
@@ -310,3 +326,26 @@ def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
         if t.is_floating_point():
             total += float(((t.double() - reference[name].double()) ** 2).sum())
     return total**0.5
+
+
+def weighted_mean(
+    records: list[RecordDict], decoded: list[dict[str, np.ndarray] | None]
+) -> ArrayRecord:
+    """Flower's ``aggregate_arrayrecords(records, "num-examples")``, from weights already read.
+
+    The same arithmetic in the same order (weights ``n_i / Σn``, ``a = w_0·x_0``, then
+    ``a += w_i·x_i``), so the result is byte-identical; a reply with other array records than
+    its weights, or one not read yet, is left to Flower's function.
+    """
+    if any(a is None for a in decoded) or any(list(r.array_records) != [P.ARRAYS] for r in records):
+        return aggregate_arrayrecords(records, P.NUM_EXAMPLES)
+    weights = [next(iter(r.metric_records.values()))[P.NUM_EXAMPLES] for r in records]
+    total = sum(weights)
+    out: dict[str, np.ndarray] = {}
+    for arrays, weight in zip(decoded, (w / total for w in weights), strict=True):
+        for key, value in arrays.items():  # type: ignore[union-attr]
+            if key not in out:
+                out[key] = value * weight
+            else:
+                out[key] += value * weight
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
