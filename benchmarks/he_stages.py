@@ -1,0 +1,156 @@
+"""Where an HE round's time goes (issue 14): the default scenario's model, 5 sites in one process.
+
+    python benchmarks/he_stages.py [--rounds 30] [--scenario digits-domain-il]
+
+Each round: every site's codec encrypts its update (``CKKSCodec.encode_update``: quantise,
+pack, checksum, seeded SEAL encryption), the coordinator validates and sums them under the
+public context (``EncryptedSum``) and serializes the aggregate, and every site decodes it
+(``CKKSCodec.decode``). Prints the median and the minimum of each stage over ``--rounds``
+rounds (the minimum is what a loaded, shared box distorts least), then the SEAL calls alone,
+each timed in a loop, and the SEAL work of one round they add up to. Why: the round-time
+ratio HE on / off (``suite.py --only he``) says how much HE costs, this says where, and how
+much of it no Python change can remove. Torch runs one thread; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def _median_ms(fn, n: int = 200) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--scenario", default="digits-domain-il")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import tenseal as ts
+    import tenseal.sealapi as sa
+    import torch
+    from flwr.app import RecordDict
+
+    from fedcl.client.codec import CKKSCodec
+    from fedcl.config import SiteConfig
+    from fedcl.config import protocol as P
+    from fedcl.continual.plan import RunPlan
+    from fedcl.privacy.ckks import packing_for
+    from fedcl.privacy.ckks.keys import load_public_context
+    from fedcl.privacy.ckks.layout import Layout
+    from fedcl.privacy.ckks.seeded import _Scratch, encryptor_for
+    from fedcl.privacy.ckks.wire import EncryptedSum, ExpectedReply
+    from fedcl.simulations.catalog import load_scenario
+    from fedcl.simulations.runner import prepare_keys
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="fedcl-he-stages-"))
+    _, exp = load_scenario(args.scenario, ["he.enabled=true", "seed=0"])
+    exp = prepare_keys(exp, tmp)
+    state = {k: v.detach().clone() for k, v in RunPlan.of(exp).initial_model().state_dict().items()}
+    key = Path(exp.he.public_context).with_name("secret.ctx")
+    n_sites = exp.round_sites
+    sites = [
+        SiteConfig(site_id=f"site-{i}", state_dir=tmp / f"s{i}", key_path=key)
+        for i in range(n_sites)
+    ]
+    public = load_public_context(exp.he.public_context)
+    expected = ExpectedReply.build(public, packing_for(exp.he), Layout.from_state_dict(state))
+
+    def one_round(r: int) -> dict[str, float]:
+        t: dict[str, float] = {}
+        codecs = [CKKSCodec(exp, s) for s in sites]
+        t0 = time.perf_counter()
+        replies = [
+            c.encode_update({k: v + 0.001 * i for k, v in state.items()}, 100 + i, "", r)[0]
+            for i, c in enumerate(codecs)
+        ]
+        t1 = time.perf_counter()
+        total = EncryptedSum(expected)
+        for rec in replies:
+            total.add(rec[P.ARRAYS], rec[P.meta_key(P.ARRAYS)])
+        t2 = time.perf_counter()
+        arrays, meta = total.result()
+        t3 = time.perf_counter()
+        content = RecordDict({P.ARRAYS: arrays, P.meta_key(P.ARRAYS): meta})
+        for c in codecs:
+            c.decode(content, P.ARRAYS, state)
+        t4 = time.perf_counter()
+        t["sites encrypt"], t["coordinator load+add"] = t1 - t0, t2 - t1
+        t["coordinator serialize"], t["sites decode"] = t3 - t2, t4 - t3
+        return t
+
+    one_round(0)
+    rows = [one_round(r + 1) for r in range(args.rounds)]
+    stages = {
+        k: {
+            "median_ms": 1000 * statistics.median(x[k] for x in rows),
+            "min_ms": 1000 * min(x[k] for x in rows),
+        }
+        for k in rows[0]
+    }
+    stages["round"] = {
+        "median_ms": 1000 * statistics.median(sum(x.values()) for x in rows),
+        "min_ms": 1000 * min(sum(x.values()) for x in rows),
+    }
+
+    ctx = CKKSCodec(exp, sites[0]).ctx
+    enc = encryptor_for(ctx)
+    row = np.random.default_rng(0).integers(0, 2**40, enc.slots).astype(np.float64).tolist()
+    scale = 2.0**expected.scale_bits
+    plain = sa.Plaintext()
+    enc.encoder.encode(row, scale, plain)
+    ct = enc.encryptor.encrypt_symmetric(plain)
+    seal: dict[str, float] = {}
+    seal["site encode"] = _median_ms(lambda: enc.encoder.encode(row, scale, plain))
+    seal["site encrypt_symmetric"] = _median_ms(lambda: enc.encryptor.encrypt_symmetric(plain))
+    with _Scratch() as scratch:
+        seal["site save (zstd)"] = _median_ms(lambda: ct.save(scratch.path))
+    seeded = enc.encrypt([np.asarray(row)], scale)[0]
+    seal["coordinator load (seed expansion)"] = _median_ms(
+        lambda: ts.ckks_vector_from(public, seeded)
+    )
+    v, w = ts.ckks_vector_from(public, seeded), ts.ckks_vector_from(public, seeded)
+    seal["coordinator add"] = _median_ms(lambda: v.add_(w))
+    seal["coordinator serialize"] = _median_ms(lambda: v.serialize())
+    full = v.serialize()
+    seal["site load"] = _median_ms(lambda: ts.ckks_vector_from(ctx, full))
+    u = ts.ckks_vector_from(ctx, full)
+    seal["site decrypt+decode"] = _median_ms(lambda: u.decrypt())
+    blocks = expected.num_blocks
+    per_round = (
+        n_sites
+        * blocks
+        * (seal["site encode"] + seal["site encrypt_symmetric"] + seal["site save (zstd)"])
+        + n_sites * blocks * seal["coordinator load (seed expansion)"]
+        + (n_sites - 1) * blocks * seal["coordinator add"]
+        + blocks * seal["coordinator serialize"]
+        + blocks * (seal["site load"] + seal["site decrypt+decode"])  # once per process
+    )
+    doc = {
+        "scenario": args.scenario,
+        "sites": n_sites,
+        "parameters": expected.num_values,
+        "blocks": blocks,
+        "stages": stages,
+        "seal_call_ms": seal,
+        "seal_ms_per_round": per_round,
+    }
+    print(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
