@@ -106,12 +106,15 @@ def _secret_context(path: str, mtime: float, fingerprint: str | None):
 
 #: ``FEDCL_CKKS_DECRYPT_CACHE=0`` makes every decode decrypt, even a repeat in one process.
 ENV_DECRYPT_CACHE = "FEDCL_CKKS_DECRYPT_CACHE"
-#: Decrypted aggregates kept per process: this round's model and its Fisher share at most.
-DECRYPT_CACHE_ENTRIES = 4
+#: Decrypted aggregates kept per process: this round's model and one more (a Fisher share, the
+#: previous model); each holds a whole model in memory, so few.
+DECRYPT_CACHE_ENTRIES = 2
 _DECRYPTED: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 _DECRYPTED_LOCK = threading.Lock()
 #: The ciphertext bytes objects last hashed and their digest: the in-process engine hands every
-#: site a deep copy of the message, which shares the (immutable) bytes, so they are hashed once.
+#: site a deep copy of the message, which shares the (immutable) bytes, so they are hashed once
+#: (aggregates up to MEMO_MAX_BYTES; a larger one is hashed per site rather than kept alive).
+MEMO_MAX_BYTES = 16 << 20
 _DIGEST_MEMO: dict[str, tuple[tuple[str, ...], tuple[bytes, ...], bytes]] = {}
 #: Decodes served from the cache and decrypted, per process (tests read them).
 DECRYPT_CACHE_STATS = {"hits": 0, "misses": 0}
@@ -136,7 +139,8 @@ def _aggregate_key(record: ArrayRecord, meta, ctx, packing, like: dict[str, torc
 
     names = sorted(record.keys())
     datas = tuple(record[name].data for name in names)
-    immutable = all(type(d) is bytes for d in datas)
+    # Kept referenced only while small: the memo must not hold a large model's ciphertext.
+    immutable = all(type(d) is bytes for d in datas) and sum(map(len, datas)) <= MEMO_MAX_BYTES
     with _DECRYPTED_LOCK:
         memo = _DIGEST_MEMO.get("last")
     if (
