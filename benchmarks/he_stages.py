@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     from fedcl.simulations.runner import prepare_keys
 
     torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="fedcl-he-stages-"))
+    scratch_dir = tempfile.TemporaryDirectory(prefix="fedcl-he-stages-")  # keys, removed at exit
+    tmp = Path(scratch_dir.name)
     _, exp = load_scenario(args.scenario, ["he.enabled=true", "seed=0"])
     exp = prepare_keys(exp, tmp)
     state = {k: v.detach().clone() for k, v in RunPlan.of(exp).initial_model().state_dict().items()}
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seal_ms_per_round": per_round,
     }
     print(json.dumps(doc, indent=1))
+    scratch_dir.cleanup()
     return doc
 
 
