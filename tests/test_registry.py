@@ -582,3 +582,37 @@ def test_a_batch_looks_up_run_round_and_sites_once(registry: Registry) -> None:
     by_round = {r.id: r for r in registry.list_rounds("run-1")}
     assert {by_round[r].num_participants for r in (rid1, rid2, rid3)} == {3}
     assert [s.id for s in registry.list_sites()] == ["site-0", "site-1", "site-2"]
+
+
+def test_record_participations_overwrites_and_keeps_the_last_of_duplicates(
+    registry: Registry,
+) -> None:
+    """New rows go in as one INSERT, rows already there are updated: a retry of the round (or a
+    site named twice in one call) leaves one row per (site, phase) with the last values."""
+    from fedcl.server.registry.participations import ParticipationRow as Row
+
+    _new_run(registry)
+    rid = registry.begin_round("run-1", task_index=0, round_in_task=0, server_round=1)
+    registry.record_participations(
+        rid, [Row("site-1", "train", "failed", 0, "no reply"), Row("site-0", "train", "ok", 5)]
+    )
+    with registry.batch():
+        registry.record_participations(
+            rid,
+            [
+                Row("site-1", "train", "ok", 7),  # the retry answered
+                Row("site-2", "train", "ok", 3),
+                Row("site-2", "train", "refused", 0, "budget"),  # named twice: the last wins
+                Row("site-0", "evaluate", "ok", 9),
+            ],
+        )
+    got = [
+        (p.site_id, p.phase, p.status, p.num_examples, p.detail)
+        for p in registry.list_participations("run-1", round_id=rid)
+    ]
+    assert got == [
+        ("site-0", "train", "ok", 5, None),
+        ("site-0", "evaluate", "ok", 9, None),
+        ("site-1", "train", "ok", 7, None),
+        ("site-2", "train", "refused", 0, "budget"),
+    ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from .core import RegistryCore, get_round, touch_site, touch_sites
 from .errors import RegistryError
@@ -37,7 +37,9 @@ class Participations(RegistryCore):
 
         One transaction, one query for the rows already there and one for the sites: a round
         of 100 sites made 100 transactions of four statements each, more than the round's own
-        work on a tiny model. Same rules as :meth:`record_participation`.
+        work on a tiny model. New rows go in as one bulk INSERT in the order given (an ORM
+        object per row cost more than the statement). Same rules as
+        :meth:`record_participation`.
         """
         rows = list(rows)
         for r in rows:
@@ -61,16 +63,27 @@ class Participations(RegistryCore):
                     )
                 )
             }
+            new: dict[tuple[str, str], dict] = {}  # rows not there yet: one bulk INSERT
             for r in rows:
+                fields = {
+                    "status": r.status,
+                    "num_examples": int(r.num_examples),
+                    "detail": r.detail,
+                    "created_at": now,
+                }
                 row = there.get((r.site_id, r.phase))
-                if row is None:
-                    row = Participation(round_id=round_id, site_id=r.site_id, phase=r.phase)
-                    s.add(row)
-                    there[(r.site_id, r.phase)] = row
-                row.status = r.status
-                row.num_examples = int(r.num_examples)
-                row.detail = r.detail
-                row.created_at = now
+                if row is not None:
+                    for name, value in fields.items():
+                        setattr(row, name, value)
+                    continue
+                key = (r.site_id, r.phase)
+                if key in new:  # named twice in one call: the last one wins, as for a retry
+                    new[key].update(fields)
+                else:
+                    new[key] = {"round_id": round_id, "site_id": r.site_id, "phase": r.phase}
+                    new[key].update(fields)
+            if new:
+                s.execute(insert(Participation), list(new.values()))
 
     def record_participation(
         self,
