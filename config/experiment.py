@@ -557,13 +557,3 @@ def pin_explicit_training(data: dict[str, Any], overrides: Any) -> dict[str, Any
             if isinstance(dp, dict):
                 dp[name] = train[name]
     return data
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        parts = [p for p in key.split(".") if p]
-        if len(parts) == 2 and parts[0] == "train" and parts[1] in DP_RECIPE_FIELDS:
-            dp = train.setdefault("dp", {})
-            if isinstance(dp, dict):
-                dp[parts[1]] = train[parts[1]]
-        elif len(parts) == 3 and parts[:2] == ["train", "dp"] and parts[2] in DP_RECIPE_FIELDS:
-            continue  # already applied to train.dp by the override itself
-    return data
