@@ -391,20 +391,19 @@ def evaluate(
     batch_size: int = 512,
     objective: Objective | None = None,
 ) -> tuple[int, int, float]:
-    """(summed metric, count, summed loss) of ``model`` on ``dataset``.
+    """(summed metric, count, summed loss) of ``model`` on ``dataset``: one task's
+    :func:`fedcl.client.scoring.score_tasks` (the one owner of the scoring loop).
 
     The metric and the loss are the model's registered objective (``objective`` overrides it):
     for a classifier, (correct predictions, count, summed cross-entropy).
     """
-    objective = objective_of(model) if objective is None else objective
-    device = resolve_device(str(device))
-    model.to(device).eval()
-    correct, count, loss = 0, 0, 0.0
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        x, y = objective.split_batch(batch)
-        x, y = x.to(device), y.to(device)
-        logits = masked_logits(model(x), output_mask)
-        loss += float(objective.loss(logits, y, reduction="sum"))
-        correct += int(objective.metric(logits, y))
-        count += len(y)
-    return correct, count, loss
+    from .scoring import score_tasks  # scoring imports this module (masked_logits)
+
+    return score_tasks(
+        model,
+        [dataset],
+        output_masks=[output_mask],
+        device=device,
+        batch_size=batch_size,
+        objective=objective,
+    )[0]

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fedcl.client.scoring import score_tasks
-from fedcl.client.trainer import evaluate
-from fedcl.models.registry import build_model
+from fedcl.client.trainer import evaluate, masked_logits
+from fedcl.models.registry import build_model, objective_of
 
 
 class _Listed(Dataset):
@@ -22,6 +22,21 @@ class _Listed(Dataset):
 
     def __getitem__(self, i: int):
         return self.x[i], self.y[i]
+
+
+def _one_by_one(model, dataset, mask) -> tuple[int, int, float]:
+    """The reference: a DataLoader over ``dataset``, summed batch by batch (evaluate's old loop)."""
+    objective = objective_of(model)
+    model.eval()
+    correct, count, loss = 0, 0, 0.0
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=512):
+            x, y = objective.split_batch(batch)
+            logits = masked_logits(model(x), mask)
+            loss += float(objective.loss(logits, y, reduction="sum"))
+            correct += int(objective.metric(logits, y))
+            count += len(y)
+    return correct, count, loss
 
 
 def test_score_tasks_equals_evaluate_per_task() -> None:
@@ -40,7 +55,9 @@ def test_score_tasks_equals_evaluate_per_task() -> None:
         TensorDataset(*task(9)),
     ]
     masks = [None, None, None, [1, 2], [0, 3]]
-    expected = [evaluate(model, d, output_mask=m) for d, m in zip(sets, masks, strict=True)]
+    expected = [_one_by_one(model, d, m) for d, m in zip(sets, masks, strict=True)]
+    model.train()
+    assert [evaluate(model, d, output_mask=m) for d, m in zip(sets, masks, strict=True)] == expected
     model.train()
     got = score_tasks(model, sets, output_masks=masks)
     assert got == expected  # exact: same batches, same sums
