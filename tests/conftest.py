@@ -116,3 +116,14 @@ def quiet_opacus() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         yield
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Messages built outside a Flower runtime need a task identity (as LocalGrid sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

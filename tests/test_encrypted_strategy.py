@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg, FedProx
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl.config import ConfigError
 from fedcl.config import protocol as P
@@ -35,13 +32,7 @@ BASE = "b" * 64
 UNKNOWN = GlobalModel(ArrayRecord(), meta=ConfigRecord({}))
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages outside a Flower runtime need a task identity (as LocalGrid sets it)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,10 @@ as DP-SGD adds, gradients left behind) is never handed out again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from federation_helpers import small_experiment
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl.client.job import SiteJob
 from fedcl.config import protocol as P
@@ -22,14 +19,7 @@ from fedcl.config import to_json
 from fedcl.continual.plan import RunPlan
 from fedcl.simulations.runner import write_site_configs
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Messages outside a Flower runtime need a task identity (as LocalGrid sets it)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _job(exp, sites_dir, state: dict[str, torch.Tensor], server_round: int) -> SiteJob:
