@@ -168,9 +168,9 @@ def first_production(
     Returns the version it promoted, or ``None`` when the run already has production or no
     model version has been evaluated yet.
     """
-    models = [v for v in registry.list_model_versions(run_id) if v.kind == VersionKind.MODEL]
-    if any(v.status == VersionState.PRODUCTION for v in models):
+    if registry.has_production_model(run_id):
         return None
+    models = [v for v in registry.list_model_versions(run_id) if v.kind == VersionKind.MODEL]
     evaluated = registry.federation_accuracy_by_round(run_id)
     first = next(
         (v for v in models if v.status == VersionState.CANDIDATE and v.server_round in evaluated),

@@ -89,6 +89,9 @@ def _held(session: Session) -> dict[tuple[type, object], object]:
 
 
 def get_run(session: Session, run_id: str) -> Run:
+    held = _held(session).get((Run, run_id))
+    if held is not None:  # looked up earlier in this transaction (a round's batch asks often)
+        return held  # type: ignore[return-value]
     run = session.get(Run, run_id)
     if run is None:
         raise RegistryError(f"unknown run {run_id!r}")
@@ -98,7 +101,7 @@ def get_run(session: Session, run_id: str) -> Run:
 
 def get_round(session: Session, round_id: int, run_id: str | None = None) -> Round:
     """The round, checked to belong to ``run_id`` when one is given."""
-    rnd = session.get(Round, round_id)
+    rnd = _held(session).get((Round, round_id)) or session.get(Round, round_id)
     if rnd is None:
         raise RegistryError(f"unknown round id {round_id}")
     if run_id is not None and rnd.run_id != run_id:
@@ -112,20 +115,19 @@ def get_round(session: Session, round_id: int, run_id: str | None = None) -> Rou
 def touch_sites(session: Session, site_ids: set[str]) -> None:
     """:func:`touch_site` for many sites in two statements (a round names up to hundreds).
 
-    Sites this session already touched are not selected again (a round's batch names the same
-    sites in its participations and in each metric write).
+    Sites this session already touched are left as they are (a round's batch names the same
+    sites in its participations and in each metric write): their ``last_seen`` is this
+    transaction's, and a second UPDATE of it a few milliseconds later said nothing new.
     """
     for site_id in site_ids:
         check_site_id(site_id)
-    if not site_ids:
+    held = _held(session)
+    fresh = {sid for sid in site_ids if (Site, sid) not in held}
+    if not fresh:
         return
     now = utcnow()
-    held = _held(session)
-    known = {sid: held[(Site, sid)] for sid in site_ids if (Site, sid) in held}
-    missing = set(site_ids) - known.keys()
-    if missing:
-        known.update((s.id, s) for s in session.scalars(select(Site).where(Site.id.in_(missing))))
-    for site_id in sorted(site_ids):
+    known = {s.id: s for s in session.scalars(select(Site).where(Site.id.in_(fresh)))}
+    for site_id in sorted(fresh):
         site = known.get(site_id)
         if site is not None:
             site.last_seen = now

@@ -83,7 +83,7 @@ class Participations(RegistryCore):
                     new[key] = {"round_id": round_id, "site_id": r.site_id, "phase": r.phase}
                     new[key].update(fields)
             if new:
-                s.execute(insert(Participation), list(new.values()))
+                s.execute(insert(Participation.__table__), list(new.values()))  # one statement
 
     def record_participation(
         self,

@@ -115,6 +115,21 @@ class ModelVersions(RegistryCore):
             )
             return None if version is None else ModelVersionInfo.model_validate(version)
 
+    def has_production_model(self, run_id: str) -> bool:
+        """Whether the run has a model version in production (one indexed probe: the production
+        rule asks it after every round, and listing every version made that quadratic)."""
+        with self._tx() as s:
+            found = s.scalar(
+                select(ModelVersion.id)
+                .where(
+                    ModelVersion.run_id == run_id,
+                    ModelVersion.kind == VersionKind.MODEL,
+                    ModelVersion.status == VersionState.PRODUCTION,
+                )
+                .limit(1)
+            )
+            return found is not None
+
     def list_model_versions(self, run_id: str | None = None) -> list[ModelVersionInfo]:
         """Model versions of one run (or all runs), in server-round order."""
         with self._tx() as s:
