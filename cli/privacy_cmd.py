@@ -30,11 +30,12 @@ def render_summary(summary: LedgerSummary) -> Table:
         title=f"privacy ledger {summary.path}",
         caption=(
             f"ε at δ = {summary.delta:g}, {summary.accountant.upper()} accountant; "
-            "ε of a run or task is its releases alone, composed — the lifetime ε composes all"
+            "ε of a task or run is its releases alone; every ε is the max over data cells "
+            "(cell: where the run's is reached; * = every release composed in sequence)"
         ),
     )
-    for name in ("run", "task", "releases", "steps", "ε task", "ε run"):
-        table.add_column(name, justify="left" if name in ("run", "task") else "right")
+    for name in ("run", "task", "releases", "steps", "ε task", "ε run", "cell"):
+        table.add_column(name, justify="left" if name in ("run", "task", "cell") else "right")
     for run in summary.runs:
         for i, task in enumerate(run.tasks):
             table.add_row(
@@ -44,6 +45,7 @@ def render_summary(summary: LedgerSummary) -> Table:
                 str(task.steps),
                 _eps(task.epsilon),
                 _eps(run.epsilon) if i == 0 else "",
+                run.cell if i == 0 else "",
             )
         table.add_section()
     table.add_row(
@@ -53,6 +55,7 @@ def render_summary(summary: LedgerSummary) -> Table:
         str(summary.steps),
         "",
         f"[bold]{_eps(summary.epsilon_lifetime)}[/]",
+        summary.cell,
     )
     if summary.budget is not None:
         remaining = summary.remaining or 0.0

@@ -108,11 +108,12 @@ def _policy_problems(site: SiteConfig, exp: ExperimentConfig, src: str, xsrc: st
         return [*out, problem]
     if privacy is None:
         return out  # the data does not load: data_table says why
-    if not given and floor is not None and privacy.noise_multiplier < floor:
+    least = privacy.smallest_noise_multiplier() if not given else None
+    if least is not None and floor is not None and least < floor:
         out.append(
-            f"{field_floor}: {floor:g} is above the σ = {privacy.noise_multiplier:.3g} this site "
-            f"plans for the experiment's dp.epsilon = {dp.epsilon:g} at its data ({xsrc}): it "
-            "would refuse every training round; ask for a smaller dp.epsilon"
+            f"{field_floor}: {floor:g} is above the σ = {least:.3g} this site plans for the "
+            f"experiment's dp.epsilon = {dp.epsilon:g} at its data ({xsrc}): it would refuse "
+            "the training rounds of that task at least; ask for a smaller dp.epsilon"
         )
     if given:
         spend = privacy.planned_run_epsilon()

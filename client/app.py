@@ -256,7 +256,7 @@ def _score(job: SiteJob, model: torch.nn.Module, privacy, mode: str) -> _Scored:
         return _Scored({})
     charged = None
     if mode == "noised":
-        charged = private_eval.release(job, privacy.delta)
+        charged = privacy.placed(private_eval.release(job, privacy.delta), "evaluate")
         decision = _charge_once(job, privacy, "evaluate", charged)  # before evaluating
         if not decision.accepted:
             return _Scored({}, refusal=decision, detail=privacy.refusal(decision))
@@ -355,7 +355,7 @@ def drift(msg: Message, context: Context) -> Message:
         drift_site.plan_window(job)  # sizes only: a site too small says so before paying
         metrics: dict[str, float] = {}
         if privacy is not None:
-            release = DPRelease.of(drift_site.release(job), privacy.delta)
+            release = privacy.placed(DPRelease.of(drift_site.release(job), privacy.delta), "drift")
             decision = _charge_once(job, privacy, "drift", release)
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision)

@@ -156,22 +156,68 @@ class SitePrivacy:
         self.ledger = PrivacyLedger(job.site.state_dir)
 
     @cached_property
-    def noise_multiplier(self) -> float:
-        """σ: given, or planned so the whole run's releases meet ``dp.epsilon`` at this site.
+    def composition(self):
+        """Whether this run is accounted in data cells here (:mod:`.privacy_cells`), and why."""
+        from .privacy_cells import composition
 
-        The plan composes exactly what the run will release here: each task's DP-SGD at its own
-        sample rate and steps (:meth:`planned_tasks`; a task the site refuses releases nothing),
-        the method's Fisher releases and the noised evaluations, with Opacus' RDP accountant.
+        mode = composition(self.job)
+        if self.spec.enabled:
+            logger.info(
+                "site %s: %s composition (%s)", self.job.site.site_id, mode.name, mode.reason
+            )
+        return mode
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ of this message's task: given, or planned so the run's releases meet ``dp.epsilon``.
+
+        Sequential composition: one σ for the run, planned over exactly what the run will
+        release here, each task's DP-SGD at its own sample rate and steps
+        (:meth:`planned_tasks`; a task the site refuses releases nothing), the method's Fisher
+        releases and the noised evaluations, with Opacus' RDP accountant. Parallel composition
+        (:mod:`.privacy_cells`): each task's own σ, planned over its cell alone (its DP-SGD, its
+        DP Fisher, the drift reports), so each task's training data lands at ≤ ``dp.epsilon``.
         """
+        return self.task_noise_multiplier(self.job.task_index)
+
+    def task_noise_multiplier(self, task: int) -> float:
+        """σ of DP-SGD at task ``task`` (:attr:`noise_multiplier` for another task)."""
         if self.spec.noise_multiplier is not None:
             return float(self.spec.noise_multiplier)
-        training = tuple((t.sample_rate, t.steps, t.group_size) for t in self._tasks if t.ok)
-        others = tuple(
-            self.planned_fisher_releases()
-            + self.planned_evaluation_releases()
-            + self.planned_drift_releases()
-        )
-        return _planned_sigma(float(self.spec.epsilon), self.delta, training, others)
+        sigmas = self._planned_sigmas
+        if task in sigmas:
+            return sigmas[task]
+        return max(sigmas.values(), default=1.0)  # a task with no plan: σ is never used
+
+    def smallest_noise_multiplier(self) -> float:
+        """The least σ any task of the run trains at here (what ``min_noise_multiplier`` meets)."""
+        if self.spec.noise_multiplier is not None:
+            return float(self.spec.noise_multiplier)
+        return min(self._planned_sigmas.values(), default=1.0)
+
+    @cached_property
+    def _planned_sigmas(self) -> dict[int, float]:
+        """σ per task that trains here, for ``dp.epsilon`` (one value for all when sequential)."""
+        epsilon = float(self.spec.epsilon)
+        tasks = [t for t in self._tasks if t.ok]
+        drift = tuple(self.planned_drift_releases())
+        if not self.composition.parallel:
+            training = tuple((t.sample_rate, t.steps, t.group_size) for t in tasks)
+            others = tuple(
+                self.planned_fisher_releases() + self.planned_evaluation_releases() + list(drift)
+            )
+            sigma = _planned_sigma(epsilon, self.delta, training, others)
+            return {t.task: sigma for t in tasks} or {0: sigma}
+        _check_fixed_cell(self.planned_evaluation_releases(), epsilon, self.delta, "the test data")
+        fisher = self._fisher_by_task()
+        out = {}
+        for t in tasks:
+            # Every drift report counts in every task's cell: a report samples the reference
+            # task's data and the task a drift event says the site sees (an upper bound).
+            others = (*fisher.get(t.task, ()), *drift)
+            training = ((t.sample_rate, t.steps, t.group_size),)
+            out[t.task] = _planned_sigma(epsilon, self.delta, training, others)
+        return out
 
     @cached_property
     def _tasks(self) -> tuple[TaskPlan, ...]:
@@ -228,15 +274,30 @@ class SitePrivacy:
         return [t.group_size for t in self._tasks if t.ok]
 
     def planned_run_epsilon(self) -> float:
-        """ε the whole run would spend at this site (DP-SGD at σ, the Fisher, the evaluations)."""
-        sigma = self.noise_multiplier
-        history = [(sigma, t.sample_rate, t.steps, t.group_size) for t in self._tasks if t.ok]
-        others = (
-            self.planned_fisher_releases()
-            + self.planned_evaluation_releases()
-            + self.planned_drift_releases()
-        )
-        return compose_epsilon([*history, *others], self.delta, "rdp")
+        """ε the whole run would spend at this site (DP-SGD at σ, the Fisher, the evaluations),
+        by the ledger's own rule (the max over data cells; sequential: one cell)."""
+        return self.planned_run_spend().epsilon
+
+    def planned_run_spend(self):
+        """:meth:`planned_run_epsilon` and the data cell where it is reached (``CellSpend``)."""
+        from fedcl.privacy.ledger import cell_spend
+
+        from .privacy_cells import drift_cells, test_cells, train_cells
+
+        mode, run = self.composition, self.job.run_id
+        items = []
+        for t in self._tasks:
+            if t.ok:
+                sigma = self.task_noise_multiplier(t.task)
+                history = (sigma, t.sample_rate, t.steps, t.group_size)
+                items.append((run, train_cells(self.job, t.task, mode), history))
+        for task, releases in self._fisher_by_task().items():
+            items += [(run, train_cells(self.job, task, mode), h) for h in releases]
+        every = tuple(range(self.job.data.stream.num_tasks))
+        drift, tested = drift_cells(self.job, every, mode), test_cells(self.job, mode)
+        items += [(run, drift, h) for h in self.planned_drift_releases()]
+        items += [(run, tested, h) for h in self.planned_evaluation_releases()]
+        return cell_spend(items, self.delta, "rdp")
 
     def planned_evaluation_releases(self) -> list[tuple[float, float, int]]:
         """The noised evaluations the run will ask of this site, ``(σ, q = 1, steps = 1)`` each.
@@ -293,28 +354,56 @@ class SitePrivacy:
         EWC's DP Fisher is one full-data Gaussian release per task but the last, as stated by
         the method's row (the same statement the site charges and the mechanism reports).
         """
+        return [h for releases in self._fisher_by_task().values() for h in releases]
+
+    def _fisher_by_task(self) -> dict[int, list[tuple[float, float, int]]]:
         from fedcl.continual.methods import get_method
 
         exp = self.job.experiment
         method = get_method(exp.continual.method)
         if not method.consolidates or exp.is_joint:
-            return []
-        planned = []
+            return {}
+        planned = {}
         for k in range(self.job.data.stream.num_tasks - 1):
             release = method.consolidation_release(exp, len(self.job.data.train_set(k)))
             if release is not None:
-                planned.append((release.noise_multiplier, release.sample_rate, release.steps))
+                planned[k] = [(release.noise_multiplier, release.sample_rate, release.steps)]
         return planned
+
+    def placed(self, release: DPRelease, kind: str) -> DPRelease:
+        """``release`` with the data cells this message's ``kind`` of release reads.
+
+        ``kind``: ``train`` / ``consolidate`` (this task's training data), ``evaluate`` (every
+        evaluation task's test data) or ``drift`` (the sampled tasks' training data). Under
+        sequential composition every release is universal.
+        """
+        from dataclasses import replace
+
+        from . import drift_site
+        from .privacy_cells import drift_cells, test_cells, train_cells
+
+        mode = self.composition
+        if kind in ("train", "consolidate"):
+            cells = train_cells(self.job, self.job.task_index, mode)
+        elif kind == "evaluate":
+            cells = test_cells(self.job, mode)
+        elif kind == "drift":
+            window = drift_site.plan_window(self.job)
+            cells = drift_cells(self.job, (window.reference_task, window.window_task), mode)
+        else:
+            raise ValueError(f"unknown kind of release {kind!r}")
+        return replace(release, cells=cells)
 
     def consolidation_release(self) -> DPRelease:
         """What this message's consolidation (the DP Fisher of the current task) spends.
 
         Charge this before computing the Fisher: it is the method's stated release, with which
         ``continual_site.site_fisher`` runs the mechanism and which it checks the report against.
+        It reads the task's training data: its cell.
         """
         from .continual_site import consolidation_release
 
-        return DPRelease.of(consolidation_release(self.job), self.delta)
+        return self.placed(DPRelease.of(consolidation_release(self.job), self.delta), "consolidate")
 
     def training_release(self, n_examples: int) -> DPRelease | PolicyRefusal:
         """This message's DP-SGD over ``n_examples`` (group size 2 over a replay buffer), or a
@@ -341,7 +430,7 @@ class SitePrivacy:
                 f"no DP-SGD plan for task {self.job.task_index} at this site "
                 f"({RefusalRule.DP_PLAN}): {why}",
             )
-        return replace(release, group_size=training_group_size(self.job))
+        return self.placed(replace(release, group_size=training_group_size(self.job)), "train")
 
     def hook(self) -> DPHook:
         return DPHook(
@@ -359,10 +448,14 @@ class SitePrivacy:
         """
         cap = self.policy.max_epsilon_per_run
         if cap is not None:
-            history = self.ledger.history(run_id=self.job.run_id)
-            after = compose_epsilon([*history, release.history], release.delta, "rdp")
+            from fedcl.privacy.ledger import cell_spend, entry_items, release_item
+
+            history = entry_items(self.ledger.entries(run_id=self.job.run_id))
+            after = cell_spend(
+                [*history, release_item(release, self.job.run_id)], release.delta, "rdp"
+            ).epsilon
             if after > cap:
-                before = compose_epsilon(history, release.delta, "rdp")
+                before = cell_spend(history, release.delta, "rdp").epsilon
                 return PolicyRefusal(
                     RefusalRule.MAX_EPSILON_PER_RUN,
                     f"site policy {RefusalRule.MAX_EPSILON_PER_RUN} = {float(cap)}: this round "
@@ -391,14 +484,38 @@ class SitePrivacy:
 
         The only privacy numbers a reply carries: no sample rate, expected batch or steps.
         """
+        run = self.ledger.spend(self.delta, run_id=self.job.run_id)
         out = {
-            P.DP_EPSILON_RUN: self.ledger.epsilon(self.delta, run_id=self.job.run_id),
+            P.DP_EPSILON_RUN: run.epsilon,
             P.DP_EPSILON_LIFETIME: self.ledger.epsilon(self.delta),
             P.DP_DELTA: self.delta,
         }
         if self.budget is not None:
             out[P.DP_BUDGET] = self.budget
+        logger.info(  # which cell is the worst stays here (it names a task)
+            "site %s round %d: run ε = %.3f at δ=%g, reached in cell %s",
+            self.job.site.site_id,
+            self.job.server_round,
+            run.epsilon,
+            self.delta,
+            run.cell,
+        )
         return out
+
+
+def _check_fixed_cell(
+    releases: list[tuple[float, float, int]], epsilon: float, delta: float, what: str
+) -> None:
+    """A cell whose releases have fixed σ (the test data's noised evaluations) must fit ε."""
+    from fedcl.privacy.dp import DPConfigError
+
+    spent = compose_epsilon(releases, delta, "rdp") if releases else 0.0
+    if spent > epsilon:
+        raise DPConfigError(
+            f"the noised evaluations alone spend ε = {spent:.2f} > dp.epsilon = {epsilon} on "
+            f"{what}; raise dp.evaluation_noise_multiplier or set "
+            'dp.evaluation = "withheld"'
+        )
 
 
 @lru_cache(maxsize=256)

@@ -178,6 +178,13 @@ class DPSpec(_Strict):
     #: task, against ≈ 0.5 at σ = 20, which cost σ 2.65); at a small ε the releases alone
     #: would take too much of it, hence 24 / ε (docs/notes/measurements.md).
     evaluation_noise_multiplier: float | None = Field(None, gt=0)
+    #: How a site composes its releases (docs/DESIGN.md §9). ``parallel``: each release is
+    #: charged to the data cells it reads (a task's training data, the test data) and ε is the
+    #: max over cells, so each task gets nearly the whole ε, *where the method is proven
+    #: cell-disjoint* (naive, EWC, LwF, SI; replay and joint fall back to sequential and the site
+    #: says so); a site's ``privacy.allow_parallel_composition = false`` forbids it.
+    #: ``sequential``: every release composes with every other (the whole run at one ε).
+    composition: Literal["parallel", "sequential"] = "parallel"
 
     @model_validator(mode="before")
     @classmethod

@@ -64,6 +64,9 @@ class PrivacyPolicy(_Strict):
     * ``min_noise_multiplier``: the least σ the site accepts, for DP-SGD and for every other
       Gaussian release it makes (the EWC DP Fisher).
     * ``max_epsilon_per_run``: the most ε one run may spend at this site.
+    * ``allow_parallel_composition``: whether this site may account a run by parallel
+      composition over its disjoint data cells (``dp.composition = "parallel"``); false: every
+      release composes sequentially, whatever the experiment says.
     """
 
     epsilon_budget: float | None = Field(None, gt=0)
@@ -71,6 +74,7 @@ class PrivacyPolicy(_Strict):
     require_dp: bool = False  # filled in from the other fields unless given (``_dp_default``)
     min_noise_multiplier: float | None = Field(None, gt=0)
     max_epsilon_per_run: float | None = Field(None, gt=0)
+    allow_parallel_composition: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +90,8 @@ class PrivacyPolicy(_Strict):
         data = handler(self)
         if isinstance(data, dict) and self.require_dp == _limits_dp(data):
             data.pop("require_dp", None)
+        if isinstance(data, dict) and self.allow_parallel_composition:
+            data.pop("allow_parallel_composition", None)  # the default: site.toml as before
         return data
 
 

@@ -13,7 +13,11 @@ A :class:`ContinualMethod` declares everything the rest of fedcl needs to know a
 * ``release``: the DP release a consolidation makes besides DP-SGD training (EWC: one DP
   Fisher). :meth:`ContinualMethod.consolidation_release` is the one statement of it: the site
   plans σ with it, charges its ledger with it, and the mechanism runs with (and reports) it;
-* ``options``: the model that validates ``continual.options`` (pydantic, ``extra="forbid"``).
+* ``options``: the model that validates ``continual.options`` (pydantic, ``extra="forbid"``);
+* ``cell_disjoint``: whether task ``t``'s releases read only task ``t``'s records and public
+  outputs (the global models, the federated Fisher, what DP-SGD released): then a site may
+  account each task's data as its own cell (parallel composition, docs/DESIGN.md §9). False by
+  default (fail closed): replay trains later tasks on earlier tasks' records, joint on all.
 
 Adding a method is one module with its hooks and its options plus one row here (LwF: ``lwf.py``,
 SI: ``si.py``). Rows refer to their module lazily, so importing the table (as the coordinator
@@ -101,6 +105,8 @@ class ContinualMethod:
     #: Validates ``continual.options``: called with its keys as keyword arguments (a pydantic
     #: model class, or a lazy reference to one).
     options: Callable[..., BaseModel] = NoOptions
+    #: Task t's releases read only task t's records and public outputs (see the module doc).
+    cell_disjoint: bool = False
 
     def parse_options(self, options: Mapping[str, Any]) -> BaseModel:
         """``continual.options`` validated by this method; errors name the field."""
@@ -201,13 +207,17 @@ def _fisher_release(experiment: ExperimentConfig, num_examples: int) -> FisherRe
 METHODS: dict[str, ContinualMethod] = {
     m.name: m
     for m in (
-        ContinualMethod("naive", "fine-tune on each task in turn (the lower reference)"),
+        ContinualMethod(
+            "naive", "fine-tune on each task in turn (the lower reference)", cell_disjoint=True
+        ),
         ContinualMethod(
             "ewc",
             "online EWC: a federated DP Fisher per task, its penalty added after the noise",
             site_hooks=_ewc_hooks,
             consolidates=True,
             release=_fisher_release,
+            # the DP Fisher of task t reads task t's data; the memory is the federated Fisher
+            cell_disjoint=True,
         ),
         ContinualMethod(
             "replay", "site-local replay buffer of earlier tasks' examples", replays=True
@@ -226,12 +236,16 @@ METHODS: dict[str, ContinualMethod] = {
             "Learning without Forgetting: distil the previous task's global model per example",
             site_hooks=_Lazy("lwf", "site_hooks"),
             options=_Lazy("lwf", "LwFOptions"),
+            cell_disjoint=True,  # the teacher is a global model: public
         ),
         ContinualMethod(
             "si",
             "Synaptic Intelligence: path-integral importance from the privatised gradients",
             site_hooks=_Lazy("si", "site_hooks"),
             options=_Lazy("si", "SIOptions"),
+            # ω integrates the noised gradients DP-SGD wrote (trainer._step: after pre_step)
+            # and the steps they caused: post-processing of task t's own release
+            cell_disjoint=True,
         ),
     )
 }

@@ -31,7 +31,10 @@ def test_target_epsilon_is_met_at_every_site(tmp_path) -> None:
 
 
 def test_small_budget_site_refuses_and_the_run_goes_on(tmp_path) -> None:
-    exp = load_scenario("digits-domain-il", [*SMALL, "dp.noise_multiplier=1.0"])[1]
+    # Sequential: every task's rounds compose (in parallel each task starts a cell of its own).
+    exp = load_scenario(
+        "digits-domain-il", [*SMALL, "dp.noise_multiplier=1.0", 'dp.composition="sequential"']
+    )[1]
     sites = tmp_path / "sites"
     write_site_configs(exp, sites)
     site0 = sites / "site-0.toml"

@@ -132,7 +132,8 @@ def test_dp_ewc_sites_charge_the_stated_fisher_release(tmp_path) -> None:
         entries = [e for e in PrivacyLedger(site.state_dir).entries() if e.mechanism == "fisher"]
         assert [e.task_index for e in entries] == [0]  # one per consolidated task
         stated = method.consolidation_release(exp, len(data.train_set(0)))
-        assert entries[0].release == DPRelease.of(stated, site.privacy.delta)
+        # ... charged to the cell of the task whose data it reads (parallel composition)
+        assert entries[0].release == DPRelease.of(stated, site.privacy.delta, ("train:task-0",))
 
 
 # ------------------------------------------------------------------ fedcl simulate pre-flight

@@ -118,6 +118,8 @@ def test_least_sigma_and_most_epsilon_per_run(tmp_path) -> None:
         "train.rounds_per_task=2",
         "dp.noise_multiplier=0.7",
         'dp.evaluation="withheld"',  # only training spends here (noised evaluation: issue 12)
+        # tasks 0 and 1 compose (in parallel, task 1 would start a cell of its own)
+        'dp.composition="sequential"',
     )
     sites = tmp_path / "sites"
     write_site_configs(exp, sites)

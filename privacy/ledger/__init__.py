@@ -17,17 +17,26 @@ an exclusive lock on ``privacy_ledger.lock`` serialises writers (two runs at one
 A line that does not parse (hand edits, disk damage) is a :class:`LedgerError` naming the file
 and line: the site must not train on a ledger it cannot read.
 
+Every release names the data cells it reads (its task's training data, the test data, or all
+of it): the site's ε is the max over cells of the composition of the releases touching each
+(parallel composition; :mod:`.cells` owns the rule), the sequential composition when every
+release is universal (lines written before cells).
+
 Modules: :mod:`.records` (releases, entries, summaries), :mod:`.compose` (ε of a history, and
-the per-run summary) and :mod:`.store` (:class:`PrivacyLedger`, the file). Every name is
+the per-run summary), :mod:`.cells` (the max over data cells) and :mod:`.store`
+(:class:`PrivacyLedger`, the file). Every name is
 re-exported here.
 """
 
 from __future__ import annotations
 
+from .cells import CellSpend, cell_spend, entry_items, release_item
 from .compose import compose_epsilon, summarise
 from .records import (
     ACCOUNTANTS,
     SCHEMA_VERSION,
+    UNIVERSAL,
+    UNIVERSAL_CELLS,
     Accountant,
     DPRelease,
     LedgerEntry,
@@ -44,7 +53,10 @@ __all__ = [
     "LEDGER_FILE",
     "LOCK_FILE",
     "SCHEMA_VERSION",
+    "UNIVERSAL",
+    "UNIVERSAL_CELLS",
     "Accountant",
+    "CellSpend",
     "DPRelease",
     "LedgerEntry",
     "LedgerError",
@@ -53,6 +65,9 @@ __all__ = [
     "RunSpend",
     "SpendDecision",
     "TaskSpend",
+    "cell_spend",
     "compose_epsilon",
+    "entry_items",
+    "release_item",
     "summarise",
 ]

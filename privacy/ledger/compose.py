@@ -49,14 +49,7 @@ def compose_epsilon(
         raise LedgerError(f"delta must be in (0, 1), got {delta!r}")
     if accountant not in ACCOUNTANTS:
         raise LedgerError(f"unknown accountant {accountant!r}; valid: {', '.join(ACCOUNTANTS)}")
-    merged: dict[tuple[float, float, int], int] = {}
-    for sigma, q, steps, *rest in history:
-        group = int(rest[0]) if rest else 1
-        if group < 1:
-            raise LedgerError(f"group_size must be >= 1, got {group!r}")
-        if steps > 0:
-            key = (float(sigma), float(q), group)
-            merged[key] = merged.get(key, 0) + int(steps)
+    merged = _merge(history)
     if not merged:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in merged):
@@ -67,6 +60,46 @@ def compose_epsilon(
         # (looser) bound, and a site's log needs no warning per round for it.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return _compose(merged, delta, accountant)
+
+
+def _merge(history: Iterable[tuple[float, ...]]) -> dict[tuple[float, float, int], int]:
+    merged: dict[tuple[float, float, int], int] = {}
+    for sigma, q, steps, *rest in history:
+        group = int(rest[0]) if rest else 1
+        if group < 1:
+            raise LedgerError(f"group_size must be >= 1, got {group!r}")
+        if steps > 0:
+            key = (float(sigma), float(q), group)
+            merged[key] = merged.get(key, 0) + int(steps)
+    return merged
+
+
+def rdp_curve(history: Iterable[tuple[float, ...]]) -> np.ndarray:
+    """Σ RDP ε(α) of ``history`` at the ledger's orders (:data:`RDP_ORDERS`); inf at σ = 0.
+
+    For the per-order bounds of :mod:`.cells`; :func:`rdp_to_epsilon` converts it.
+    """
+    orders = np.array(RDP_ORDERS, dtype=float)
+    merged = _merge(history)
+    if any(sigma == 0.0 for sigma, _, _ in merged):
+        return np.full(len(orders), math.inf)
+    curve = np.zeros(len(orders))
+    for (sigma, q, group), steps in merged.items():
+        curve = curve + group_rdp(sigma, q, steps, group, orders)
+    return curve
+
+
+def rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
+    """ε(δ) of an RDP curve at :data:`RDP_ORDERS`, by Opacus' ``get_privacy_spent``."""
+    if not np.all(np.isfinite(rdp)):
+        return math.inf
+    if not np.any(rdp > 0):
+        return 0.0
+    orders = np.array(RDP_ORDERS, dtype=float)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        eps, _ = rdp_analysis().get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _compose(merged: dict[tuple[float, float, int], int], delta: float, accountant: str) -> float:
@@ -144,7 +177,13 @@ def summarise(
     accountant: str = "rdp",
     path: str = "",
 ) -> LedgerSummary:
-    """Per run (and per task inside it): releases, steps, ε alone; plus lifetime ε."""
+    """Per run (and per task inside it): releases, steps, ε alone; plus lifetime ε.
+
+    Every ε follows the cell rule (:func:`.cells.cell_spend`: the max over data cells), of the
+    task's releases alone, the run's, and the whole history's.
+    """
+    from .cells import cell_spend, entry_items
+
     runs: list[RunSpend] = []
     for run_id in dict.fromkeys(e.run_id for e in entries):
         mine = [e for e in entries if e.run_id == run_id]
@@ -157,29 +196,31 @@ def summarise(
                     task_index=task,
                     releases=len(of_task),
                     steps=sum(e.steps for e in of_task),
-                    epsilon=compose_epsilon(
-                        [e.release.history for e in of_task], delta, accountant
-                    ),
+                    epsilon=cell_spend(entry_items(of_task), delta, accountant).epsilon,
                 )
             )
+        spent = cell_spend(entry_items(mine), delta, accountant)
         runs.append(
             RunSpend(
                 run_id=run_id,
                 releases=len(mine),
                 steps=sum(e.steps for e in mine),
-                epsilon=compose_epsilon([e.release.history for e in mine], delta, accountant),
+                epsilon=spent.epsilon,
                 first=mine[0].timestamp,
                 last=mine[-1].timestamp,
                 tasks=tasks,
+                cell=spent.cell,
             )
         )
+    lifetime = cell_spend(entry_items(entries), delta, accountant)
     return LedgerSummary(
         path=path,
         delta=delta,
         accountant=accountant,
         releases=len(entries),
         steps=sum(e.steps for e in entries),
-        epsilon_lifetime=compose_epsilon([e.release.history for e in entries], delta, accountant),
+        epsilon_lifetime=lifetime.epsilon,
         budget=budget,
         runs=runs,
+        cell=lifetime.cell,
     )

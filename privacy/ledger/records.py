@@ -22,6 +22,10 @@ SCHEMA_VERSIONS: tuple[int, ...] = (SCHEMA_VERSION, GROUP_SCHEMA_VERSION)
 #: RDP group privacy doubles the orders once per member (order 2^(k-1)·α): beyond a few members
 #: the bound is useless and a larger group means the release needs another design.
 MAX_GROUP_SIZE = 4
+#: The cell of a release that reads (or may read) any of the site's data: it composes with
+#: every cell (:mod:`.cells`). Entries written before cells existed are in it.
+UNIVERSAL = "*"
+UNIVERSAL_CELLS: tuple[str, ...] = (UNIVERSAL,)
 Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
@@ -46,6 +50,10 @@ class DPRelease:
     example moves at most one buffer slot, i.e. one record out of the training set and one in;
     ``fedcl.client.continual_site.training_set``). The ledger composes a release of group size
     ``k`` with RDP group privacy (:func:`fedcl.privacy.ledger.compose.group_rdp`).
+
+    ``cells`` are the data cells whose records the release reads (:mod:`.cells`: the site's ε
+    is the max over cells of the composition of the releases touching each); the default, the
+    universal cell, composes with everything (sequential composition).
     """
 
     mechanism: str
@@ -54,21 +62,27 @@ class DPRelease:
     steps: int
     delta: float
     group_size: int = 1
+    cells: tuple[str, ...] = UNIVERSAL_CELLS
 
     def __post_init__(self) -> None:
         problems = _release_problems(
             self.mechanism, self.sample_rate, self.noise_multiplier, self.steps, self.delta
         ) + _group_problems(self.group_size)
+        problems += cell_problems(self.cells)
         if problems:
             raise LedgerError(f"invalid privacy release {self!r}: {'; '.join(problems)}")
+        object.__setattr__(self, "cells", normalise_cells(self.cells))
 
     @classmethod
-    def of(cls, release: Any, delta: float) -> DPRelease:
+    def of(cls, release: Any, delta: float, cells: tuple[str, ...] | None = None) -> DPRelease:
         """Adopt another feature's release record (e.g. ``continual.fisher.FisherRelease``).
 
         Anything with ``mechanism``, ``sample_rate``, ``noise_multiplier`` and ``steps``
-        describes a (subsampled) Gaussian mechanism the ledger can compose.
+        describes a (subsampled) Gaussian mechanism the ledger can compose; ``cells`` (else
+        the record's own, else universal) are the data cells it reads.
         """
+        if cells is None:
+            cells = getattr(release, "cells", UNIVERSAL_CELLS)
         return cls(
             mechanism=release.mechanism,
             sample_rate=release.sample_rate,
@@ -76,6 +90,7 @@ class DPRelease:
             steps=release.steps,
             delta=delta,
             group_size=getattr(release, "group_size", 1),
+            cells=cells,
         )
 
     @property
@@ -106,6 +121,8 @@ class LedgerEntry:
     timestamp: str
     version: int = SCHEMA_VERSION
     group_size: int = 1
+    #: The data cells the release read (:mod:`.cells`); a line without them: universal.
+    cells: tuple[str, ...] = UNIVERSAL_CELLS
 
     @property
     def release(self) -> DPRelease:
@@ -116,6 +133,7 @@ class LedgerEntry:
             self.steps,
             self.delta,
             self.group_size,
+            self.cells,
         )
 
 
@@ -141,6 +159,8 @@ class RunSpend:
     first: str
     last: str
     tasks: list[TaskSpend] = field(default_factory=list)
+    #: The data cell where the run's ε is reached (``"*"``: composed sequentially).
+    cell: str = UNIVERSAL
 
 
 @dataclass(frozen=True)
@@ -155,6 +175,8 @@ class LedgerSummary:
     epsilon_lifetime: float
     budget: float | None
     runs: list[RunSpend]
+    #: The data cell (of the last run) where the lifetime ε is reached (``"*"``: sequential).
+    cell: str = UNIVERSAL
 
     @property
     def remaining(self) -> float | None:
@@ -195,6 +217,23 @@ def _release_problems(
     if not _is_number(delta) or not 0.0 < delta < 1.0:
         problems.append(f"delta must be in (0, 1), got {delta!r}")
     return problems
+
+
+def cell_problems(cells: object) -> list[str]:
+    """Why ``cells`` is not a valid list of cell names (an empty list: it is)."""
+    if not isinstance(cells, list | tuple) or not cells:
+        return [f"cells must be a non-empty list of cell names, got {cells!r}"]
+    bad = [c for c in cells if not isinstance(c, str) or not c]
+    return [f"cells must be non-empty strings, got {bad!r}"] if bad else []
+
+
+def normalise_cells(cells: Any) -> tuple[str, ...]:
+    """Sorted, unique cell names; the universal cell absorbs any other (it composes with all)."""
+    problems = cell_problems(cells)
+    if problems:
+        raise LedgerError("; ".join(problems))
+    out = tuple(sorted(set(cells)))
+    return UNIVERSAL_CELLS if UNIVERSAL in out else out
 
 
 def _group_problems(group_size: Any) -> list[str]:

@@ -16,11 +16,13 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .compose import compose_epsilon, summarise
+from .cells import CellSpend, cell_spend, entry_items, release_item
+from .compose import summarise
 from .records import (
     GROUP_SCHEMA_VERSION,
     SCHEMA_VERSION,
     SCHEMA_VERSIONS,
+    UNIVERSAL_CELLS,
     DPRelease,
     LedgerEntry,
     LedgerError,
@@ -28,6 +30,8 @@ from .records import (
     SpendDecision,
     _group_problems,
     _release_problems,
+    cell_problems,
+    normalise_cells,
 )
 
 try:  # POSIX sites; on other systems writes are still atomic, only not serialised
@@ -79,9 +83,9 @@ class PrivacyLedger:
             raise LedgerError(f"corrupt privacy ledger {where}: not valid JSON ({err})") from err
         if not isinstance(raw, dict):
             raise LedgerError(f"corrupt privacy ledger {where}: expected a JSON object")
-        optional = {"version", "group_size"}  # lines before group sizes have neither
+        optional = {"version", "group_size", "cells"}  # lines before group sizes have neither
         if raw.get("version") == GROUP_SCHEMA_VERSION:
-            optional = {"version"}
+            optional = {"version", "cells"}  # a line without cells is universal
         missing = [
             k for k in LedgerEntry.__dataclass_fields__ if k not in raw and k not in optional
         ]
@@ -94,6 +98,8 @@ class PrivacyLedger:
             raw["steps"],
             raw["delta"],
         ) + _group_problems(raw.get("group_size", 1))
+        if "cells" in raw:
+            problems += cell_problems(raw["cells"])
         for key in ("task_index", "server_round"):
             if isinstance(raw[key], bool) or not isinstance(raw[key], int):
                 problems.append(f"{key} must be an int, got {raw[key]!r}")
@@ -110,6 +116,7 @@ class PrivacyLedger:
         known["sample_rate"] = float(known["sample_rate"])
         known["noise_multiplier"] = float(known["noise_multiplier"])
         known["delta"] = float(known["delta"])
+        known["cells"] = normalise_cells(raw.get("cells", UNIVERSAL_CELLS))
         return LedgerEntry(**known)
 
     def history(self, *, run_id: str | None = None) -> list[tuple[float, float, int]]:
@@ -117,18 +124,36 @@ class PrivacyLedger:
         return [e.release.history for e in self.entries(run_id=run_id)]
 
     def epsilon(self, delta: float, *, run_id: str | None = None, accountant: str = "rdp") -> float:
-        """ε(δ) of the whole history (lifetime), or of one run's releases alone."""
-        return compose_epsilon(self.history(run_id=run_id), delta, accountant)
+        """ε(δ) of the whole history (lifetime), or of one run's releases alone.
+
+        The max over data cells of the composition of the releases touching each
+        (:mod:`.cells`); with only universal releases, the sequential ε of the history.
+        """
+        return self.spend(delta, run_id=run_id, accountant=accountant).epsilon
+
+    def spend(
+        self, delta: float, *, run_id: str | None = None, accountant: str = "rdp"
+    ) -> CellSpend:
+        """:meth:`epsilon` and the data cell where it is reached."""
+        return cell_spend(entry_items(self.entries(run_id=run_id)), delta, accountant)
 
     def would_exceed(
-        self, release: DPRelease, budget: float, delta: float, *, accountant: str = "rdp"
+        self,
+        release: DPRelease,
+        budget: float,
+        delta: float,
+        *,
+        accountant: str = "rdp",
+        run_id: str | None = None,
     ) -> tuple[bool, float]:
         """(exceeds, lifetime ε after) if ``release`` were added to the history now.
 
         Called *before* training with the planned release: the site refuses the round rather
-        than spend beyond its budget.
+        than spend beyond its budget. Without ``run_id`` the release counts as a run of its own
+        (composed with the worst cell of every other run: never less than within a run).
         """
-        after = compose_epsilon([*self.history(), release.history], delta, accountant)
+        items = [*entry_items(self.entries()), release_item(release, run_id or "\0new run")]
+        after = cell_spend(items, delta, accountant).epsilon
         return after > budget, after
 
     def summary(
@@ -166,9 +191,10 @@ class PrivacyLedger:
         has paid for nothing, but nothing can leave the site unpaid.
         """
         with self._locked():
-            history = self.history()
-            before = compose_epsilon(history, release.delta, accountant)
-            after = compose_epsilon([*history, release.history], release.delta, accountant)
+            items = entry_items(self.entries())
+            before = cell_spend(items, release.delta, accountant).epsilon
+            items.append(release_item(release, run_id))
+            after = cell_spend(items, release.delta, accountant).epsilon
             if budget is not None and after > budget:
                 return SpendDecision(False, before, after, budget)
             self._append(release, run_id, task_index, server_round)
@@ -191,10 +217,15 @@ class PrivacyLedger:
             timestamp=datetime.now(UTC).isoformat(timespec="microseconds"),
             version=SCHEMA_VERSION if release.group_size == 1 else GROUP_SCHEMA_VERSION,
             group_size=int(release.group_size),
+            cells=release.cells,
         )
         fields = asdict(entry)
         if entry.group_size == 1:  # the line exactly as before group sizes
             del fields["group_size"]
+        if entry.cells == UNIVERSAL_CELLS:  # ... and before cells (a reader without them
+            del fields["cells"]  # composes every line sequentially: never less ε)
+        else:
+            fields["cells"] = list(entry.cells)
         line = json.dumps(fields, sort_keys=True, allow_nan=False) + "\n"
         self.entries()  # refuse to append to a ledger that does not parse
         try:
