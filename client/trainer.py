@@ -265,7 +265,7 @@ class LocalTrainer:
                     _empty_clipped_sum(optimizer)
                     if self._step(model, optimizer, hooks) and ema is not None:
                         ema.update()
-                    batches += 1
+                    batches += 1  # an empty draw is never split: it always steps
                     continue
                 x, y = x.to(self.device), y.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
@@ -278,10 +278,11 @@ class LocalTrainer:
                     losses = example_losses(model, x, y, **kwargs)
                     owner.backward(losses)
                     loss = losses.detach().mean()
-                if self._step(model, optimizer, hooks) and ema is not None:
+                stepped = self._step(model, optimizer, hooks)
+                if stepped and ema is not None:
                     ema.update()
                 total += float(loss.detach())
-                batches += 1
+                batches += stepped  # a draw split into physical batches is one step
                 with_examples += 1
         # The loss is a mean over the batches that had examples (an empty one has no loss);
         # ``steps`` counts every optimizer step, noise-only ones included.

@@ -72,6 +72,48 @@ class _CountingLoader:
         return getattr(self._loader, name)
 
 
+class _CountingSampler:
+    """The Poisson batch sampler, counting each draw before Opacus' ``BatchSplittingSampler``
+    cuts it into physical batches: the ledger charges draws, not physical batches."""
+
+    def __init__(self, sampler: Any, on_draw: Callable[[], None]):
+        self._sampler = sampler
+        self._on_draw = on_draw
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self._sampler:
+            self._on_draw()
+            yield indices
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+
+def _physical_loader(
+    dp_loader: Any, optimizer: Any, max_batch: int, on_draw: Callable[[], None]
+) -> Any:
+    """Opacus' ``BatchMemoryManager`` split: each Poisson draw in batches of at most
+    ``max_batch`` examples, the optimizer told which one ends the draw (only that one adds
+    noise and steps; the others clip and accumulate). ``wrap_data_loader`` would read the
+    sampler off the loader; built here around the counting sampler instead."""
+    from opacus.utils.batch_memory_manager import BatchSplittingSampler
+    from torch.utils.data import DataLoader
+
+    sampler = BatchSplittingSampler(
+        sampler=_CountingSampler(dp_loader.batch_sampler, on_draw),
+        max_batch_size=max_batch,
+        optimizer=optimizer,
+    )
+    return DataLoader(
+        dataset=dp_loader.dataset,
+        batch_sampler=sampler,
+        num_workers=dp_loader.num_workers,
+        collate_fn=dp_loader.collate_fn,
+        pin_memory=dp_loader.pin_memory,
+        generator=dp_loader.generator,
+    )
+
+
 class DPHook:
     """DP-SGD for one :meth:`LocalTrainer.fit` call (the trainer's ``TrainHook`` protocol).
 
@@ -89,7 +131,11 @@ class DPHook:
         grad_sample_mode: str | None = None,
         noise_seed: int | None = None,
         mechanism: str = MECHANISM_DP_SGD,
+        max_physical_batch: int | None = None,
     ):
+        """``max_physical_batch``: the most examples one forward/backward pass holds (the
+        site's memory, ``site.toml``); a larger draw is split into several passes that add up
+        to one noisy step (Opacus' ``BatchMemoryManager``): the same mechanism and charge."""
         _check_noise(noise_multiplier)
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < math.inf):
             raise DPConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
@@ -103,6 +149,13 @@ class DPHook:
         )
         self.noise_seed = noise_seed
         self.mechanism = mechanism
+        if max_physical_batch is not None and not (
+            isinstance(max_physical_batch, int) and max_physical_batch >= 1
+        ):
+            raise DPConfigError(
+                f"max_physical_batch must be an integer >= 1, got {max_physical_batch!r}"
+            )
+        self.max_physical_batch = max_physical_batch
         self.grad_sample_mode: str | None = None
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None
@@ -194,6 +247,11 @@ class DPHook:
         self.draws = 0
         self.noisy_steps = 0
         self._module, self._wrapped, self._optimizer = model, wrapped, dp_optimizer
+        if self.max_physical_batch is not None:
+            physical = _physical_loader(
+                dp_loader, dp_optimizer, self.max_physical_batch, self._count_draw
+            )
+            return wrapped, dp_optimizer, physical
         return wrapped, dp_optimizer, _CountingLoader(dp_loader, self._count_draw)
 
     def runs_backward(self) -> bool:
