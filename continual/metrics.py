@@ -32,7 +32,9 @@ def backward_transfer(matrix: Matrix) -> float | None:
     if t < 2 or r.shape[1] < t:
         return None
     diffs = [r[-1, j] - r[j, j] for j in range(t - 1)]
-    return float(np.nanmean(diffs))
+    # None, not NaN, when no earlier task has both scores (e.g. a site that never scored them):
+    # as FWT does; NaN would not survive into results.json.
+    return None if np.isnan(diffs).all() else float(np.nanmean(diffs))
 
 
 def forward_transfer(matrix: Matrix, baseline: Sequence[float | None]) -> float | None:

@@ -55,3 +55,5 @@ def test_metrics_by_hand() -> None:
     assert forward_transfer(r, b) == pytest.approx(0.05)
     assert summarize(r, b)["avg_accuracy"] == pytest.approx(0.7)
     assert backward_transfer([[0.5]]) is None
+    # No earlier task scored both after its training and at the end: undefined, not NaN.
+    assert backward_transfer([[None, 0.4], [0.7, 0.6]]) is None
