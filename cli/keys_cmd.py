@@ -69,7 +69,7 @@ def show(file: Path = typer.Argument(..., help="A secret.ctx or public.ctx.")) -
         f"{list(p.coeff_mod_bit_sizes)} = {sum(p.coeff_mod_bit_sizes)} "
         f"(128-bit limit {SEAL_MAX_COEFF_BITS_128.get(p.poly_modulus_degree, '?')})",
     )
-    table.add_row("slots per block", str(p.slots))
+    table.add_row("slots per block", f"{p.slots} (two values each: {p.block_values})")
     table.add_row("file mode", f"{info.mode:04o}")
     console.print(table)
     # On its own line, never wrapped: admins compare it character by character.

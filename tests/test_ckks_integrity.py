@@ -25,6 +25,7 @@ from fedcl.privacy.ckks.integrity import UNKEYED, checksum_key
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
 from fedcl.privacy.ckks.layout import Layout
 from fedcl.privacy.ckks.packing import HEADER_SLOTS, Packing
+from fedcl.privacy.ckks.parallel import encrypt_rows
 from fedcl.privacy.ckks.params import CKKSParams
 from fedcl.privacy.ckks.wire import (
     FORMAT,
@@ -44,6 +45,7 @@ SHAPES = {"a": (70, 60), "b": (9,)}  # 4,209 values: two ciphertext blocks
 COUNTS = [120, 300, 80, 500, 250]
 SITES = [f"site-{i}" for i in range(len(COUNTS))]
 PACKING = Packing(max_sites=8)
+SCALE_BITS = PACKING.scale_bits(CKKSParams())
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +93,16 @@ def flip_a_bit_mid_ciphertext(reply, expected: ExpectedReply):
 
 
 def add_integers(reply, secret, slot: int, amount: float = 1.0):
-    """A faulty site whose plaintext was off by an integer in one slot: decrypts cleanly."""
+    """A faulty site whose plaintext was off by an integer in one slot: decrypts cleanly.
+
+    Two slot integers share a CKKS slot (real, imaginary), which TenSEAL's plaintext addition
+    cannot reach, so the offset is encrypted and added (one more fresh noise term).
+    """
     vec = ts.ckks_vector_from(secret, blocks_of(reply)[0])
-    offset = [0.0] * vec.size()
+    offset = np.zeros(2 * vec.size())
     offset[slot] = amount
-    return with_block(reply, 0, (vec + offset).serialize())
+    (extra,), _ = encrypt_rows([offset], secret, 2.0**SCALE_BITS, workers=1)
+    return with_block(reply, 0, (vec + ts.ckks_vector_from(secret, extra)).serialize())
 
 
 def total_of(expected, replies, sites=SITES):
@@ -255,12 +262,13 @@ def test_checksums_sum_exactly_at_max_sites_and_catch_any_one_field_error() -> N
 
 def test_checksum_costs_a_few_slots_and_no_block_for_the_default_model() -> None:
     """17,226 parameters (the default scenario's mlp) at the [he] defaults: 3 more slots, the
-    same 5 blocks, so the same bytes per parameter."""
+    same 3 blocks (two slot integers per CKKS slot), so the same bytes per parameter."""
     packing, params = Packing(clip=4.0), CKKSParams()
     n = 17_226
     assert packing.checksum_fields == 5 and packing.checksum_moduli[0] == 32749
     assert packing.slots_needed(n) - (HEADER_SLOTS + -(-n // 2)) == 3
-    assert packing.num_blocks(n, params) == -(-(HEADER_SLOTS + -(-n // 2)) // params.slots) == 5
+    per = params.block_values
+    assert packing.num_blocks(n, params) == -(-(HEADER_SLOTS + -(-n // 2)) // per) == 3
 
 
 def test_wire_format_1_is_refused_with_a_clear_message(fed) -> None:

@@ -16,7 +16,7 @@ from fedcl.privacy.ckks import seeded
 from fedcl.privacy.ckks.codec import Layout, Packing, quantise
 from fedcl.privacy.ckks.errors import ReplyRejected
 from fedcl.privacy.ckks.keys import init_keys, load_public_context, load_secret_context
-from fedcl.privacy.ckks.parallel import encrypt_rows
+from fedcl.privacy.ckks.parallel import decrypt_blocks, encrypt_rows
 from fedcl.privacy.ckks.wire import (
     EncryptedSum,
     ExpectedReply,
@@ -41,16 +41,19 @@ def _blocks(enc) -> list[bytes]:
 
 def test_seeded_blocks_are_half_size_and_the_public_context_reads_them(contexts) -> None:
     secret, public = contexts
-    assert seeded.encryptor_for(public) is None  # the coordinator cannot encrypt this way
-    rows = [np.arange(2048, dtype=np.float64) * 1000.0]
+    assert not seeded.encryptor_for(public).seeded  # the coordinator has no secret key
+    rows = [np.arange(4096, dtype=np.float64) * 1000.0]  # two slot integers per CKKS slot
     blocks, _ = encrypt_rows(rows, secret, 2.0**17, workers=1)
-    full = ts.ckks_vector(secret, rows[0].tolist(), scale=2.0**17).serialize()
+    full = ts.ckks_vector(secret, rows[0][:2048].tolist(), scale=2.0**17).serialize()
     assert len(blocks[0]) < 0.51 * len(full)
     vec = ts.ckks_vector_from(public, blocks[0])  # the seed is expanded while loading
     assert vec.size() == 2048 and vec.ciphertext()[0].size() == 2
     assert len(vec.serialize()) == pytest.approx(len(full), abs=64)
-    back = np.asarray(ts.ckks_vector_from(secret, blocks[0]).decrypt())
-    assert np.array_equal(np.rint(back), rows[0])
+    back, _ = decrypt_blocks(blocks, secret, workers=1)
+    assert np.array_equal(np.rint(back[0]), rows[0])
+    # TenSEAL's own decrypt sees the real parts: the even positions.
+    real = np.asarray(ts.ckks_vector_from(secret, blocks[0]).decrypt())
+    assert np.array_equal(np.rint(real), rows[0][0::2])
     # Two encryptions of the same row differ (fresh seed and error), as a replay check needs.
     again, _ = encrypt_rows(rows, secret, 2.0**17, workers=1)
     assert again[0] != blocks[0]
@@ -98,10 +101,12 @@ def test_blocks_of_neither_size_are_refused(contexts) -> None:
 def test_public_key_encryption_when_seeded_is_switched_off(contexts, monkeypatch) -> None:
     secret, public = contexts
     monkeypatch.setenv(seeded.ENV_SEEDED, "0")
-    assert seeded.encryptor_for(secret) is None
-    rows = [np.zeros(2048)]
+    assert not seeded.encryptor_for(secret).seeded
+    rows = [np.arange(4095, dtype=np.float64)]  # odd: the last slot's imaginary part pads
     blocks, _ = encrypt_rows(rows, secret, 2.0**17, workers=1)
     assert len(blocks[0]) > 65_000
+    back, _ = decrypt_blocks(blocks, secret, workers=1)
+    assert back[0].shape == (4096,) and np.array_equal(np.rint(back[0][:-1]), rows[0])
 
 
 def test_seeded_encryption_is_faster(contexts) -> None:

@@ -89,15 +89,17 @@ def test_spill_is_chosen_from_the_round_size_and_states_its_bytes() -> None:
         p = packing_for(he(sites))
         table[sites] = (p.values_per_slot, p.spill_bits, round(bytes_per_parameter(p), 2))
         assert p.scale_bits(params) >= min_scale_bits(params, sites)  # the noise model's minimum
+    # Full-size ciphertexts of N = 4096 holding two slot integers per CKKS slot (format 4;
+    # half the bytes of format 3, which held one).
     assert table == {
-        2: (2, 9, 12.8),
-        3: (2, 5, 13.71),
-        5: (2, 2, 15.06),  # 3.76x fp32, was 16.0 (4x)
-        8: (2, 2, 15.06),
-        9: (2, 0, 16.0),  # 4 headroom bits: nothing left over the two fields
-        20: (2, 0, 16.0),
-        32: (2, 0, 16.0),
-        100: (1, 10, 21.33),  # one 22-bit field and two chunks of 10: was 32 (8x)
+        2: (2, 9, 6.4),
+        3: (2, 5, 6.86),
+        5: (2, 2, 7.53),  # 1.88x fp32, was 8.0 (2x) without the spill
+        8: (2, 2, 7.53),
+        9: (2, 0, 8.0),  # 4 headroom bits: nothing left over the two fields
+        20: (2, 0, 8.0),
+        32: (2, 0, 8.0),
+        100: (1, 10, 10.67),  # one 22-bit field and two chunks of 10: was 16 (4x)
     }
     # At 5 sites three full fields (3 x 18 = 54 bits) do not fit the 41 the noise leaves.
     assert packing_for(he(5)).values_per_slot == 2
@@ -111,15 +113,18 @@ def test_spill_is_chosen_from_the_round_size_and_states_its_bytes() -> None:
     assert spill_bits_for(15, 2, 20, 10_000) == 0
 
 
-def test_default_scenario_model_fits_four_ciphertexts_instead_of_five() -> None:
+def test_default_scenario_model_fits_two_ciphertexts_instead_of_three() -> None:
     params = CKKSParams()
     spill, plain = packing_for(he(5)), Packing(max_sites=5, clip=4.0)
     assert spill.spill_bits == 2 and plain.spill_bits == 0
-    assert plain.num_blocks(DEFAULT_MODEL_VALUES, params) == 5
-    assert spill.num_blocks(DEFAULT_MODEL_VALUES, params) == 4
+    assert plain.num_blocks(DEFAULT_MODEL_VALUES, params) == 3
+    assert spill.num_blocks(DEFAULT_MODEL_VALUES, params) == 2
+    # One slot integer per CKKS slot (formats 2 and 3): 4 and 5.
+    assert spill.num_blocks(DEFAULT_MODEL_VALUES, params, params.slots) == 4
+    assert plain.num_blocks(DEFAULT_MODEL_VALUES, params, params.slots) == 5
     # ResNet-18-GN (11,173,962 parameters): 6 % fewer ciphertexts at 5 sites.
-    assert spill.num_blocks(11_173_962, params) == 2568
-    assert plain.num_blocks(11_173_962, params) == 2729
+    assert spill.num_blocks(11_173_962, params) == 1284
+    assert plain.num_blocks(11_173_962, params) == 1365
 
 
 @pytest.mark.parametrize("sites", [1, 3, 5, 8])
@@ -175,11 +180,11 @@ def test_bytes_per_parameter_of_a_real_update_of_the_default_model(contexts, mon
     monkeypatch.setenv(ENV_SEEDED, "0")  # public-key encryption: full-size blocks up too
     public_key = {"spill": up_and_down(spill), "plain": up_and_down(plain)}
     # fp32 is 4 bytes a parameter; the target is <= 4.2x (16.8 bytes). Public key:
-    # 4 blocks with the spill (15.7 bytes up and down), 5 without (19.7).
+    # 2 blocks with the spill (7.9 bytes up and down), 3 without (11.8).
     assert public_key["spill"][0] == public_key["spill"][1]
-    assert 15.0 < public_key["spill"][0] <= 4.0 * 4 < 4.8 * 4 < public_key["plain"][0]
+    assert 7.5 < public_key["spill"][0] <= 2.0 * 4 < 2.8 * 4 < public_key["plain"][0]
     # Seeded blocks up are half that; the aggregate down is a full-size sum of them.
-    assert seeded["spill"][0] <= 2.0 * 4 and seeded["plain"][0] <= 2.5 * 4
+    assert seeded["spill"][0] <= 1.0 * 4 and seeded["plain"][0] <= 1.5 * 4
     assert seeded["spill"][1] == pytest.approx(public_key["spill"][1], rel=1e-3)
 
 

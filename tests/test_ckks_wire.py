@@ -32,7 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     files = init_keys(tmp_path_factory.mktemp("keys"))
     secret, public = load_secret_context(files.secret), load_public_context(files.public)
     rng = np.random.default_rng(0)
-    delta = {"a": rng.normal(0, 0.02, (70, 60)), "b": rng.normal(0, 0.02, 9)}  # 2 blocks
+    delta = {"a": rng.normal(0, 0.02, (140, 60)), "b": rng.normal(0, 0.02, 9)}  # 2 blocks
     layout = Layout.from_state_dict(delta)
     expected = ExpectedReply.build(public, Packing(), layout)
     return secret, public, delta, layout, expected

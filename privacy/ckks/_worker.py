@@ -21,22 +21,29 @@ def init(context_bytes: bytes) -> None:
 
 
 def encrypt_with(ctx, rows: list[np.ndarray], scale: float) -> list[bytes]:
-    """One ciphertext per row (each at most N/2 slots: longer vectors make TenSEAL warn).
+    """One ciphertext per row of slot integers (two per CKKS slot, :mod:`.complex_slots`).
 
     Seeded symmetric encryption under a secret context (:mod:`.seeded`: half the bytes, a third
-    of the time), public-key encryption where that is not available.
+    of the time), public-key encryption under a public one or with ``FEDCL_CKKS_SEEDED=0``.
     """
-    import tenseal as ts
-
     from .seeded import encryptor_for  # numpy and the standard library only
 
-    seeded = encryptor_for(ctx)
-    if seeded is not None:
-        return seeded.encrypt(rows, scale)
-    return [ts.ckks_vector(ctx, row.tolist(), scale=scale).serialize() for row in rows]
+    enc = encryptor_for(ctx)
+    if enc is None:
+        raise RuntimeError(
+            "this TenSEAL build has no working tenseal.sealapi, which fedcl needs to encode two "
+            "values per CKKS slot (wire format 4): install the TenSEAL wheel fedcl pins"
+        )
+    return enc.encrypt(rows, scale)
 
 
-def decrypt_with(ctx, blocks: list[bytes]) -> list[np.ndarray]:
+def decrypt_with(ctx, blocks: list[bytes], complex_slots: bool = True) -> list[np.ndarray]:
+    """Each block's slot integers: two per CKKS slot (format 4), or the real parts only (an
+    aggregate stored by format 2 or 3)."""
+    if complex_slots:
+        from .seeded import decryptor_for
+
+        return decryptor_for(ctx).decrypt(blocks)
     import tenseal as ts
 
     return [np.asarray(ts.ckks_vector_from(ctx, b).decrypt(), dtype=np.float64) for b in blocks]
@@ -46,5 +53,5 @@ def encrypt(rows: list[np.ndarray], scale: float) -> list[bytes]:
     return encrypt_with(_CTX, rows, scale)
 
 
-def decrypt(blocks: list[bytes]) -> list[np.ndarray]:
-    return decrypt_with(_CTX, blocks)
+def decrypt(blocks: list[bytes], complex_slots: bool = True) -> list[np.ndarray]:
+    return decrypt_with(_CTX, blocks, complex_slots)

@@ -184,7 +184,8 @@ def encode_blocks(
     slots, clipped, capped = slot_vector(
         delta, num_examples, packing, layout, rng or np.random.default_rng(), key=key
     )
-    rows = [slots[i : i + params.slots] for i in range(0, slots.shape[0], params.slots)]
+    per = params.block_values  # two slot integers per CKKS slot (.complex_slots)
+    rows = [slots[i : i + per] for i in range(0, slots.shape[0], per)]
     blocks, used = encrypt_rows(
         rows, ctx, float(2**scale_bits), workers=workers, min_blocks=parallel_min_blocks
     )
@@ -270,13 +271,29 @@ def decode_blocks(
     expected_contributors: int | None = None,
     workers: int | None = None,
     parallel_min_blocks: int | None = None,
+    complex_slots: bool = True,
 ) -> DecodedSum:
-    """Decrypt (with the site's secret context) and decode an aggregate, checksum checked."""
+    """Decrypt (with the site's secret context) and decode an aggregate, checksum checked.
+
+    ``complex_slots`` (wire format 4): two slot integers per CKKS slot; an odd count leaves the
+    last slot's imaginary part as padding, which must decrypt to 0 and is dropped. False: the
+    real parts only (an aggregate stored by format 2 or 3).
+    """
     from .parallel import decrypt_blocks
 
     key = checksum_key(ctx)
-    rows, _ = decrypt_blocks(blocks, ctx, workers=workers, min_blocks=parallel_min_blocks)
+    rows, _ = decrypt_blocks(
+        blocks, ctx, workers=workers, min_blocks=parallel_min_blocks, complex_slots=complex_slots
+    )
     values = np.concatenate(rows) if rows else np.empty(0)
+    need = packing.slots_needed(layout.num_values)
+    if complex_slots and values.shape[0] == need + 1:
+        if not abs(float(values[-1])) <= MAX_FRACTION:
+            raise AggregateIntegrityError(
+                f"the aggregate is corrupt: its padding slot decrypts to {float(values[-1]):.4g}, "
+                "not 0"
+            )
+        values = values[:need]
     return decode_slots(
         values, packing, layout, expected_contributors=expected_contributors, key=key
     )

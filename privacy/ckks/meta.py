@@ -16,13 +16,16 @@ from flwr.app import ConfigRecord
 
 from .packing import Packing
 
+#: 4: two slot integers per CKKS slot, real and imaginary part (:mod:`.complex_slots`), so a
+#: block holds N of them (``ckks-slots``); a version-2 or -3 record's blocks hold N/2, in the
+#: real parts, and are still read (stored aggregates), never summed with version-4 updates.
 #: 3: the packing may have a spill field (``ckks-spill-bits``; :mod:`.packing`). 2: every update
 #: carries its checksum fields after its values (:mod:`.integrity`); a version-2 record is read
 #: as spill 0 (the same slot layout), so aggregates stored by it still load. Version 1 (no
 #: checksum) is refused, not read: its slots have another layout, and an aggregate without a
 #: checksum cannot be told from a corrupt one.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 META_KEY = "ckks"  # RecordDict key of the metadata ConfigRecord
 KIND_UPDATE = "update"
 KIND_AGGREGATE = "aggregate"

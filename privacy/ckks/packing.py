@@ -236,14 +236,20 @@ class Packing:
     def slots_needed(self, num_values: int) -> int:
         return HEADER_SLOTS + self.payload_slots(self.num_fields(num_values))
 
-    def num_blocks(self, num_values: int, params: CKKSParams) -> int:
-        return -(-self.slots_needed(num_values) // params.slots)
+    def num_blocks(self, num_values: int, params: CKKSParams, per_block: int | None = None) -> int:
+        """Ciphertexts of an update: ``per_block`` slot integers each (default
+        ``params.block_values``, two per CKKS slot; N/2 for formats 2 and 3)."""
+        per_block = per_block or params.block_values
+        return -(-self.slots_needed(num_values) // per_block)
 
-    def block_lengths(self, num_values: int, params: CKKSParams) -> list[int]:
-        """Slots in each block: full N/2 blocks and a shorter last one."""
+    def block_lengths(
+        self, num_values: int, params: CKKSParams, per_block: int | None = None
+    ) -> list[int]:
+        """Slot integers in each block: full blocks and a shorter last one."""
+        per_block = per_block or params.block_values
         total = self.slots_needed(num_values)
-        n = self.num_blocks(num_values, params)
-        return [min(params.slots, total - i * params.slots) for i in range(n)]
+        n = self.num_blocks(num_values, params, per_block)
+        return [min(per_block, total - i * per_block) for i in range(n)]
 
 
 def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
@@ -272,8 +278,9 @@ def packing_for(he: HESpec, *, fisher: bool = False) -> Packing:
 def values_per_slot_for(bits: int, max_sites: int) -> int:
     """The most values per slot (fewest bytes per parameter) that sum ``max_sites`` exactly.
 
-    At the default 15 bits under N = 4096, [60, 49]: 2 (16 bytes per parameter, 4x fp32) up to
-    32 sites a round, 1 (32 bytes, 8x) beyond, up to 262,144 sites. Quantisation precision
+    At the default 15 bits under N = 4096, [60, 49]: 2 (8 bytes per parameter of a full-size
+    ciphertext, 2x fp32, two slot integers per CKKS slot) up to 32 sites a round, 1 (16 bytes,
+    4x) beyond, up to 262,144 sites. Quantisation precision
     (``he.bits``) is kept and bytes are given up, because accuracy is the contract and bytes
     the cost. 1 when nothing fits: ``Packing.scale_bits`` then names the problem.
     """
@@ -293,7 +300,8 @@ def spill_bits_for(bits: int, values_per_slot: int, max_sites: int, max_examples
     (:func:`~.params.min_scale_bits`); the data prime's bits above that and the full fields are
     spare. At 15 bits and 5 sites a slot has 58 - 17 = 41 usable bits, the two 18-bit fields take
     36, and a 2-bit spill field with its 3 headroom bits the other 5: 2.125 values per slot, 6 %
-    fewer bytes, and the default scenario's 16,706 parameters fit 4 ciphertexts instead of 5. The
+    fewer bytes (the default scenario's 16,706 parameters needed 4 ciphertexts instead of 5 when
+    a block held N/2 slot integers; 2 at N, wire format 4). The
     scale is then the smallest the noise model allows (as at 20 sites, where no spill fits);
     precision (``bits``) is unchanged. 0 when fewer than 1 data bit would be left.
     """
@@ -312,7 +320,7 @@ def bytes_per_parameter(packing: Packing, params: CKKSParams | None = None) -> f
     """Ciphertext bytes per model parameter of a fresh encryption (before padding)."""
     params = params or CKKSParams()
     ciphertext = 2 * params.poly_modulus_degree * 8 * params.data_primes
-    return ciphertext / (params.slots * packing.values_per_slot_effective)
+    return ciphertext / (params.block_values * packing.values_per_slot_effective)
 
 
 def check_packing(he: HESpec) -> None:

@@ -119,10 +119,16 @@ def encrypt_rows(
 
 
 def decrypt_blocks(
-    blocks: list[bytes], ctx, *, workers: int | None = None, min_blocks: int | None = None
+    blocks: list[bytes],
+    ctx,
+    *,
+    workers: int | None = None,
+    min_blocks: int | None = None,
+    complex_slots: bool = True,
 ) -> tuple[list[np.ndarray], int]:
-    """Decrypted slot values of each block (needs the secret context), and the worker count."""
-    return _run("decrypt", blocks, ctx, workers, min_blocks)
+    """Decrypted slot values of each block (needs the secret context), and the worker count;
+    ``complex_slots`` false reads the real parts only (formats 2 and 3)."""
+    return _run("decrypt", blocks, ctx, workers, min_blocks, complex_slots)
 
 
 def shutdown() -> None:

@@ -99,6 +99,12 @@ class CKKSParams:
         return self.poly_modulus_degree // 2
 
     @property
+    def block_values(self) -> int:
+        """Slot integers per ciphertext: two per CKKS slot, real and imaginary part (N; wire
+        format 4, :mod:`.complex_slots`)."""
+        return 2 * self.slots
+
+    @property
     def data_bits(self) -> int:
         """Bits of the data modulus q of a fresh ciphertext (all primes but the special one)."""
         return sum(self.coeff_mod_bit_sizes[:-1])

@@ -58,7 +58,7 @@ class EncryptedSum:
             num_values=e.num_values,
             num_blocks=len(self._acc),
             per_array=e.per_array,
-            slots=e.params.slots,
+            slots=e.params.block_values,
             packing=e.packing,
             scale_bits=e.scale_bits,
             base_sha256=e.base_sha256 or "",

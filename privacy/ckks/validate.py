@@ -19,6 +19,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord
 
+from .complex_slots import complex_size
 from .errors import ReplyRejected
 from .framing import blocks_per_array, record_blocks
 from .keys import fingerprint, short
@@ -112,7 +113,7 @@ def check_meta(meta: Mapping[str, Any] | None, expected: ExpectedReply) -> WireM
     if (
         m.packing != expected.packing
         or m.scale_bits != expected.scale_bits
-        or m.slots != expected.params.slots
+        or m.slots != expected.params.block_values
     ):
         raise ReplyRejected(
             f"packing {m.packing} at scale 2^{m.scale_bits} differs from the experiment's "
@@ -148,7 +149,7 @@ def load_reply(
         blocks = record_blocks(arrays, expected.num_blocks, expected.per_array)
     except ValueError as exc:
         raise ReplyRejected(str(exc)) from None
-    lengths = expected.block_lengths
+    lengths = [complex_size(n) for n in expected.block_lengths]  # CKKS slots: 2 integers each
     scale = float(2**expected.scale_bits)
     vectors = []
     for i, (data, length) in enumerate(zip(blocks, lengths, strict=True)):

@@ -150,7 +150,7 @@ def encrypt_update(
         num_values=enc.layout.num_values,
         num_blocks=len(enc.blocks),
         per_array=blocks_per_array(params),
-        slots=params.slots,
+        slots=params.block_values,
         packing=packing,
         scale_bits=enc.scale_bits,
         base_sha256=base_sha256,
@@ -190,9 +190,16 @@ def decode_aggregate_full(
     if packing is not None and m.packing != packing:
         raise AggregateError(f"aggregate packing {m.packing} is not the experiment's {packing}")
     params = params_of(secret_ctx)
+    # Format 4 holds two slot integers per CKKS slot (N per block); 2 and 3 held N/2.
+    if m.slots not in (params.block_values, params.slots):
+        raise AggregateError(
+            f"aggregate blocks of {m.slots} slot integers; these parameters hold "
+            f"{params.block_values}"
+        )
+    complex_slots = m.slots == params.block_values
     if (
         m.scale_bits != m.packing.scale_bits(params)
-        or m.num_blocks != m.packing.num_blocks(m.num_values, params)
+        or m.num_blocks != m.packing.num_blocks(m.num_values, params, m.slots)
         or m.per_array != blocks_per_array(params)
     ):
         raise AggregateError("aggregate scale or block count does not match its packing")
@@ -209,6 +216,7 @@ def decode_aggregate_full(
             expected_contributors=m.summed,
             workers=workers,
             parallel_min_blocks=parallel_min_blocks,
+            complex_slots=complex_slots,
         )
     except AggregateError:
         raise
