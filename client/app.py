@@ -99,7 +99,8 @@ def train(msg: Message, context: Context) -> Message:
             decision = _charge_once(job, privacy, "train", release)
             if not decision.accepted:
                 return _refused(msg, job, privacy, decision, scored)
-            hooks.insert(0, privacy.hook())  # first: the others add to the privatised gradient
+            # First: the others add to the privatised gradient.
+            hooks.insert(0, privacy.hook(max_physical_batch=job.site.max_physical_batch))
         trainer = LocalTrainer(
             job.experiment.train,
             device=job.site.device,

@@ -432,11 +432,13 @@ class SitePrivacy:
             )
         return self.placed(replace(release, group_size=training_group_size(self.job)), "train")
 
-    def hook(self) -> DPHook:
+    def hook(self, *, max_physical_batch: int | None = None) -> DPHook:
+        """DP-SGD at the planned σ; ``max_physical_batch`` is the site's memory bound."""
         return DPHook(
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.spec.max_grad_norm,
             delta=self.delta,
+            max_physical_batch=max_physical_batch,
         )
 
     def charge(self, release: DPRelease) -> SpendDecision | PolicyRefusal:

@@ -379,6 +379,9 @@ class SimulationSpec(_Strict):
     #: CUDA present, each site trains on the GPU Ray assigns it; without CUDA the run says so
     #: and trains on the CPU.
     num_gpus: float = Field(0.0, ge=0)
+    #: Each virtual site's ``max_physical_batch`` (its site.toml): the most examples one DP-SGD
+    #: pass holds, for models whose per-example gradients would not fit a GPU share.
+    max_physical_batch: int | None = Field(None, ge=1)
     #: An existing Ray cluster to run the virtual sites on (``ray start --head`` printed its
     #: address: ``HOST:PORT``, ``auto`` or ``ray://HOST:PORT``); None starts Ray on this machine.
     ray_address: str | None = Field(None, min_length=1)

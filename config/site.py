@@ -112,6 +112,10 @@ class SiteConfig(_Strict):
     #: torch's default (one per core). A simulation sets it to the CPUs a virtual site is given
     #: (``simulation.num_cpus``): more threads than cores, on a shared box, ran 20-40x slower.
     torch_threads: int | None = Field(None, ge=1)
+    #: The most examples one DP-SGD forward/backward pass holds: this machine's memory, not a
+    #: hyper-parameter. A larger Poisson draw goes through in passes that add up to one noisy
+    #: step (Opacus' BatchMemoryManager): same mechanism, same ε. None: a draw in one pass.
+    max_physical_batch: int | None = Field(None, ge=1)
     data: DataSource = Field(default_factory=DataSource)
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
     key_path: Path | None = None

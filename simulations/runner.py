@@ -113,6 +113,7 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
             # A site given a GPU share trains on the GPU Ray assigns it (client/device.py).
             device="auto" if experiment.simulation.num_gpus > 0 else "cpu",
             torch_threads=max(1, int(experiment.simulation.num_cpus)),
+            max_physical_batch=experiment.simulation.max_physical_batch,
             privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
                 delta=experiment.dp.delta,

@@ -118,3 +118,38 @@ def test_small_tasks_get_their_own_plan_and_only_one_no_plan_fits_is_refused(tmp
     print_report(results, console)
     last = console.export_text().strip().splitlines()[-1]
     assert last == "not a plain success: " + run.reason
+
+
+def test_a_sites_physical_batch_bounds_each_pass_and_changes_no_charge(tmp_path, monkeypatch):
+    """``simulation.max_physical_batch`` reaches every site.toml; each site's DP-SGD draws then
+    go through Opacus' BatchSplittingSampler in passes of at most that many examples, and the
+    ledgers hold exactly the releases of the same run without it (same σ, q and steps)."""
+    from opacus.utils.batch_memory_manager import BatchSplittingSampler
+
+    passes: list[int] = []
+    original = BatchSplittingSampler.__iter__
+
+    def spy(self):  # records each pass, then yields it unchanged
+        for chunk in original(self):
+            passes.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(BatchSplittingSampler, "__iter__", spy)
+    base = [*SMALL, "dp.epsilon=8", 'dp.evaluation="clear"']
+    ledgers = {}
+    for label, extra in (("whole", []), ("split", ["simulation.max_physical_batch=4"])):
+        exp = load_scenario("digits-domain-il", [*base, *extra])[1]
+        status, opts, _ = run_inprocess(exp, tmp_path / label)
+        assert status == "completed"
+        site0 = (tmp_path / label / "sites" / "site-0.toml").read_text()
+        assert ("max_physical_batch = 4" in site0) == (label == "split")
+        ledgers[label] = {
+            site: [e.release for e in PrivacyLedger(tmp_path / label / "sites" / site).entries()]
+            for site in ("site-0", "site-1", "site-2")
+        }
+        if label == "whole":
+            assert passes == []  # no site split a draw
+    assert ledgers["split"] == ledgers["whole"]
+    draws = sum(r.steps for releases in ledgers["split"].values() for r in releases)
+    assert passes and max(passes) <= 4
+    assert len(passes) > 2 * draws  # draws of ~20-30 examples went through in several passes
