@@ -119,3 +119,24 @@ def test_a_dp_federation_spends_each_cell_within_the_budget(tmp_path) -> None:
         config = load_toml(SiteConfig, tmp_path / "sites" / f"{site}.toml")
         before = SitePrivacy(SitePlan(seq_exp, config, load_site_data(seq_exp, config)))
         assert all(e.noise_multiplier < 0.75 * before.noise_multiplier for e in training)
+
+
+def test_a_replay_federation_composes_in_sequence(tmp_path) -> None:
+    """Replay trains task 1 on task 0's records: every release is universal, and each site's
+    ε is the sequential composition of its whole run (as before cells)."""
+    exp = small_experiment(
+        "digits-domain-il", "dp.epsilon=8", "data.num_tasks=2", 'continual.method="replay"'
+    )
+    status, opts, _ = run_inprocess(exp, tmp_path)
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+    for site, s in results["sites"].items():
+        ledger = PrivacyLedger(tmp_path / "sites" / site)
+        entries = ledger.entries(run_id=opts.run_id)
+        assert entries and all(e.cells == ("*",) for e in entries)
+        sequential = compose_epsilon([e.release.history for e in entries], exp.dp.delta)
+        assert s["epsilon"] == ledger.epsilon(exp.dp.delta) == pytest.approx(sequential, rel=1e-12)
+        assert 7.0 < s["epsilon"] <= EPS + 1e-9
+        # the replayed task is charged at group size 2 (its buffer), as before cells
+        assert [e.group_size for e in entries if e.mechanism == "dp-sgd"] == [1, 2]
