@@ -6,7 +6,8 @@ Each round: every site's codec encrypts its update (``CKKSCodec.encode_update``:
 pack, checksum, seeded SEAL encryption), the coordinator validates and sums them under the
 public context (``EncryptedSum``) and serializes the aggregate, and every site decodes it
 (``CKKSCodec.decode``). Prints the median and the minimum of each stage over ``--rounds``
-rounds (the minimum is what a loaded, shared box distorts least), then the SEAL calls alone,
+rounds (the minimum is what a loaded, shared box distorts least), wall and this process's CPU
+time (what a shared box distorts less), then the SEAL calls alone,
 each timed in a loop, and the SEAL work of one round they add up to. Why: the round-time
 ratio HE on / off (``suite.py --only he``) says how much HE costs, this says where, and how
 much of it no Python change can remove. Torch runs one thread; nothing is asserted.
@@ -71,41 +72,45 @@ def main(argv: list[str] | None = None) -> dict:
     public = load_public_context(exp.he.public_context)
     expected = ExpectedReply.build(public, packing_for(exp.he), Layout.from_state_dict(state))
 
-    def one_round(r: int) -> dict[str, float]:
-        t: dict[str, float] = {}
+    def clock() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    states = [{k: v + 0.001 * i for k, v in state.items()} for i in range(n_sites)]
+
+    def one_round(r: int) -> dict[str, tuple[float, float]]:
         codecs = [CKKSCodec(exp, s) for s in sites]
-        t0 = time.perf_counter()
-        replies = [
-            c.encode_update({k: v + 0.001 * i for k, v in state.items()}, 100 + i, "", r)[0]
-            for i, c in enumerate(codecs)
-        ]
-        t1 = time.perf_counter()
+        t0 = clock()
+        replies = [c.encode_update(states[i], 100 + i, "", r)[0] for i, c in enumerate(codecs)]
+        t1 = clock()
         total = EncryptedSum(expected)
         for rec in replies:
             total.add(rec[P.ARRAYS], rec[P.meta_key(P.ARRAYS)])
-        t2 = time.perf_counter()
+        t2 = clock()
         arrays, meta = total.result()
-        t3 = time.perf_counter()
+        t3 = clock()
         content = RecordDict({P.ARRAYS: arrays, P.meta_key(P.ARRAYS): meta})
         for c in codecs:
             c.decode(content, P.ARRAYS, state)
-        t4 = time.perf_counter()
-        t["sites encrypt"], t["coordinator load+add"] = t1 - t0, t2 - t1
-        t["coordinator serialize"], t["sites decode"] = t3 - t2, t4 - t3
+        t4 = clock()
+        marks = [t0, t1, t2, t3, t4]
+        names = ["sites encrypt", "coordinator load+add", "coordinator serialize", "sites decode"]
+        t = {
+            n: (b[0] - a[0], b[1] - a[1])
+            for n, a, b in zip(names, marks[:-1], marks[1:], strict=True)
+        }
+        t["round"] = (t4[0] - t0[0], t4[1] - t0[1])
         return t
 
     one_round(0)
     rows = [one_round(r + 1) for r in range(args.rounds)]
     stages = {
         k: {
-            "median_ms": 1000 * statistics.median(x[k] for x in rows),
-            "min_ms": 1000 * min(x[k] for x in rows),
+            "median_ms": 1000 * statistics.median(x[k][0] for x in rows),
+            "min_ms": 1000 * min(x[k][0] for x in rows),
+            "cpu_median_ms": 1000 * statistics.median(x[k][1] for x in rows),
+            "cpu_min_ms": 1000 * min(x[k][1] for x in rows),
         }
         for k in rows[0]
-    }
-    stages["round"] = {
-        "median_ms": 1000 * statistics.median(sum(x.values()) for x in rows),
-        "min_ms": 1000 * min(sum(x.values()) for x in rows),
     }
 
     ctx = CKKSCodec(exp, sites[0]).ctx
