@@ -333,7 +333,7 @@ class SitePrivacy:
         elif phase == "evaluate":
             if self.spec.evaluation != "noised":
                 return None  # withheld: nothing is released
-            sigma = self.spec.evaluation_noise_multiplier
+            sigma = self.job.plan.evaluation_noise_multiplier
             what, source = "noised evaluation's σ", "dp.evaluation_noise_multiplier"
         else:
             sigma = self.noise_multiplier

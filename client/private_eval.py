@@ -21,7 +21,6 @@ from typing import Literal
 
 from fedcl.config import ExperimentConfig
 from fedcl.config import protocol as P
-from fedcl.config.vocabulary import RoundKind
 from fedcl.continual.plan import RunPlan
 from fedcl.privacy.dp.counts import evaluation_release, noised_counts
 from fedcl.privacy.ledger import DPRelease
@@ -73,17 +72,14 @@ def _round_in_task(plan: RunPlan, server_round: int) -> int:
 
 def release(job: SiteJob, delta: float) -> DPRelease:
     """What this message's noised evaluation spends (charged before the site evaluates)."""
-    return evaluation_release(job.experiment.dp.evaluation_noise_multiplier, delta)
+    return evaluation_release(job.plan.evaluation_noise_multiplier, delta)
 
 
 def planned_releases(experiment: ExperimentConfig, plan: RunPlan) -> list[tuple[float, float, int]]:
     """``(σ, 1, 1)`` for each noised evaluation the run will ask of a site (none otherwise)."""
     if evaluation_mode(experiment) != "noised":
         return []
-    last = plan.rounds_per_task - 1
-    ends = sum(s.kind == RoundKind.TRAIN and s.round_in_task == last for s in plan.schedule)
-    sigma = float(experiment.dp.evaluation_noise_multiplier)
-    return [(sigma, 1.0, 1)] * (1 + ends)
+    return [(plan.evaluation_noise_multiplier, 1.0, 1)] * plan.matrix_evaluations
 
 
 def released_metrics(

@@ -169,14 +169,13 @@ class DPSpec(_Strict):
     #: charged to the site's ledger before they leave (``noised``), nothing (``withheld``), or
     #: exact counts and losses, unaccounted (``clear``; a site that requires DP refuses it).
     evaluation: Literal["noised", "withheld", "clear"] = "noised"
-    #: σ of the noised evaluation counts, relative to their L2 sensitivity √2. Unset: 24 / ε
-    #: within [3, 20] for ``dp.epsilon`` (3 at ε = 8), 20 with a fixed ``dp.noise_multiplier``
-    #: (filled in when the experiment is validated, so both ends read the same σ). Why: the
-    #: 1 + tasks evaluations compose with DP-SGD in RDP, where a few Gaussian releases at σ = 3
-    #: cost the training little (digits at ε = 8: its σ 2.63 → 3.04) while the accuracy they
-    #: report becomes readable (ACC noise sd ≈ 0.08 on digits' ~14 test examples per site and
-    #: task, against ≈ 0.5 at σ = 20, which cost σ 2.65); at a small ε the releases alone
-    #: would take too much of it, hence 24 / ε (docs/notes/measurements.md).
+    #: σ of the noised evaluation counts, relative to their L2 sensitivity √2. Unset, the run's
+    #: plan chooses it (``fedcl.continual.plan.RunPlan.evaluation_noise_multiplier``, which
+    #: the coordinator writes into the experiment it sends): where the test data is a data cell
+    #: of its own (parallel composition with a cell-disjoint method) the evaluations may spend
+    #: 0.9·ε alone (σ ≈ 1.7 at ε = 8); otherwise they compose with DP-SGD and get 24 / ε within
+    #: [3, 20] (3 at ε = 8; 20 with a fixed ``dp.noise_multiplier``). Left unset here because
+    #: which applies is the method table's fact, and config imports no other package.
     evaluation_noise_multiplier: float | None = Field(None, gt=0)
     #: How a site composes its releases (docs/DESIGN.md §9). ``parallel``: each release is
     #: charged to the data cells it reads (a task's training data, the test data) and ε is the
@@ -207,9 +206,6 @@ class DPSpec(_Strict):
             raise ValueError(
                 "dp.enabled = true needs dp.epsilon (a target, e.g. 8) or dp.noise_multiplier"
             )
-        if self.evaluation_noise_multiplier is None:
-            sigma = 20.0 if self.epsilon is None else min(20.0, max(3.0, 24.0 / self.epsilon))
-            object.__setattr__(self, "evaluation_noise_multiplier", sigma)
         return self
 
 

@@ -56,6 +56,55 @@ class RunPlan:
         return rounds
 
     @property
+    def matrix_evaluations(self) -> int:
+        """Evaluations the accuracy matrix reads at a site: the untrained baseline and each
+        task's last training round (the only ones a noised evaluation is released at)."""
+        last = self.rounds_per_task - 1
+        ends = sum(s.kind == RoundKind.TRAIN and s.round_in_task == last for s in self.schedule)
+        return 1 + ends
+
+    @cached_property
+    def evaluation_noise_multiplier(self) -> float:
+        """σ of each noised evaluation: ``dp.evaluation_noise_multiplier``, else chosen here.
+
+        Unset, it depends on what else the test data's records are charged with, which the
+        method table knows and ``config`` cannot: where the run can be accounted in data cells
+        (``dp.composition = "parallel"``, a cell-disjoint method, not joint), the test data is a
+        cell of its own and the evaluations may spend :data:`TEST_CELL_SHARE` of ``dp.epsilon``
+        by themselves (σ ≈ 1.7 at ε = 8 for 6 evaluations); otherwise they compose with the
+        training and get :func:`sequential_evaluation_noise`. A site whose own policy or data
+        rules out cells still accounts them correctly, with the training's σ planned around
+        them. The coordinator writes the value into the experiment it sends and records
+        (:func:`resolve_evaluation_noise`), so both ends and results.json state the same σ.
+        """
+        from fedcl.privacy.dp.counts import (
+            TEST_CELL_SHARE,
+            evaluation_noise_for_budget,
+            sequential_evaluation_noise,
+        )
+
+        dp = self.experiment.dp
+        if dp.evaluation_noise_multiplier is not None:
+            return float(dp.evaluation_noise_multiplier)
+        if dp.epsilon is None or not self.cells_possible:
+            return sequential_evaluation_noise(dp.epsilon)
+        share = TEST_CELL_SHARE * float(dp.epsilon)
+        return evaluation_noise_for_budget(share, dp.delta, self.matrix_evaluations)
+
+    @property
+    def cells_possible(self) -> bool:
+        """Whether the experiment allows accounting a site's data in cells (each site still
+        checks its own policy and data: ``fedcl.client.privacy_cells.composition``)."""
+        from .methods import get_method
+
+        exp = self.experiment
+        return (
+            exp.dp.composition == "parallel"
+            and get_method(exp.continual.method).cell_disjoint
+            and not exp.is_joint
+        )
+
+    @property
     def consolidates(self) -> bool:
         """Whether every task but the last ends with a consolidation round (EWC's Fisher)."""
         from .methods import get_method
@@ -114,3 +163,15 @@ class RunPlan:
 
         torch.manual_seed(self.experiment.seed)
         return self.build_model()
+
+
+def resolve_evaluation_noise(experiment: ExperimentConfig) -> ExperimentConfig:
+    """``experiment`` with ``dp.evaluation_noise_multiplier`` stated where DP is on and it was
+    left unset (:attr:`RunPlan.evaluation_noise_multiplier`); otherwise unchanged."""
+    dp = experiment.dp
+    if not dp.enabled or dp.evaluation_noise_multiplier is not None:
+        return experiment
+    sigma = RunPlan.of(experiment).evaluation_noise_multiplier
+    return experiment.model_copy(
+        update={"dp": dp.model_copy(update={"evaluation_noise_multiplier": sigma})}
+    )

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedcl.config import ExperimentConfig, FedclError, to_json
 from fedcl.config import protocol as P
 from fedcl.config.vocabulary import Metric, Phase, RoundKind, RunStatus
-from fedcl.continual.plan import PlannedRound, RunPlan
+from fedcl.continual.plan import PlannedRound, RunPlan, resolve_evaluation_noise
 from fedcl.privacy.dp.counts import count_noise_sd
 from fedcl.strategies import (
     Aggregate,
@@ -107,7 +107,8 @@ class Coordinator:
     def __init__(self, grid: Grid, options: CoordinatorOptions):
         self.grid = grid
         self.options = options
-        self.experiment = options.experiment
+        # The evaluation σ stated, so the sites, the registry and results.json read one value.
+        self.experiment = resolve_evaluation_noise(options.experiment)
         self.plan = RunPlan.of(self.experiment)
         self.initial = self.plan.initial_model()
         self.strategy = build_strategy(self.experiment, initial=self.initial)

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from fedcl.client.trainer import BaseHook, LocalTrainer
 from fedcl.config import ExperimentConfig
 from fedcl.config.experiment import TrainSpec
+from fedcl.continual.plan import RunPlan
 from fedcl.models import build_model
 from fedcl.privacy import DPHook
 from fedcl.simulations.catalog import load_scenario
@@ -139,20 +140,35 @@ def test_weight_average_off_is_the_last_iterate() -> None:
     torch.testing.assert_close(_flat(model), _flat(again))
 
 
+def _evaluation_sigma(**dp) -> float:
+    return RunPlan.of(ExperimentConfig(dp=dp)).evaluation_noise_multiplier
+
+
 def test_the_evaluation_noise_follows_the_budget_and_is_planned_for() -> None:
-    """σ of the noised counts: 24 / ε within [3, 20]; the site's σ plan pays for them."""
+    """σ of the noised counts: composed with training, 24 / ε within [3, 20]; with the test
+    data a cell of its own, what 0.9·ε affords the run's evaluations; the plan pays for them."""
     from fedcl.client.privacy_site import _planned_sigma
+    from fedcl.continual.plan import resolve_evaluation_noise
     from fedcl.privacy.ledger import compose_epsilon
 
-    sigmas = [ExperimentConfig(dp={"epsilon": e}).dp.evaluation_noise_multiplier for e in (8, 4, 1)]
-    assert sigmas == [3.0, 6.0, 20.0]
-    assert ExperimentConfig(dp={"noise_multiplier": 1.0}).dp.evaluation_noise_multiplier == 20.0
-    assert (
-        ExperimentConfig(
-            dp={"epsilon": 8, "evaluation_noise_multiplier": 9}
-        ).dp.evaluation_noise_multiplier
-        == 9
-    )
+    sequential = [_evaluation_sigma(epsilon=e, composition="sequential") for e in (8, 4, 1)]
+    assert sequential == [3.0, 6.0, 20.0]
+    assert _evaluation_sigma(noise_multiplier=1.0) == 20.0
+    assert _evaluation_sigma(epsilon=8, evaluation_noise_multiplier=9) == 9
+    # Parallel (the default) with naive fine-tuning: the 1 + 5 evaluations alone at <= 0.9·ε.
+    exp = ExperimentConfig(dp={"epsilon": 8})
+    plan = RunPlan.of(exp)
+    parallel = plan.evaluation_noise_multiplier
+    assert plan.matrix_evaluations == 6 and 1.0 < parallel < 2.0
+    assert 7.1 <= compose_epsilon([(parallel, 1.0, 6)], DELTA, "rdp") <= 7.2
+    assert compose_epsilon([(parallel - 0.01, 1.0, 6)], DELTA, "rdp") > 7.2  # the least σ
+    # Replay reads earlier tasks' records: no cells, so the evaluations compose with training.
+    assert _evaluation_sigma(epsilon=8) == parallel
+    replay = ExperimentConfig(dp={"epsilon": 8}, continual={"method": "replay"})
+    assert RunPlan.of(replay).evaluation_noise_multiplier == 3.0
+    # The coordinator states it in the experiment it sends (and records): one σ at both ends.
+    assert exp.dp.evaluation_noise_multiplier is None
+    assert resolve_evaluation_noise(exp).dp.evaluation_noise_multiplier == parallel
     # Digits at the recipe (q = 1/2, 12 steps a task, 5 tasks) with 1 + 5 evaluations at σ = 3:
     training = ((0.5, 12, 1),) * 5
     evaluations = ((3.0, 1.0, 1),) * 6

@@ -15,6 +15,7 @@ from fedcl.client.app import app
 from fedcl.client.site import load_site_data
 from fedcl.config import SiteConfig, load_toml
 from fedcl.config import protocol as P
+from fedcl.continual.plan import RunPlan
 from fedcl.privacy.dp import COUNT_SENSITIVITY, MECHANISM_EVALUATION
 from fedcl.privacy.ledger import PrivacyLedger
 from fedcl.server.registry import Registry
@@ -89,7 +90,8 @@ def test_noised_evaluation_is_charged_before_it_leaves_and_withheld_off_the_matr
     seen: list[dict] = []
     status, opts, _ = run_inprocess(exp, tmp_path, intercept=_spy(tmp_path, seen))
     assert status == "completed"
-    sigma = exp.dp.evaluation_noise_multiplier
+    sigma = RunPlan.of(exp).evaluation_noise_multiplier  # what the coordinator sent
+    assert 1.0 < sigma < 3.0  # naive fine-tuning: the test data is its own cell
     evaluations = [r for r in seen if r["kind"] == "evaluate"]
     assert {r["round"] for r in evaluations} == {0, 1, 2, 3, 4}
     errors = []

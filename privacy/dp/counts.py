@@ -30,6 +30,43 @@ MECHANISM_EVALUATION = "dp-evaluation"
 COUNT_SENSITIVITY = math.sqrt(2.0)
 
 
+#: Share of ``dp.epsilon`` the noised evaluations may spend when the test data is its own cell.
+#: Not all of it: σ is rounded up to 0.01 and the ledger composes in floats, so the releases
+#: land just below the share, never above ε.
+TEST_CELL_SHARE = 0.9
+
+
+def sequential_evaluation_noise(epsilon: float | None) -> float:
+    """σ of a noised evaluation when it composes with the site's training (one run, one ε).
+
+    24/ε within [3, 20] (3 at ε = 8; 20 without a target ε): the 1 + tasks evaluations then
+    raise DP-SGD's planned σ by ~16% on digits (docs/DESIGN.md §9), while a σ of 20 swamped the
+    accuracy matrix on a few dozen test examples per site and task.
+    """
+    return 20.0 if epsilon is None else min(20.0, max(3.0, 24.0 / float(epsilon)))
+
+
+def evaluation_noise_for_budget(epsilon: float, delta: float, releases: int) -> float:
+    """The least σ (rounded up to 0.01) at which ``releases`` noised evaluations compose to at
+    most ``epsilon`` by the ledger's own accountant: what the test data's cell can afford when
+    no other release reads it (parallel composition)."""
+    from ..ledger import compose_epsilon
+
+    if releases < 1:
+        return sequential_evaluation_noise(epsilon)
+
+    def spent(sigma: float) -> float:
+        return compose_epsilon([(sigma, 1.0, releases)], delta, "rdp")
+
+    lo, hi = 0.05, 64.0
+    if spent(hi) > epsilon:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
+    return math.ceil(hi * 100) / 100
+
+
 def evaluation_release(noise_multiplier: float, delta: float) -> DPRelease:
     """What one noised evaluation spends: one Gaussian release at σ over the whole test set."""
     _check_noise(noise_multiplier)
