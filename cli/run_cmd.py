@@ -65,7 +65,11 @@ def resolve(
             raise ConfigError(f"--resume {resume}: no such run in the registry {url}")
         if stored.status == "completed":
             raise ConfigError(f"--resume {resume}: the run already completed")
-        differing = ", ".join(_same(stored.config, exp.model_dump(mode="json")))
+        from fedcl.continual.plan import resolve_evaluation_noise
+
+        # The stored experiment is the coordinator's, with the defaults it states resolved.
+        resolved = resolve_evaluation_noise(exp)
+        differing = ", ".join(_same(stored.config, resolved.model_dump(mode="json")))
         if differing and experiment is None:
             raise ConfigError(
                 f"--resume {resume}: the run's stored experiment reads back different in "

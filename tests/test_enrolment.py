@@ -277,6 +277,7 @@ def test_resume_checks_the_run_it_continues(tmp_path) -> None:
     from fedcl.cli.federation import CoordinatorDir
     from fedcl.cli.run_cmd import resolve
     from fedcl.config import ConfigError
+    from fedcl.continual.plan import resolve_evaluation_noise
     from fedcl.server.registry import Registry
 
     fed = federation_files(tmp_path)
@@ -286,11 +287,16 @@ def test_resume_checks_the_run_it_continues(tmp_path) -> None:
     exp, run_id = resolve(folder, experiment, None, None)
     assert run_id.startswith("enrol-") and exp.he.public_context == str(folder.public_ctx)
     assert exp.he.fingerprint  # pinned from public.ctx, so both ends check the key set
+    # What the coordinator records: the experiment with the defaults it states (the DP
+    # evaluation's σ, chosen from the method table) written in; the file leaves them unset.
+    stored = resolve_evaluation_noise(exp)
+    assert exp.dp.evaluation_noise_multiplier is None
+    assert stored.dp.evaluation_noise_multiplier is not None
     with Registry.open(folder.registry_url()) as reg:
         reg.create_run("r1", name="enrol", scenario="deployment",
-                       config=exp.model_dump(mode="json"), tasks=["a", "b"])  # fmt: skip
-    assert resolve(folder, None, None, "r1") == (exp, "r1")  # the stored experiment
-    assert resolve(folder, experiment, None, "r1") == (exp, "r1")
+                       config=stored.model_dump(mode="json"), tasks=["a", "b"])  # fmt: skip
+    assert resolve(folder, None, None, "r1") == (stored, "r1")  # the stored experiment
+    assert resolve(folder, experiment, None, "r1") == (exp, "r1")  # the same file resumes it
     changed = tmp_path / "changed.toml"
     changed.write_text(EXPERIMENT + "[train]\nlr = 0.5\n")
     with pytest.raises(ConfigError, match="differs from the run's experiment in train"):
