@@ -52,19 +52,12 @@ def composition(job: Any) -> Composition:
     """
     from fedcl.continual.methods import get_method
 
-    exp = job.experiment
-    if exp.dp.composition != "parallel":
-        return Composition(False, 'dp.composition = "sequential"')
+    ruled_out = job.plan.cells_ruled_out  # the experiment's part, shared with the coordinator
+    if ruled_out is not None:
+        return Composition(False, ruled_out)
     if not job.site.privacy.allow_parallel_composition:
         return Composition(False, "site policy privacy.allow_parallel_composition = false")
-    method = get_method(exp.continual.method)
-    if not method.cell_disjoint:
-        return Composition(
-            False,
-            f"continual.method = {method.name!r} trains later tasks on earlier tasks' records",
-        )
-    if exp.is_joint:
-        return Composition(False, "joint training reads every task's records at once")
+    method = get_method(job.experiment.continual.method)
     stream = job.data.stream
     explicit = job.data.train.task is not None
     for a, b in itertools.combinations(stream.tasks, 2):

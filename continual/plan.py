@@ -95,14 +95,25 @@ class RunPlan:
     def cells_possible(self) -> bool:
         """Whether the experiment allows accounting a site's data in cells (each site still
         checks its own policy and data: ``fedcl.client.privacy_cells.composition``)."""
+        return self.cells_ruled_out is None
+
+    @property
+    def cells_ruled_out(self) -> str | None:
+        """Why the experiment itself rules out data cells (None: it does not): the experiment's
+        part of the rule, which the site's own part (``privacy_cells.composition``) starts with."""
         from .methods import get_method
 
         exp = self.experiment
-        return (
-            exp.dp.composition == "parallel"
-            and get_method(exp.continual.method).cell_disjoint
-            and not exp.is_joint
-        )
+        if exp.dp.composition != "parallel":
+            return 'dp.composition = "sequential"'
+        method = get_method(exp.continual.method)
+        if not method.cell_disjoint:
+            return (
+                f"continual.method = {method.name!r} trains later tasks on earlier tasks' records"
+            )
+        if exp.is_joint:
+            return "joint training reads every task's records at once"
+        return None
 
     @property
     def consolidates(self) -> bool:
