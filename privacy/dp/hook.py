@@ -54,7 +54,8 @@ class _ExampleLosses(nn.Module):
 
 
 class _CountingLoader:
-    """Yields the DP loader's batches and counts each draw (an accounted mechanism run)."""
+    """Yields the DP loader's batches, or its batch sampler's index lists, and counts each
+    draw (an accounted mechanism run)."""
 
     def __init__(self, loader: Any, on_draw: Callable[[], None]):
         self._loader = loader
@@ -72,35 +73,19 @@ class _CountingLoader:
         return getattr(self._loader, name)
 
 
-class _CountingSampler:
-    """The Poisson batch sampler, counting each draw before Opacus' ``BatchSplittingSampler``
-    cuts it into physical batches: the ledger charges draws, not physical batches."""
-
-    def __init__(self, sampler: Any, on_draw: Callable[[], None]):
-        self._sampler = sampler
-        self._on_draw = on_draw
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for indices in self._sampler:
-            self._on_draw()
-            yield indices
-
-    def __len__(self) -> int:
-        return len(self._sampler)
-
-
 def _physical_loader(
     dp_loader: Any, optimizer: Any, max_batch: int, on_draw: Callable[[], None]
 ) -> Any:
     """Opacus' ``BatchMemoryManager`` split: each Poisson draw in batches of at most
     ``max_batch`` examples, the optimizer told which one ends the draw (only that one adds
     noise and steps; the others clip and accumulate). ``wrap_data_loader`` would read the
-    sampler off the loader; built here around the counting sampler instead."""
+    sampler off the loader; built here around the sampler counted before the split, since the
+    ledger charges draws, not physical batches."""
     from opacus.utils.batch_memory_manager import BatchSplittingSampler
     from torch.utils.data import DataLoader
 
     sampler = BatchSplittingSampler(
-        sampler=_CountingSampler(dp_loader.batch_sampler, on_draw),
+        sampler=_CountingLoader(dp_loader.batch_sampler, on_draw),
         max_batch_size=max_batch,
         optimizer=optimizer,
     )
