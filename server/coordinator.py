@@ -11,6 +11,7 @@ the registry before the next one starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from fedcl.strategies import (
 from .drift import DriftWatch
 from .integrity import reports_corrupt, site_verifier
 from .losses import lost_site_rounds
-from .observers import RunObserver
+from .observers import RoundSummary, RunObserver
 from .recording import RunRecorder
 from .registry import MetricRow, Registry
 from .versions import ContinualMemory, VersionStore
@@ -321,6 +322,31 @@ class Coordinator:
                 return None, Aggregate(None, result.outcomes)
             model = recovered.model
             unscored = replace(unscored, model=model, result=recovered)
+        # With the evaluation carried by the train replies and no drift report to ask for,
+        # nothing round-trips between the replies and the round's end: one commit for the round.
+        one_commit = self.with_train and not self.drift.enabled
+        with self.registry.batch() if one_commit else contextlib.nullcontext():
+            next_model, result, summary = self._close_train_round(
+                step, round_id, start, model, unscored, messages, replies, result
+            )
+        if summary is not None:  # after the commit: observers may read the registry
+            self._notify("round_finished", summary)
+        return next_model, result
+
+    def _close_train_round(
+        self,
+        step: PlannedRound,
+        round_id: int,
+        start: float,
+        model: GlobalModel,
+        unscored: Unscored | None,
+        messages: list[Message],
+        replies: list[Message],
+        result: Aggregate,
+    ) -> tuple[GlobalModel | None, Aggregate, RoundSummary | None]:
+        """Record the replies, store the output, evaluate it (separate evaluation) and complete
+        the round; returns the next round's model, the aggregation and the round's summary
+        (None, with no model, for a round that failed)."""
         silent = frozenset(m.metadata.dst_node_id for m in messages) - {
             r.metadata.src_node_id for r in replies
         }
@@ -342,7 +368,7 @@ class Coordinator:
                     self.unscored = replace(unscored, silent=silent)
                 else:
                     self.unscored = None
-                return None, result
+                return None, result, None
             self.versions.save(
                 round_id, task_index=step.task_index, server_round=step.server_round,
                 model=result.model,
@@ -353,7 +379,7 @@ class Coordinator:
                 result, evaluation, reason = self._recover(step, round_id, model, result)
                 if evaluation is None:
                     self.registry.fail_round(round_id, reason)
-                    return None, result
+                    return None, result, None
             evaluated = step.server_round
         train_rows = round_costs(result)
         if P.TRAIN_LOSS in result.metrics:
@@ -377,8 +403,7 @@ class Coordinator:
         if self.with_train:
             self.unscored = Unscored(step, round_id, next_model, result, model, silent)
         summary = self.recorder.summary(step, seconds, result, rows + train_rows, evaluated)
-        self._notify("round_finished", summary)
-        return next_model, result
+        return next_model, result, summary
 
     def _exchange(
         self, model: GlobalModel, step: PlannedRound, unscored: Unscored | None
