@@ -32,6 +32,8 @@ class GlobalModel:
 
     arrays: ArrayRecord
     meta: ConfigRecord | None = None
+    #: :meth:`digest`, once computed (the round's aggregation and its recording both ask).
+    _digest: list[str | None] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def encrypted(self) -> bool:
@@ -39,12 +41,17 @@ class GlobalModel:
 
     def digest(self) -> str | None:
         """The hash every site should report having trained from (None when only the sites
-        can decrypt the model: then their majority is the reference)."""
-        from fedcl.models import state_sha256
+        can decrypt the model: then their majority is the reference).
 
-        if self.encrypted or is_encrypted(self.arrays):
-            return None
-        return state_sha256(self.arrays.to_torch_state_dict())
+        Computed once per model: a coordinator's models are never changed in place (a round
+        makes a new one).
+        """
+        if not self._digest:
+            from fedcl.models import state_sha256
+
+            plain = not (self.encrypted or is_encrypted(self.arrays))
+            self._digest.append(state_sha256(self.arrays.to_torch_state_dict()) if plain else None)
+        return self._digest[0]
 
 
 @dataclass(frozen=True)
