@@ -34,7 +34,7 @@ def encode_model(model: GlobalModel) -> tuple[bytes, bool, str]:
         from fedcl.privacy.ckks.wire import aggregate_to_bytes
 
         return aggregate_to_bytes(model.arrays, model.meta), True, "ckks"
-    state = model.arrays.to_torch_state_dict()
+    state = model.state()
     return save_safetensors({k: v.contiguous() for k, v in state.items()}), False, "safetensors"
 
 

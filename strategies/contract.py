@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -34,10 +35,34 @@ class GlobalModel:
     meta: ConfigRecord | None = None
     #: :meth:`digest`, once computed (the round's aggregation and its recording both ask).
     _digest: list[str | None] = field(default_factory=list, init=False, repr=False, compare=False)
+    #: :meth:`state`, once read (or handed over by the aggregation that computed the arrays).
+    _state: list[dict[str, torch.Tensor]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
+    @classmethod
+    def of_state(cls, arrays: ArrayRecord, state: dict[str, torch.Tensor]) -> GlobalModel:
+        """A plaintext model whose weights are already at hand as tensors (an average just
+        computed): :meth:`state` returns them instead of deserialising ``arrays`` again."""
+        model = cls(arrays)
+        model._state.append(state)
+        return model
 
     @property
     def encrypted(self) -> bool:
         return self.meta is not None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The plaintext weights as tensors, deserialised once per model.
+
+        A round reads them three times (the update checks' reference, the digest, the stored
+        version); each read of an :class:`ArrayRecord` parses every array's bytes again. The
+        tensors are shared: callers must not change them in place (none does; a model is never
+        changed in place, a round makes a new one).
+        """
+        if not self._state:
+            self._state.append(self.arrays.to_torch_state_dict())
+        return self._state[0]
 
     def digest(self) -> str | None:
         """The hash every site should report having trained from (None when only the sites
@@ -50,7 +75,7 @@ class GlobalModel:
             from fedcl.models import state_sha256
 
             plain = not (self.encrypted or is_encrypted(self.arrays))
-            self._digest.append(state_sha256(self.arrays.to_torch_state_dict()) if plain else None)
+            self._digest.append(state_sha256(self.state()) if plain else None)
         return self._digest[0]
 
 

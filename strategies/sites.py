@@ -181,7 +181,7 @@ class SiteStrategy:
         averaged: a bad one is *rejected* with its reason and the round goes on without it.
         """
         outcomes, ignored = self.screen(server_round, replies)
-        reference = sent.arrays.to_torch_state_dict()
+        reference = sent.state()
         digest = sent.digest()
         checked = []
         decoded: dict[int, dict[str, np.ndarray]] = {}  # id(reply) -> its weights, read once
@@ -196,14 +196,15 @@ class SiteStrategy:
         good = [o for o in checked if o.ok and o.num_examples > 0]
         if not good:
             return Aggregate(None, checked, ignored=ignored)
-        arrays = weighted_mean(
+        arrays, state = weighted_mean(
             [o.message.content for o in good], [decoded.get(id(o.message)) for o in good]
         )
         n = sum(o.num_examples for o in good)
         metrics = {P.NUM_EXAMPLES: float(n)}
         if all(P.TRAIN_LOSS in o.metrics for o in good):  # under DP sites keep their loss
             metrics[P.TRAIN_LOSS] = sum(o.metrics[P.TRAIN_LOSS] * o.num_examples for o in good) / n
-        return Aggregate(GlobalModel(arrays), checked, metrics, ignored)
+        model = GlobalModel(arrays) if state is None else GlobalModel.of_state(arrays, state)
+        return Aggregate(model, checked, metrics, ignored)
 
     def check_update(
         self,
@@ -330,15 +331,16 @@ def update_norm(state: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
 
 def weighted_mean(
     records: list[RecordDict], decoded: list[dict[str, np.ndarray] | None]
-) -> ArrayRecord:
-    """Flower's ``aggregate_arrayrecords(records, "num-examples")``, from weights already read.
+) -> tuple[ArrayRecord, dict[str, torch.Tensor] | None]:
+    """Flower's ``aggregate_arrayrecords(records, "num-examples")``, from weights already read;
+    returns the average and, when it was computed here, the same weights as tensors.
 
     The same arithmetic in the same order (weights ``n_i / Σn``, ``a = w_0·x_0``, then
     ``a += w_i·x_i``), so the result is byte-identical; a reply with other array records than
-    its weights, or one not read yet, is left to Flower's function.
+    its weights, or one not read yet, is left to Flower's function (no tensors then).
     """
     if any(a is None for a in decoded) or any(list(r.array_records) != [P.ARRAYS] for r in records):
-        return aggregate_arrayrecords(records, P.NUM_EXAMPLES)
+        return aggregate_arrayrecords(records, P.NUM_EXAMPLES), None
     weights = [next(iter(r.metric_records.values()))[P.NUM_EXAMPLES] for r in records]
     total = sum(weights)
     out: dict[str, np.ndarray] = {}
@@ -348,4 +350,8 @@ def weighted_mean(
                 out[key] = value * weight
             else:
                 out[key] += value * weight
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})
+    arrays = {k: np.asarray(v) for k, v in out.items()}
+    return (
+        ArrayRecord({k: Array(a) for k, a in arrays.items()}),
+        {k: torch.from_numpy(a) for k, a in arrays.items()},
+    )

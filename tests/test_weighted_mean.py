@@ -7,6 +7,7 @@ deserialising every reply again; it must give exactly ``aggregate_arrayrecords``
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -38,11 +39,15 @@ def test_weighted_mean_is_flowers_average_byte_for_byte() -> None:
     replies = [_reply(rng, n) for n in (7, 130, 33, 1, 58)]
     decoded = [{k: v.numpy() for k, v in r[P.ARRAYS].items()} for r in replies]
     flower = aggregate_arrayrecords(replies, P.NUM_EXAMPLES)
-    ours = weighted_mean(replies, decoded)
+    ours, state = weighted_mean(replies, decoded)
     assert _bytes(ours) == _bytes(flower)
     assert list(ours) == ["w", "b"]
+    # The tensors handed over with it are the record's weights, exactly (GlobalModel.state).
+    assert state is not None
+    for key, tensor in ours.to_torch_state_dict().items():
+        assert torch.equal(state[key], tensor) and state[key].dtype == tensor.dtype
     # Weighting by the evaluation's count instead would differ: the weights matter.
-    plain = weighted_mean(replies, [{k: v * 1.0 for k, v in d.items()} for d in decoded])
+    plain, _ = weighted_mean(replies, [{k: v * 1.0 for k, v in d.items()} for d in decoded])
     assert _bytes(plain) == _bytes(flower)
     unweighted = np.mean([d["w"] for d in decoded], axis=0)
     assert not np.allclose(ours["w"].numpy(), unweighted)
@@ -52,9 +57,24 @@ def test_weighted_mean_leaves_other_layouts_to_flower() -> None:
     rng = np.random.default_rng(1)
     replies = [_reply(rng, 5, extra=True), _reply(rng, 9, extra=True)]
     decoded = [{k: v.numpy() for k, v in r[P.ARRAYS].items()} for r in replies]
-    ours = weighted_mean(replies, decoded)
+    ours, state = weighted_mean(replies, decoded)
+    assert state is None  # Flower's function computed it: nothing to hand over
     assert _bytes(ours) == _bytes(aggregate_arrayrecords(replies, P.NUM_EXAMPLES))
     assert "z" in ours  # Flower averages every array record of a reply
-    assert _bytes(weighted_mean(replies[:1], [None])) == _bytes(
+    assert _bytes(weighted_mean(replies[:1], [None])[0]) == _bytes(
         aggregate_arrayrecords(replies[:1], P.NUM_EXAMPLES)
     )
+
+
+def test_a_model_built_from_its_average_reads_and_hashes_like_one_read_from_bytes() -> None:
+    from fedcl.strategies.contract import GlobalModel
+
+    rng = np.random.default_rng(2)
+    replies = [_reply(rng, n) for n in (4, 11)]
+    decoded = [{k: v.numpy() for k, v in r[P.ARRAYS].items()} for r in replies]
+    arrays, state = weighted_mean(replies, decoded)
+    handed = GlobalModel.of_state(arrays, state)
+    fresh = GlobalModel(ArrayRecord({k: Array(v.numpy()) for k, v in arrays.items()}))
+    assert handed.state() is state  # no second deserialisation
+    assert fresh.state() is fresh.state()  # read once, then the same tensors
+    assert handed.digest() == fresh.digest() is not None
