@@ -108,13 +108,15 @@ class Rounds(RegistryCore):
                     f"cannot complete server round {rnd.server_round} of run {rnd.run_id!r}: "
                     f"it is {rnd.status}, not running"
                 )
+            # Counted first: its query flushes what is pending, and the round's new values
+            # then go out as one UPDATE at the commit rather than one before it and one after.
+            _count(s, rnd)
             now = utcnow()
             rnd.status = RoundStatus.COMPLETED
             rnd.finished_at = now
             rnd.seconds = float(seconds)
             rnd.bytes_up = int(bytes_up)
             rnd.bytes_down = int(bytes_down)
-            _count(s, rnd)
             get_run(s, rnd.run_id).updated_at = now
 
     def recount_round(self, round_id: int) -> None:
