@@ -433,12 +433,21 @@ class SitePrivacy:
         return self.placed(replace(release, group_size=training_group_size(self.job)), "train")
 
     def hook(self, *, max_physical_batch: int | None = None) -> DPHook:
-        """DP-SGD at the planned σ; ``max_physical_batch`` is the site's memory bound."""
+        """DP-SGD at the planned σ; ``max_physical_batch`` is the site's memory bound.
+
+        The bound counts what one pass holds: with K augmented copies of each example
+        (``train.augment.multiplicity``) a pass of M examples holds M·K images, so the draw is
+        split into passes of M // K examples (the split never changes the mechanism).
+        """
+        copies = self.job.experiment.train.augment.multiplicity
+        if max_physical_batch is not None:
+            max_physical_batch = max(1, max_physical_batch // copies)
         return DPHook(
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.spec.max_grad_norm,
             delta=self.delta,
             max_physical_batch=max_physical_batch,
+            augmult=copies,
         )
 
     def charge(self, release: DPRelease) -> SpendDecision | PolicyRefusal:

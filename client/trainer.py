@@ -31,6 +31,7 @@ from fedcl.config import FedclError
 from fedcl.config.experiment import TrainSpec
 from fedcl.models.registry import Objective, objective_of
 
+from .augment import augment_batch
 from .device import autocast_for, resolve_device
 
 
@@ -240,6 +241,8 @@ class LocalTrainer:
             return TrainResult(0, 0, math.nan)
         objective = objective_of(model) if objective is None else objective
         generator = torch.Generator().manual_seed(self.seed)
+        # Its own stream: turning augmentation on does not change the order examples come in.
+        augment_rng = torch.Generator().manual_seed(self.seed * 2 + 1)
         loader = DataLoader(
             dataset, batch_size=min(self.spec.batch_size, n), shuffle=True, generator=generator
         )
@@ -268,6 +271,7 @@ class LocalTrainer:
                     batches += 1  # an empty draw is never split: it always steps
                     continue
                 x, y = x.to(self.device), y.to(self.device)
+                x, y = augment_batch(x, y, self.spec.augment, augment_rng)  # K copies each
                 optimizer.zero_grad(set_to_none=True)
                 kwargs = {"objective": objective, "output_mask": output_mask, "hooks": hooks}
                 if owner is None:

@@ -7,6 +7,7 @@ every message, so both sides always agree on the model, the stream and the hyper
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -79,7 +80,40 @@ class StrategySpec(_Strict):
 
 
 #: The training settings DP-SGD takes its own values for (``[train.dp]``, :func:`dp_recipe`).
-DP_RECIPE_FIELDS = ("batch_size", "lr", "momentum", "ema")
+DP_RECIPE_FIELDS = ("batch_size", "lr", "momentum", "ema", "augment")
+
+
+class AugmentSpec(_Strict):
+    """``[train.augment]``: random image augmentation of each training batch, at the site.
+
+    ``multiplicity`` K > 1 trains on K augmented copies of every example drawn. Without DP that
+    is a K-times larger batch of correlated copies; under DP-SGD each example's gradient is
+    the *mean over its K copies* before it is clipped, so the example's influence is still
+    bounded by the clip norm and the sample rate, steps and ε are exactly those of K = 1
+    (De et al. 2022, "augmentation multiplicity": the mean of K augmented gradients has less
+    variance than one, while the noise stays the same). A transform of one example at a time
+    touches no other example, so augmentation itself costs no privacy.
+    """
+
+    #: Largest random translation in pixels, each axis (zero padding: the digits' background).
+    shift: int = Field(0, ge=0)
+    #: Random horizontal flips (textures, surfaces; not digits, whose mirror image is no digit).
+    flip: bool = False
+    multiplicity: int = Field(1, ge=1, le=64)
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0 or self.flip
+
+    @model_validator(mode="after")
+    def _copies_need_a_transform(self) -> AugmentSpec:
+        if self.multiplicity > 1 and not self.active:
+            raise ValueError(
+                f"train.augment.multiplicity = {self.multiplicity} needs a random transform "
+                "(train.augment.shift > 0 or train.augment.flip = true): without one the "
+                "copies are identical and only cost time"
+            )
+        return self
 
 
 class TrainDPSpec(_Strict):
@@ -103,14 +137,16 @@ class TrainDPSpec(_Strict):
     lr: float | None = Field(None, gt=0)
     momentum: float | None = Field(None, ge=0, lt=1)
     ema: float | None = Field(None, ge=0, lt=1)
+    augment: AugmentSpec | None = None
 
 
 class TrainSpec(_Strict):
     """Local training at each site and the round schedule.
 
-    Under DP, ``batch_size``, ``lr``, ``momentum`` and ``ema`` are resolved from ``[train.dp]``
-    and the DP recipe when the experiment is validated (:func:`resolve_dp_training`), so every
-    reader of ``train`` (the trainer, the site's noise planner) sees the values DP-SGD uses.
+    Under DP, ``batch_size``, ``lr``, ``momentum``, ``ema`` and ``augment`` are resolved from
+    ``[train.dp]`` and the DP recipe when the experiment is validated
+    (:func:`resolve_dp_training`), so every reader of ``train`` (the trainer, the site's noise
+    planner) sees the values DP-SGD uses.
     """
 
     rounds_per_task: int = Field(3, ge=1)
@@ -124,6 +160,7 @@ class TrainSpec(_Strict):
     #: off). The site sends the average instead of the last iterate: under DP it is
     #: post-processing of the noised iterates, so it costs no ε (De et al. 2022).
     ema: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
     #: What DP-SGD uses instead of the values above (see :class:`TrainDPSpec`).
     dp: TrainDPSpec = Field(default_factory=TrainDPSpec)
     round_timeout_s: float = Field(600.0, gt=0)
@@ -553,13 +590,14 @@ def pin_explicit_training(data: dict[str, Any], overrides: Any) -> dict[str, Any
     last: dict[tuple[str, str], int] = {}
     for i, item in enumerate(overrides):
         parts = [p for p in item.partition("=")[0].strip().split(".") if p]
-        if len(parts) == 2 and parts[0] == "train" and parts[1] in DP_RECIPE_FIELDS:
+        # A table field (train.augment.shift) names its table: the whole table is pinned.
+        if len(parts) >= 2 and parts[0] == "train" and parts[1] in DP_RECIPE_FIELDS:
             last[("train", parts[1])] = i
-        elif len(parts) == 3 and parts[:2] == ["train", "dp"] and parts[2] in DP_RECIPE_FIELDS:
+        elif len(parts) >= 3 and parts[:2] == ["train", "dp"] and parts[2] in DP_RECIPE_FIELDS:
             last[("dp", parts[2])] = i
     for name in DP_RECIPE_FIELDS:
         if last.get(("train", name), -1) > last.get(("dp", name), -1):
             dp = train.setdefault("dp", {})
             if isinstance(dp, dict):
-                dp[name] = train[name]
+                dp[name] = copy.deepcopy(train[name])
     return data

@@ -51,6 +51,20 @@ def test_under_dp_a_scenario_takes_the_recipe_and_the_users_values_win() -> None
     assert plain.train.lr == 0.1  # [train.dp] is not read without DP
 
 
+def test_augmentation_is_a_training_table_dp_can_take_its_own_of() -> None:
+    """``[train.dp.augment]`` (augmentation multiplicity, issue 12) applies under DP only; a
+    ``--set train.augment.<field>`` is the user's whole table and holds under DP too."""
+    copies = ["train.dp.augment.shift=1", "train.dp.augment.multiplicity=4"]
+    _, plain = load_scenario("digits-domain-il", copies)
+    assert plain.train.augment.multiplicity == 1  # not read without DP
+    _, dp = load_scenario("digits-domain-il", ["dp.epsilon=8", *copies])
+    assert (dp.train.augment.shift, dp.train.augment.multiplicity) == (1, 4)
+    _, mine = load_scenario("digits-domain-il", ["dp.epsilon=8", *copies, "train.augment.shift=2"])
+    assert (mine.train.augment.shift, mine.train.augment.multiplicity) == (2, 1)
+    again = ExperimentConfig.model_validate(dp.model_dump(mode="json"))  # what a site reads
+    assert again.train.augment == dp.train.augment
+
+
 def test_an_experiment_file_keeps_its_explicit_values_and_fills_the_rest() -> None:
     """No [train.dp]: what the experiment sets wins, unset fields come from the recipe."""
     unset = ExperimentConfig(dp={"epsilon": 8})

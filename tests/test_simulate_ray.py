@@ -93,7 +93,8 @@ def test_version_and_help() -> None:
 
 
 def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
-    """Every capability at once through the Ray engine: DP-SGD, CKKS, EWC and replay."""
+    """Every capability at once through the Ray engine: DP-SGD (with augmentation
+    multiplicity), CKKS, EWC and replay."""
     out = tmp_path / "out"
     proc = fedcl(
         "simulate",
@@ -104,6 +105,8 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
         "--set", "dp.epsilon=8",
         "--set", "he.enabled=true",
         "--set", 'continual.method="ewc+replay"',
+        "--set", "train.augment.shift=1",
+        "--set", "train.augment.multiplicity=2",
         "--out", str(out),
         "--run-id", "everything",
         "--no-progress",
@@ -111,6 +114,8 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
+    # Under DP the augmentation is [train.dp]'s too: the sites trained with 2 copies each.
+    assert results["config"]["train"]["augment"] == {"shift": 1, "flip": False, "multiplicity": 2}
     kinds = [r["kind"] for r in results["rounds"]]
     assert kinds.count("train") == 2 and kinds.count("consolidate") == 1
     assert all(r["participants"] == 3 for r in results["rounds"])

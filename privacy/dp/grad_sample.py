@@ -47,10 +47,17 @@ if TYPE_CHECKING:
 #: Grad-sample modes :class:`fedcl.client.trainer.LocalTrainer` can run.
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "ew", "functorch", "ghost", "bk")
 DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+#: Modes that clip from per-sample gradient *norms* and never hold the gradients themselves.
+NORM_ONLY_MODES: tuple[str, ...] = ("ghost", "bk")
 
 
-def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> str:
+def choose_grad_sample_mode(
+    model: nn.Module, override: str | None = None, *, per_sample: bool = False
+) -> str:
     """The per-sample-gradient mode for ``model``: ``override`` if given, else by architecture.
+
+    ``per_sample``: the caller needs the per-sample gradients themselves (augmentation
+    multiplicity averages them), so :data:`NORM_ONLY_MODES` are skipped in the choice below.
 
     * every parameterised layer a Linear, Conv2d (groups=1) or GroupNorm (MLP, CNN,
       ResNet-18-GN): ``bk``, book-keeping, one backward pass and no per-example gradients
@@ -73,7 +80,7 @@ def choose_grad_sample_mode(model: nn.Module, override: str | None = None) -> st
     ]
     if not layers:
         return DEFAULT_GRAD_SAMPLE_MODE
-    if bk_applies(model):
+    if bk_applies(model) and not per_sample:
         return "bk"
     if all(isinstance(m, _ew_layers()) for m in layers):
         return "ew"

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..ledger import DPRelease
 from .bookkeeping import BookKeeper, bk_applies
-from .grad_sample import _valid_mode, choose_grad_sample_mode
+from .grad_sample import NORM_ONLY_MODES, _valid_mode, choose_grad_sample_mode
 from .planning import MECHANISM_DP_SGD, DPConfigError, _check_noise, sampling_plan
 
 logger = logging.getLogger("fedcl.privacy")
@@ -99,6 +99,32 @@ def _physical_loader(
     )
 
 
+def _average_copies_before_clipping(optimizer: Any, k: int) -> None:
+    """Make ``optimizer.pre_step`` first replace each ``[B·K, …]`` per-sample gradient by the
+    ``[B, …]`` mean over every example's K adjacent copies; Opacus then clips, sums and
+    noises per example, and divides by the expected number of *examples*, as for K = 1."""
+    original = optimizer.pre_step
+
+    def mean_of(g: torch.Tensor) -> torch.Tensor:
+        if len(g) % k:
+            raise DPConfigError(
+                f"a batch of {len(g)} per-sample gradients is not {k} copies per example: "
+                "augmentation multiplicity needs the trainer's augmented batches"
+            )
+        return g.reshape(len(g) // k, k, *g.shape[1:]).mean(dim=1)
+
+    def pre_step(closure: Any = None) -> Any:
+        for p in optimizer.params:
+            grad_sample = getattr(p, "grad_sample", None)
+            if isinstance(grad_sample, torch.Tensor):
+                p.grad_sample = mean_of(grad_sample)
+            elif isinstance(grad_sample, list):  # several backward passes: one per pass
+                p.grad_sample = [mean_of(g) for g in grad_sample]
+        return original(closure)
+
+    optimizer.pre_step = pre_step
+
+
 class DPHook:
     """DP-SGD for one :meth:`LocalTrainer.fit` call (the trainer's ``TrainHook`` protocol).
 
@@ -117,10 +143,19 @@ class DPHook:
         noise_seed: int | None = None,
         mechanism: str = MECHANISM_DP_SGD,
         max_physical_batch: int | None = None,
+        augmult: int = 1,
     ):
         """``max_physical_batch``: the most examples one forward/backward pass holds (the
         site's memory, ``site.toml``); a larger draw is split into several passes that add up
-        to one noisy step (Opacus' ``BatchMemoryManager``): the same mechanism and charge."""
+        to one noisy step (Opacus' ``BatchMemoryManager``): the same mechanism and charge.
+
+        ``augmult``: the trainer's batches hold K adjacent augmented copies of each drawn
+        example (``fedcl.client.augment``); each example's gradient is the mean of its K
+        per-sample gradients before clipping, so one example still moves the clipped sum by at
+        most C and the release is the one of K = 1. That needs the per-sample gradients
+        themselves: ghost clipping and book-keeping only ever see their norms, so an automatic
+        choice falls back to ``ew`` or ``hooks`` and an explicit ``ghost`` / ``bk`` is refused.
+        """
         _check_noise(noise_multiplier)
         if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < math.inf):
             raise DPConfigError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
@@ -141,6 +176,16 @@ class DPHook:
                 f"max_physical_batch must be an integer >= 1, got {max_physical_batch!r}"
             )
         self.max_physical_batch = max_physical_batch
+        if not (isinstance(augmult, int) and augmult >= 1):
+            raise DPConfigError(f"augmult must be an integer >= 1, got {augmult!r}")
+        if augmult > 1 and self.grad_sample_mode_override in NORM_ONLY_MODES:
+            raise DPConfigError(
+                f"grad_sample_mode {self.grad_sample_mode_override!r} cannot average an "
+                f"example's {augmult} augmented copies before clipping (it computes per-sample "
+                "gradient norms only); use 'hooks', 'ew' or 'functorch', or "
+                "train.augment.multiplicity = 1"
+            )
+        self.augmult = augmult
         self.grad_sample_mode: str | None = None
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None
@@ -177,7 +222,9 @@ class DPHook:
         # and both give the floor of 2 draws otherwise).
         plan = sampling_plan(n, int(getattr(loader, "batch_size", None) or n))
         batches, sample_rate = plan.batches_per_epoch, plan.sample_rate
-        mode = choose_grad_sample_mode(model, self.grad_sample_mode_override)
+        mode = choose_grad_sample_mode(
+            model, self.grad_sample_mode_override, per_sample=self.augmult > 1
+        )
         noise_seed, sample_seed = self._seeds()
         generator = torch.Generator(device=_device_of(model)).manual_seed(noise_seed)
         if mode == "bk" and not bk_applies(model):
@@ -226,6 +273,8 @@ class DPHook:
                 previous_hook(opt)
 
         dp_optimizer.attach_step_hook(count_step)
+        if self.augmult > 1:
+            _average_copies_before_clipping(dp_optimizer, self.augmult)
         self.grad_sample_mode = mode
         self.sample_rate = sample_rate
         self.expected_batch_size = n * sample_rate
