@@ -9,15 +9,15 @@ small size keeps per-sample gradients and encrypted aggregation cheap.
 import torch
 from torch import nn
 
-from .norm import group_norm
+from .norm import conv2d, group_norm
 
 MIN_IMAGE_SIZE = 8
 DEFAULT_CHANNELS: tuple[int, int] = (32, 64)
 
 
-def _conv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
+def _conv_block(in_ch: int, out_ch: int, ws: bool) -> list[nn.Module]:
     """3x3 conv (padded, so small inputs keep their size) -> GroupNorm -> ReLU."""
-    return [nn.Conv2d(in_ch, out_ch, 3, padding=1), group_norm(out_ch, 8), nn.ReLU()]
+    return [conv2d(in_ch, out_ch, 3, ws=ws, padding=1), group_norm(out_ch, 8), nn.ReLU()]
 
 
 class SmallCNN(nn.Module):
@@ -29,15 +29,17 @@ class SmallCNN(nn.Module):
         in_channels: int,
         num_classes: int,
         channels: tuple[int, int] = DEFAULT_CHANNELS,
+        ws: bool = False,
     ) -> None:
+        """``ws``: weight-standardised convolutions (``norm.WSConv2d``)."""
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            *_conv_block(in_channels, c1),
-            *_conv_block(c1, c1),
+            *_conv_block(in_channels, c1, ws),
+            *_conv_block(c1, c1, ws),
             nn.MaxPool2d(2),
-            *_conv_block(c1, c2),
-            *_conv_block(c2, c2),
+            *_conv_block(c1, c2, ws),
+            *_conv_block(c2, c2, ws),
             nn.MaxPool2d(2),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

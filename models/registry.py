@@ -89,6 +89,12 @@ class _Spec:
     prompted: bool = False
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ModelError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ModelError(f"{name} must be a positive int, got {value!r}")
@@ -123,25 +129,28 @@ def _build_cnn(
     image_size: int,
     num_classes: int,
     channels: Sequence[int] = cnn.DEFAULT_CHANNELS,
+    ws: bool = False,
 ) -> nn.Module:
     del image_size  # adaptive pooling: the architecture does not depend on it
+    _flag("ws", ws)
     channels = tuple(channels)
     if len(channels) != 2:
         raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
     for i, c in enumerate(channels):
         _positive_int(f"channels[{i}]", c)
-    return cnn.SmallCNN(in_channels=in_channels, num_classes=num_classes, channels=channels)
+    return cnn.SmallCNN(in_channels=in_channels, num_classes=num_classes, channels=channels, ws=ws)
 
 
 def _build_resnet18_gn(
-    *, in_channels: int, image_size: int, num_classes: int, width: float = 1.0
+    *, in_channels: int, image_size: int, num_classes: int, width: float = 1.0, ws: bool = False
 ) -> nn.Module:
     del image_size  # adaptive pooling: the architecture does not depend on it
+    _flag("ws", ws)
     if not isinstance(width, int | float) or isinstance(width, bool) or width <= 0:
         raise ModelError(f"width must be a positive number, got {width!r}")
     if round(64 * width) < 1:
         raise ModelError(f"width={width} leaves the first stage with no channels; use >= 1/64")
-    return resnet.ResNet18GN(in_channels=in_channels, num_classes=num_classes, width=width)
+    return resnet.ResNet18GN(in_channels=in_channels, num_classes=num_classes, width=width, ws=ws)
 
 
 def _build_vit_tiny(

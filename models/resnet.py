@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import group_norm
+from .norm import conv2d, group_norm
 
 MIN_IMAGE_SIZE = 8
 STAGE_WIDTHS: tuple[int, int, int, int] = (64, 128, 256, 512)
@@ -25,16 +25,16 @@ STAGE_BLOCKS: tuple[int, int, int, int] = (2, 2, 2, 2)
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (1x1 conv projection when the shape changes)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int, ws: bool = False) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = conv2d(in_ch, out_ch, 3, ws=ws, stride=stride, padding=1, bias=False)
         self.norm1 = group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.conv2 = conv2d(out_ch, out_ch, 3, ws=ws, stride=1, padding=1, bias=False)
         self.norm2 = group_norm(out_ch)
         self.shortcut: nn.Module
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), group_norm(out_ch)
+                conv2d(in_ch, out_ch, 1, ws=ws, stride=stride, bias=False), group_norm(out_ch)
             )
         else:
             self.shortcut = nn.Identity()
@@ -49,11 +49,14 @@ class BasicBlock(nn.Module):
 class ResNet18GN(nn.Module):
     """ResNet-18 (BasicBlocks ``[2, 2, 2, 2]``) for small images, GroupNorm throughout."""
 
-    def __init__(self, *, in_channels: int, num_classes: int, width: float = 1.0) -> None:
+    def __init__(
+        self, *, in_channels: int, num_classes: int, width: float = 1.0, ws: bool = False
+    ) -> None:
+        """``ws``: weight-standardised convolutions (``norm.WSConv2d``, De et al. 2022)."""
         super().__init__()
         widths = [max(1, round(w * width)) for w in STAGE_WIDTHS]
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False),
+            conv2d(in_channels, widths[0], 3, ws=ws, stride=1, padding=1, bias=False),
             group_norm(widths[0]),
             nn.ReLU(),
         )
@@ -63,7 +66,7 @@ class ResNet18GN(nn.Module):
             layers: list[nn.Module] = []
             for b in range(blocks):
                 stride = 2 if (i > 0 and b == 0) else 1
-                layers.append(BasicBlock(in_ch, out_ch, stride))
+                layers.append(BasicBlock(in_ch, out_ch, stride, ws))
                 in_ch = out_ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

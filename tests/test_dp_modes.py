@@ -220,3 +220,21 @@ def test_mode_is_chosen_per_architecture() -> None:
     assert choose_grad_sample_mode(vit, "hooks") == "hooks"
     with pytest.raises(DPConfigError, match="valid: hooks, ew, functorch, ghost, bk"):
         choose_grad_sample_mode(vit, "book-keeping")
+
+
+def test_weight_standardised_cnn_gets_the_same_private_update_where_a_mode_applies() -> None:
+    """``ws = true`` (De et al.'s GroupNorm + weight standardisation): the automatic choice is
+    hooks (Opacus' functorch rule for WSConv2d); functorch and ghost clipping give the same
+    update; book-keeping, which has no rule for the layer, refuses by name."""
+    torch.manual_seed(0)
+    base = build_model("cnn", in_channels=1, image_size=8, num_classes=10, ws=True)
+    base = base.to(torch.float64)
+    assert choose_grad_sample_mode(base) == "hooks"
+    runs = {mode: _private_fit(base, mode, name="cnn") for mode in ("hooks", "functorch", "ghost")}
+    reference = _flat(runs["hooks"][0])
+    assert float((reference - _flat(base)).abs().max()) > 1e-3
+    for mode, (model, dp, _) in runs.items():
+        torch.testing.assert_close(_flat(model), reference, rtol=0, atol=1e-9, msg=mode)
+        assert dp.release() == runs["hooks"][1].release(), mode
+    with pytest.raises(DPConfigError, match="WSConv2d"):
+        _private_fit(base, "bk", name="cnn")

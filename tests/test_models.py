@@ -151,6 +151,8 @@ def test_bad_parameters_raise_model_error() -> None:
         build_model("mlp", in_channels=1, image_size=8, num_classes=0)
     with pytest.raises(ModelError, match="width"):
         build_model("resnet18-gn", in_channels=3, image_size=32, num_classes=10, width=0)
+    with pytest.raises(ModelError, match="ws must be true or false, got 'yes'"):
+        build_model("cnn", in_channels=3, image_size=32, num_classes=10, ws="yes")
 
 
 def test_parameter_counts() -> None:
@@ -200,3 +202,49 @@ def test_cnn_learns_bright_vs_dark() -> None:
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize(
+    "name,size,options", [("cnn", 8, {}), ("resnet18-gn", 32, {"width": 0.125})]
+)
+def test_weight_standardised_convs_get_exact_per_sample_grads(
+    name: str, size: int, options: dict, mode: str
+) -> None:
+    """``ws = true``: each filter is used standardised, and Opacus (its functorch rule for a
+    layer it has no rule for) gives each example exactly its own gradient through it.
+
+    The ResNet at 32 px: at 8 px its last stage is 1x1, where a GroupNorm group of one value
+    normalises to 0 and the gradients through it are rounding noise (with or without ws)."""
+    from fedcl.models.norm import WSConv2d
+    from fedcl.privacy import choose_grad_sample_mode
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return build_model(
+            name, in_channels=3, image_size=size, num_classes=NUM_CLASSES, ws=True, **options
+        )
+
+    model = build()
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    assert convs and not any(type(m) is nn.Conv2d for m in model.modules())
+    used = convs[0]
+    w = used.weight.detach()
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    standard = (w - mean) * torch.rsqrt(var + used.eps)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(used(x), nn.functional.conv2d(x, standard, used.bias, padding=1))
+    assert choose_grad_sample_mode(model) == "hooks"  # no book-keeping or ew rule applies
+
+    x, y = _batch(3, size)
+    wrapped = GradSampleModule(model, loss_reduction="sum", force_functorch=mode == "functorch")
+    nn.functional.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    for i in range(BATCH):  # each example's gradient, alone, through the standardisation
+        alone = build()
+        nn.functional.cross_entropy(alone(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        for (pname, p), (_, q) in zip(
+            model.named_parameters(), alone.named_parameters(), strict=True
+        ):
+            err = _rel_err(p.grad_sample[i], q.grad)
+            assert err < REL_TOL, f"{name}/{pname} example {i}: relative error {err:.2e}"
+    wrapped._close()

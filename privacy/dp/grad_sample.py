@@ -82,7 +82,8 @@ def choose_grad_sample_mode(
         return DEFAULT_GRAD_SAMPLE_MODE
     if bk_applies(model) and not per_sample:
         return "bk"
-    if all(isinstance(m, _ew_layers()) for m in layers):
+    # Exact types: a subclass with its own forward (``WSConv2d``) has no ExpandedWeights rule.
+    if all(type(m) in _ew_layers() for m in layers):
         return "ew"
     return DEFAULT_GRAD_SAMPLE_MODE
 
