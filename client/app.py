@@ -25,6 +25,7 @@ from fedcl.privacy.ledger import DPRelease
 
 from . import private_eval
 from .continual_site import site_fisher, training_set
+from .device import place
 from .job import SiteJob
 from .privacy_site import admit, released_metrics  # (no Opacus: it loads when DP-SGD runs)
 from .scoring import score_tasks
@@ -132,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
         extra[P.EWC_DIGEST] = memory.digest()
     try:  # what leaves the site: weights and count in clear, or one ciphertext holding both
         records, stats = job.codec.encode_update(
-            model.cpu().state_dict(), result.num_examples, received, job.server_round
+            place(model, "cpu").state_dict(), result.num_examples, received, job.server_round
         )
     except FedclError as err:
         return _failure(msg, context, err)

@@ -12,6 +12,7 @@ each round with a driver traceback.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from contextlib import nullcontext
@@ -35,6 +36,20 @@ def cuda_unavailable_reason() -> str | None:
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         return f"no CUDA device is visible to this process{where}"
     return None
+
+
+def place(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``module.to(device)``, skipped when every parameter and buffer is already there.
+
+    ``Module.to`` walks every submodule and re-wraps each tensor even when nothing moves; a
+    round asks three times per site (scoring, training, the reply), which on a tiny model cost
+    as much as a training step.
+    """
+    device = torch.device(device)
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    if all(t.device == device for t in tensors):
+        return module
+    return module.to(device)
 
 
 def resolve_device(requested: str, *, site_id: str | None = None) -> torch.device:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedcl.models.registry import Objective, objective_of
 
-from .device import resolve_device
+from .device import place, resolve_device
 from .trainer import masked_logits
 
 #: ``evaluate``'s batch size: the same batches give bit-identical sums.
@@ -56,7 +56,7 @@ def score_tasks(
         raise ValueError(f"{len(datasets)} datasets but {len(output_masks)} output masks")
     objective = objective_of(model) if objective is None else objective
     device = resolve_device(str(device))
-    model.to(device).eval()
+    place(model, device).eval()
     results = []
     with torch.inference_mode():
         for dataset, mask in zip(datasets, output_masks, strict=True):

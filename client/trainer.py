@@ -32,7 +32,7 @@ from fedcl.config.experiment import TrainSpec
 from fedcl.models.registry import Objective, objective_of
 
 from .augment import augment_batch
-from .device import autocast_for, resolve_device
+from .device import autocast_for, place, resolve_device
 
 
 class TrainHook(Protocol):
@@ -246,7 +246,7 @@ class LocalTrainer:
         loader = DataLoader(
             dataset, batch_size=min(self.spec.batch_size, n), shuffle=True, generator=generator
         )
-        model.to(self.device).train()
+        place(model, self.device).train()
         optimizer = self.make_optimizer(model)
         for hook in hooks:
             model, optimizer, loader = hook.setup(model, optimizer, loader)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedcl.client import device as device_mod
-from fedcl.client.device import autocast_for, cuda_unavailable_reason, resolve_device
+from fedcl.client.device import autocast_for, cuda_unavailable_reason, place, resolve_device
 from fedcl.client.trainer import BaseHook, LocalTrainer, ProximalTerm
 from fedcl.config import FedclError
 from fedcl.config.experiment import ExperimentConfig, SimulationSpec, TrainSpec
@@ -132,3 +132,12 @@ def test_gpu_check_says_there_is_no_cuda_here_and_exits_cleanly(capsys, tmp_path
     said = capsys.readouterr().out
     assert said.startswith("no CUDA here (") and cuda_unavailable_reason() in said
     assert not (tmp_path / "gpu.json").exists()  # nothing measured, nothing written
+
+
+def test_place_moves_only_what_is_elsewhere() -> None:
+    """``place`` is ``Module.to`` without the walk when nothing would move."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.GroupNorm(1, 2))
+    weight = model[0].weight
+    assert place(model, "cpu") is model and model[0].weight is weight
+    moved = place(model.double(), torch.device("meta"))  # another device: a real move
+    assert moved is model and model[0].weight.device.type == "meta"
