@@ -51,12 +51,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.process_faults]
 BIN = Path(sys.executable).parent
 SITES = ("site-a", "site-b", "site-c")
 CUT = "site-c"
-# |accuracy(resumed) - accuracy(uninterrupted)| allowed on each task just trained (the
-# diagonal) and on the final average. DP-SGD and the DP Fisher draw their noise from OS entropy
-# at every site, so no two runs of this experiment agree exactly: across 8 deployed runs the
-# diagonal spread by up to 0.31 (task 1 after task 1: 0.52-0.83) and the forgetting entry
-# (task 1 after task 2) once by 0.37 (0.28 vs 0.66), so that one is printed, not compared; the
-# schedule, the releases and ε are compared exactly.
+# |accuracy(resumed) - accuracy(uninterrupted)| allowed on what the resumed coordinator
+# produced: the task it trained after the resume (task 2 after task 2) and the final average.
+# DP-SGD and the DP Fisher draw their noise from OS entropy at every site, so no two runs of
+# this experiment agree exactly. Task 1 after task 1 is measured in round 1, before the kill:
+# it compares two independent DP draws, not the resume, and spreads widely (0.52-0.83 across
+# 8 deployed runs; 0.29 vs 0.69 in one CI run), so it is printed, not compared; so is the
+# forgetting entry (task 1 after task 2: once 0.28 vs 0.66). The schedule, the stored models,
+# the releases and ε are compared exactly.
 ACCURACY_TOLERANCE = 0.3
 # Flower's SuperLink answers for a node that missed 2 heartbeats (30 s apart) with "Node
 # Unavailable": that, not our round timeout, is how fast a cut site is noticed. The round
@@ -534,12 +536,11 @@ def test_coordinator_killed_mid_run_resumes(federation: Federation) -> None:
     # each exactly once (a round asked again is answered from the site's kept reply, or reuses
     # the charge of a reply that never left), and reports the same ε.
     epsilon = {sid: _compare_ledgers(fed.state(sid), results, sid) for sid in SITES}
-    # The accuracy matrix: same shape; each task just trained, and the final average, within
-    # the DP noise of the reference.
+    # The accuracy matrix: same shape; what the resumed coordinator trained (task 2 after task
+    # 2) and the final average within the DP noise of the reference.
     got, want = (results[rid]["accuracy_matrix"] for rid in ("resume-me", "straight"))
     assert len(got) == len(want) == 2 and all(len(row) == 2 for row in got)
-    diffs = [abs(got[i][i] - want[i][i]) for i in range(2)]
-    diffs.append(abs(sum(got[-1]) - sum(want[-1])) / 2)
+    diffs = [abs(got[1][1] - want[1][1]), abs(sum(got[-1]) - sum(want[-1])) / 2]
     worst = max(diffs)
     assert worst <= ACCURACY_TOLERANCE, (got, want)
     print(
