@@ -269,7 +269,8 @@ def _score(job: SiteJob, model: torch.nn.Module, privacy, mode: str) -> _Scored:
         output_masks=[job.data.stream.eval_mask(j) for j in tasks],
         device=job.site.device,
     )
-    metrics = private_eval.released_metrics(mode, results, charged)
+    seed = job.noise_seed("dp-evaluation") if charged is not None else None
+    metrics = private_eval.released_metrics(mode, results, charged, seed=seed)
     if charged is not None:
         metrics.update(privacy.metrics())
     return _Scored(metrics, charged)

@@ -175,6 +175,7 @@ def site_fisher(
     model.to(job.site.device)  # the Fisher runs where the parameters are (fisher.py)
     if job.experiment.dp.enabled:
         stated = consolidation_release(job)
+        seed = job.noise_seed("dp-fisher")
         fisher, release = dp_fisher_diagonal(
             model,
             data,
@@ -184,6 +185,7 @@ def site_fisher(
             output_mask=mask,
             batch_size=spec.fisher_batch_size,
             clamp=False,
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
         )
         if release != stated:  # the ledger was charged with ``stated``
             raise FedclError(

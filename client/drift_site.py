@@ -151,6 +151,8 @@ def embed(model: nn.Module, x: torch.Tensor, *, mask=None, device: str = "cpu", 
 def report(job: SiteJob, model: nn.Module, *, generator: np.random.Generator | None = None):
     """This round's :class:`~fedcl.continual.drift.DriftReport` at this site."""
     spec = job.experiment.drift
+    if generator is None and (seed := job.noise_seed("dp-drift")) is not None:
+        generator = np.random.default_rng(seed)  # the site's research seed (config/site.py)
     plan = plan_window(job)
     key = site_key(job)
     ref_x, win_x = _samples(job, plan, key)

@@ -20,6 +20,7 @@ from flwr.app import Context, Message
 from fedcl.config import ExperimentConfig, SiteConfig
 from fedcl.config import protocol as P
 from fedcl.continual.plan import RunPlan
+from fedcl.privacy.dp.seeding import release_seed
 
 from .codec import UpdateCodec, codec_for
 from .device import resolve_device
@@ -112,6 +113,16 @@ class SiteJob:
         self.task_index = int(cfg[P.TASK_INDEX])
         self.server_round = int(cfg[P.SERVER_ROUND])
         self.round_in_task = int(cfg[P.ROUND_IN_TASK])
+
+    def noise_seed(self, kind: str) -> int | None:
+        """The seed of this message's ``kind`` of DP release, or None (the OS's; the default).
+
+        Set only by the site's own ``privacy.noise_seed`` (simulations and tests): a release is
+        named by its round, the message it answers and its kind, so a round made again draws
+        what it drew the first time.
+        """
+        names = (self.server_round, self.msg.metadata.message_type, kind)
+        return release_seed(self.site.privacy.noise_seed, *names)
 
     @property
     def state_dir(self):

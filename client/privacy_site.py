@@ -448,6 +448,7 @@ class SitePrivacy:
             delta=self.delta,
             max_physical_batch=max_physical_batch,
             augmult=copies,
+            noise_seed=self.job.noise_seed("dp-sgd"),
         )
 
     def charge(self, release: DPRelease) -> SpendDecision | PolicyRefusal:

@@ -83,12 +83,17 @@ def planned_releases(experiment: ExperimentConfig, plan: RunPlan) -> list[tuple[
 
 
 def released_metrics(
-    mode: Mode, results: Sequence[tuple[int, int, float]], charged: DPRelease | None = None
+    mode: Mode,
+    results: Sequence[tuple[int, int, float]],
+    charged: DPRelease | None = None,
+    *,
+    seed: int | None = None,
 ) -> dict[str, float | int]:
     """The evaluation metrics a reply carries for ``results`` = per task (correct, count, loss).
 
     ``clear``: all three per task and the total count; ``noised``: (correct, count) plus the
-    noise of ``charged``, the release the ledger paid for; ``withheld``: nothing.
+    noise of ``charged``, the release the ledger paid for, drawn from ``seed`` (None: the OS;
+    :meth:`SiteJob.noise_seed`); ``withheld``: nothing.
     """
     metrics: dict[str, float | int] = {}
     if mode == "withheld":
@@ -96,7 +101,7 @@ def released_metrics(
     if mode == "noised":
         if charged is None:
             raise ValueError("a noised evaluation needs the release the site charged")
-        noised = noised_counts([(c, n) for c, n, _loss in results], charged)
+        noised = noised_counts([(c, n) for c, n, _loss in results], charged, seed=seed)
         for j, (correct, count) in enumerate(noised):
             metrics[P.eval_key("correct", j)] = correct
             metrics[P.eval_key("count", j)] = count

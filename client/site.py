@@ -9,6 +9,7 @@ simulated sites; cache keys do not).
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -30,6 +31,8 @@ from fedcl.datasets import (
     train_test_split_indices,
 )
 from fedcl.datasets.info import DatasetInfo, dataset_info, freeze_options
+
+logger = logging.getLogger(__name__)
 
 SITE_CONFIG_KEY = "site-config"
 
@@ -63,7 +66,25 @@ def _site_config(path: Path) -> SiteConfig:
 
 @lru_cache(maxsize=4096)
 def _parsed_site_config(path: str, stamp: int) -> SiteConfig:
-    return load_toml(SiteConfig, path)
+    site = load_toml(SiteConfig, path)
+    if site.privacy.noise_seed is not None:
+        _warn_seeded_noise(site.site_id, path)
+    return site
+
+
+_SEEDED_NOISE_SAID: list[str] = []  # once per process: a simulation's actor plays many sites
+
+
+def _warn_seeded_noise(site_id: str, path: str) -> None:
+    if _SEEDED_NOISE_SAID:
+        return
+    _SEEDED_NOISE_SAID.append(site_id)
+    logger.warning(
+        "site %s: privacy.noise_seed is set (%s): every DP draw at this site is reproducible, "
+        "and anyone who knows the seed can remove the noise; for simulations and tests only",
+        site_id,
+        path,
+    )
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,10 @@ class PrivacyPolicy(_Strict):
     * ``allow_parallel_composition``: whether this site may account a run by parallel
       composition over its disjoint data cells (``dp.composition = "parallel"``); false: every
       release composes sequentially, whatever the experiment says.
+    * ``noise_seed``: **simulations and tests only.** Seeds every DP draw this site makes (its
+      noise and sampling) from this number and the release's round and kind, so a run reruns
+      bit-identically (:mod:`fedcl.privacy.dp.seeding`). Anyone who learns it can remove the
+      noise; unset (the default), every draw comes from the OS.
     """
 
     epsilon_budget: float | None = Field(None, gt=0)
@@ -75,6 +79,7 @@ class PrivacyPolicy(_Strict):
     min_noise_multiplier: float | None = Field(None, gt=0)
     max_epsilon_per_run: float | None = Field(None, gt=0)
     allow_parallel_composition: bool = True
+    noise_seed: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from fedcl.config import (
     write_toml,
 )
 from fedcl.config.experiment import SimulationSpec
+from fedcl.privacy.dp.seeding import release_seed
 from fedcl.server.coordinator import Coordinator, CoordinatorOptions
 from fedcl.server.observers import RunObserver
 from fedcl.server.registry import Registry
@@ -117,6 +118,9 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
             privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
                 delta=experiment.dp.delta,
+                noise_seed=release_seed(experiment.seed, "site", i)
+                if experiment.simulation.seed_dp_noise
+                else None,
             ),
         )
         paths.append(write_toml(site, sites_dir / f"site-{i}.toml"))

@@ -29,8 +29,9 @@ Why it looks the way it does:
   which would release "unchanged" exactly when the draw was empty.
 
 Modules: :mod:`.planning` (sampling, steps and σ, known before training; no torch),
-:mod:`.grad_sample` (the per-sample-gradient mode), :mod:`.hook` (:class:`DPHook`) and
-:mod:`.counts` (the noised evaluation counts). Every name is re-exported here.
+:mod:`.grad_sample` (the per-sample-gradient mode), :mod:`.hook` (:class:`DPHook`),
+:mod:`.counts` (the noised evaluation counts) and :mod:`.seeding` (where every release's
+draws come from: the OS, or a site's research seed). Every name is re-exported here.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from .planning import (
     planned_release,
     sampling_plan,
 )
+from .seeding import release_seed
 
 __all__ = [
     "COUNT_SENSITIVITY",
@@ -78,5 +80,6 @@ __all__ = [
     "noise_from_spec",
     "plan_noise",
     "planned_release",
+    "release_seed",
     "sampling_plan",
 ]

@@ -95,7 +95,8 @@ def noised_counts(
     """``(correct_j, count_j)`` for every task, each plus Gaussian noise of sd σ·√2.
 
     ``release`` is what the site charged (:func:`evaluation_release`); the mechanism refuses any
-    other. ``seed`` only for tests: the default draws from OS entropy.
+    other. ``seed``: the site's research seed for this release (:mod:`.seeding`) or a test's;
+    the default draws from OS entropy.
     """
     import torch
 

@@ -8,7 +8,8 @@ run of the mechanism: the docstring of :mod:`fedcl.privacy.dp` says why.
 seeded from the OS (:mod:`secrets`), never from torch's global RNG or the trainer's loader: a
 simulation seeds those from the experiment seed (``RunPlan.initial_model``), which is public, so
 noise drawn from them could be recomputed and subtracted, and the amplification by subsampling
-assumes the sample is secret. Only a test asks for fixed draws (``noise_seed``).
+assumes the sample is secret. Only a test, or a site's research seed (:mod:`.seeding`), asks
+for fixed draws (``noise_seed``).
 """
 
 from __future__ import annotations
