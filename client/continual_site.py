@@ -69,7 +69,7 @@ def replay_buffer(job: SiteJob) -> ReplayBuffer:
     """
     spec = job.experiment.continual
     check_replay_size(spec.replay_size, len(job.data.train), job.site.site_id)
-    key = load_or_create_key(job.site.state_dir)
+    key = load_or_create_key(job.site.state_dir, research_seed=job.site.privacy.research_seed)
     path = job.state_dir / REPLAY_FILE
     buffer = None
     if path.exists():

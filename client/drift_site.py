@@ -104,7 +104,7 @@ def release(job: SiteJob) -> DriftRelease:
 
 def site_key(job: SiteJob) -> bytes:
     """This round's key: the site's secret key (``replay.key``), the run and the round."""
-    secret = load_or_create_key(job.site.state_dir)
+    secret = load_or_create_key(job.site.state_dir, research_seed=job.site.privacy.research_seed)
     label = f"fedcl-drift/{job.run_id}/{job.server_round}".encode()
     return hmac.new(secret, label, hashlib.sha256).digest()
 

@@ -117,12 +117,12 @@ class SiteJob:
     def noise_seed(self, kind: str) -> int | None:
         """The seed of this message's ``kind`` of DP release, or None (the OS's; the default).
 
-        Set only by the site's own ``privacy.noise_seed`` (simulations and tests): a release is
+        Set only by the site's own ``privacy.research_seed`` (simulations and tests): a release is
         named by its round, the message it answers and its kind, so a round made again draws
         what it drew the first time.
         """
         names = (self.server_round, self.msg.metadata.message_type, kind)
-        return release_seed(self.site.privacy.noise_seed, *names)
+        return release_seed(self.site.privacy.research_seed, *names)
 
     @property
     def state_dir(self):

@@ -67,7 +67,7 @@ def _site_config(path: Path) -> SiteConfig:
 @lru_cache(maxsize=4096)
 def _parsed_site_config(path: str, stamp: int) -> SiteConfig:
     site = load_toml(SiteConfig, path)
-    if site.privacy.noise_seed is not None:
+    if site.privacy.research_seed is not None:
         _warn_seeded_noise(site.site_id, path)
     return site
 
@@ -80,7 +80,7 @@ def _warn_seeded_noise(site_id: str, path: str) -> None:
         return
     _SEEDED_NOISE_SAID.append(site_id)
     logger.warning(
-        "site %s: privacy.noise_seed is set (%s): every DP draw at this site is reproducible, "
+        "site %s: privacy.research_seed is set (%s): every DP draw at this site is reproducible, "
         "and anyone who knows the seed can remove the noise; for simulations and tests only",
         site_id,
         path,

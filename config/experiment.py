@@ -418,10 +418,10 @@ class SimulationSpec(_Strict):
     #: An existing Ray cluster to run the virtual sites on (``ray start --head`` printed its
     #: address: ``HOST:PORT``, ``auto`` or ``ray://HOST:PORT``); None starts Ray on this machine.
     ray_address: str | None = Field(None, min_length=1)
-    #: Each virtual site's ``privacy.noise_seed`` from the experiment seed: DP noise and
-    #: sampling rerun bit-identically, so DP configurations compare paired (the same draws in
-    #: each). Off: the sites draw from the OS, as deployed sites do.
-    seed_dp_noise: bool = False
+    #: Each virtual site's ``privacy.research_seed`` from the experiment seed: DP noise,
+    #: sampling and replay membership rerun bit-identically, so DP configurations compare paired
+    #: (the same draws in each). Off: the sites draw from the OS, as deployed sites do.
+    research_seeds: bool = False
     faults: list[FaultSpec] = Field(default_factory=list)
     drift: list[DriftEventSpec] = Field(default_factory=list)
 

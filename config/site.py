@@ -67,10 +67,11 @@ class PrivacyPolicy(_Strict):
     * ``allow_parallel_composition``: whether this site may account a run by parallel
       composition over its disjoint data cells (``dp.composition = "parallel"``); false: every
       release composes sequentially, whatever the experiment says.
-    * ``noise_seed``: **simulations and tests only.** Seeds every DP draw this site makes (its
-      noise and sampling) from this number and the release's round and kind, so a run reruns
-      bit-identically (:mod:`fedcl.privacy.dp.seeding`). Anyone who learns it can remove the
-      noise; unset (the default), every draw comes from the OS.
+    * ``research_seed``: **simulations and tests only.** Seeds every secret draw this site makes
+      from this number: its DP noise and sampling (per release: round, message and kind;
+      :mod:`fedcl.privacy.dp.seeding`) and its replay/drift key, so a run reruns
+      bit-identically. Anyone who learns it can remove the noise and tell which examples a
+      buffer keeps; unset (the default), every draw comes from the OS.
     """
 
     epsilon_budget: float | None = Field(None, gt=0)
@@ -79,7 +80,7 @@ class PrivacyPolicy(_Strict):
     min_noise_multiplier: float | None = Field(None, gt=0)
     max_epsilon_per_run: float | None = Field(None, gt=0)
     allow_parallel_composition: bool = True
-    noise_seed: int | None = Field(None, ge=0)
+    research_seed: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,12 +2,15 @@
 
 It lives in the site's top-level state folder (``replay.key``, 32 bytes, mode 0600), is created
 once and shared by all of the site's runs, and never leaves the site: without it nobody can tell
-which examples a buffer would keep (:mod:`fedcl.continual.replay`).
+which examples a buffer would keep (:mod:`fedcl.continual.replay`). A site that sets its
+research seed (``privacy.research_seed``, simulations and tests only) derives the key from it
+instead, so its buffers and drift samples repeat from run to run like its DP noise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import os
 import secrets
@@ -21,13 +24,21 @@ KEY_FILE = "replay.key"
 KEY_BYTES = 32
 
 
-def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
+def load_or_create_key(
+    state_dir: str | os.PathLike[str], *, research_seed: int | None = None
+) -> bytes:
     """The site's replay key, ``state_dir/replay.key``: created once (mode 0600), then reused.
+
+    With ``research_seed`` (the site's ``privacy.research_seed``) the key is derived from it and no
+    file is read or written: anyone who knows the seed knows the key.
 
     Creation is atomic (a complete temporary file is hard-linked into place, which fails if
     another process got there first, whose key is then used), so concurrent first messages of
     one site agree on one key. A key file readable by anyone but its owner is refused.
     """
+    if research_seed is not None:
+        text = f"fedcl-replay-key/{int(research_seed)}".encode()
+        return hashlib.blake2b(text, digest_size=KEY_BYTES).digest()
     folder = Path(state_dir)
     path = folder / KEY_FILE
     if not path.exists():

@@ -118,8 +118,8 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
             privacy=PrivacyPolicy(
                 epsilon_budget=experiment.simulation.site_epsilon_budget,
                 delta=experiment.dp.delta,
-                noise_seed=release_seed(experiment.seed, "site", i)
-                if experiment.simulation.seed_dp_noise
+                research_seed=release_seed(experiment.seed, "site", i)
+                if experiment.simulation.research_seeds
                 else None,
             ),
         )

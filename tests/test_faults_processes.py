@@ -21,7 +21,7 @@ exists only inside this machine). Where namespaces are not permitted the sites r
   uninterrupted alongside, on the same sites through the in-process grid (same apps, same
   registry, same ledgers), as the reference: same schedule and rows, the same releases and ε at
   every site, and the same accuracy matrix to the bit: each site seeds its DP draws from its
-  own ``privacy.noise_seed`` (set in its site.toml, as only a test or a simulation would).
+  own ``privacy.research_seed`` (set in its site.toml, as only a test or a simulation would).
 
 Every process, namespace and veth the module made is removed, also when a test fails.
 """
@@ -285,7 +285,7 @@ def _enrol(fed: Federation) -> None:
 
 
 def _seed_noise(site_toml: Path, seed: int) -> None:
-    """The site's research seed for its DP draws (``privacy.noise_seed``, config/site.py), set
+    """The site's research seed for its DP draws (``privacy.research_seed``, config/site.py), set
     by the site as an administrator would: a run then draws the same DP noise as another run of
     the same experiment, so the resumed run is compared with the uninterrupted one to the bit."""
     import tomllib
@@ -293,7 +293,7 @@ def _seed_noise(site_toml: Path, seed: int) -> None:
     import tomli_w
 
     data = tomllib.loads(site_toml.read_text())
-    data.setdefault("privacy", {})["noise_seed"] = seed
+    data.setdefault("privacy", {})["research_seed"] = seed
     site_toml.write_text(tomli_w.dumps(data))
 
 

@@ -4,7 +4,7 @@ Every Gaussian release a site makes (DP-SGD's noise and its Poisson sampling, th
 the noised evaluation counts, a DP drift report) draws from a generator seeded by
 :func:`release_seed`, or from :mod:`secrets` where that gives None, the default: the noise must
 be secret, and an experiment's seed is public (the coordinator sends it), so nothing the
-coordinator knows may seed it. A site may set ``privacy.noise_seed`` in its own site.toml (never
+coordinator knows may seed it. A site may set ``privacy.research_seed`` in its own site.toml (never
 the experiment): each release's seed is then derived from it and from what names the release,
 so a simulation or a test reruns bit-identically, and two runs of one experiment on the same
 sites draw the same noise. That removes the privacy the noise buys against anyone who learns
