@@ -121,6 +121,19 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert all(r["participants"] == 3 for r in results["rounds"])
     for site in results["sites"].values():
         assert 0 < site["epsilon"] <= 8.0 + 1e-6
+    # The CKKS weight unit is the largest virtual site's training set (runner.fit_weight_unit),
+    # not the 10,000 default: every site's count fits it, no weight was capped.
+    from fedcl.client.site import load_site_data
+    from fedcl.config import SiteConfig, load_toml
+    from fedcl.simulations.catalog import load_scenario
+
+    exp = load_scenario("digits-domain-il", ["data.num_tasks=2", "simulation.num_sites=3"])[1]
+    sizes = [
+        len(load_site_data(exp, load_toml(SiteConfig, p)).train.y)
+        for p in sorted((out / "sites").glob("site-*.toml"))
+    ]
+    assert results["config"]["he"]["max_examples"] == max(sizes) < 10_000
+    assert all(s["examples"] <= max(sizes) for s in results["sites"].values())
     from fedcl.server.registry import Registry
 
     with Registry.open(f"sqlite:///{out / 'registry.db'}") as reg:
