@@ -96,13 +96,13 @@ def work_fedcl(spec: dict) -> dict:
     from fedcl.server.results import build_results
     from fedcl.simulations.catalog import load_scenario
     from fedcl.simulations.local_grid import LocalGrid
-    from fedcl.simulations.runner import prepare_keys, write_site_configs
+    from fedcl.simulations.runner import fit_weight_unit, prepare_keys, write_site_configs
 
     out = Path(spec["out"])
     _, exp = load_scenario(spec["scenario"], spec["overrides"])
     start, cpu0 = time.perf_counter(), time.process_time()
     exp = prepare_keys(exp, out)
-    write_site_configs(exp, out / "sites")
+    exp = fit_weight_unit(exp, write_site_configs(exp, out / "sites"))  # as `fedcl simulate`
     options = CoordinatorOptions(
         experiment=exp,
         registry_url=f"sqlite:///{out / 'registry.db'}",
