@@ -23,7 +23,9 @@ method). The JSON is rewritten after every run, so a benchmark that is stopped k
 measured; ``--resume`` then reuses those runs (same configuration and overrides) and runs the rest.
 
 ``--quick`` trains 2 rounds per task (``defects-domain-il``: 2 rounds of 1 local epoch, not 4 of
-3). Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``.
+3). Seeds (``--seeds``) set both ``seed`` and ``data.partition.seed``, and every run sets
+``simulation.research_seeds``: the sites' DP noise, sampling and replay keys follow the seed, so
+each configuration reruns bit-identically (a benchmark, not a deployment).
 Heavy imports live inside functions: the CKKS worker processes re-import this script.
 """
 
@@ -89,6 +91,9 @@ def overrides_for(config: Config, args: argparse.Namespace) -> list[str]:
         out += ["dp.enabled=false"]
     out += ["he.enabled=true" if args.he else "he.enabled=false"]
     out += [f"seed={config.seed}", f"data.partition.seed={config.seed}"]
+    # Each virtual site seeds its DP noise, sampling and replay key from the experiment seed:
+    # a configuration reruns bit-identically, DP rows included (privacy/dp/seeding.py).
+    out += ["simulation.research_seeds=true"]
     if args.quick:
         out += quick_overrides(config.scenario)
     return out + list(args.set)
