@@ -37,6 +37,12 @@ def check_site(
     problems += _data_problems(site, src)
     if site_dir is not None:
         problems += _deployment_problems(site_dir, notes)
+    if site.privacy.research_seed is not None:
+        notes.append(
+            f"{src}: privacy.research_seed is set: every DP draw and the replay key follow it, "
+            "so anyone who learns it can remove this site's noise; for simulations and tests "
+            "only, leave it unset on a site with real data"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
     return site, exp, notes

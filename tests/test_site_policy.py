@@ -355,3 +355,14 @@ def test_site_check_reports_a_given_sigma_beyond_the_remaining_budget(tmp_path, 
     assert code == 0, err
     code, err = _check(tmp_path, state, "", capsys)  # the budget alone means "never without DP"
     assert code == 2 and "field 'privacy.require_dp'" in err
+
+
+def test_site_check_warns_about_a_research_seed(tmp_path, capsys) -> None:
+    state = _site(tmp_path, "research_seed = 5")
+    exp = tmp_path / "exp.toml"
+    exp.write_text('name = "x"\n[data]\ndataset = "digits"\nnum_tasks = 2\n')
+    capsys.readouterr()
+    assert main(["site", "check", str(state), "--experiment", str(exp)]) == 0
+    printed = " ".join("".join(capsys.readouterr()).split())
+    assert f"{state / 'site.toml'}: privacy.research_seed is set" in printed
+    assert "anyone who learns it can remove this site's noise" in printed
