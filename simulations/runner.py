@@ -128,17 +128,16 @@ def write_site_configs(experiment: ExperimentConfig, sites_dir: Path) -> list[Pa
 
 
 def fit_weight_unit(experiment: ExperimentConfig, site_configs: list[Path]) -> ExperimentConfig:
-    """With HE on and ``he.max_examples`` left unset: the largest virtual site's training set.
+    """With HE on and ``he.max_examples`` left unset: the most examples any virtual site weights
+    one update by (:func:`largest_update_count`).
 
     Why: a site's CKKS weight is n / ``max_examples``, quantised at a fixed step, so the error
     of the encrypted average grows with the unit (``Packing.error_bound``: contributors · step ·
     max_examples / Σ n). The default 10,000 left sites of a few hundred examples a few percent
     of the 15 bits; under DP-SGD, where two runs can be paired on the same noise, that moved
     digits-domain-il's ACC by −0.44 ± 0.99 points (10 seeds) against HE off
-    (docs/notes/measurements.md). No site trains on more than its training set (a task, its
-    replay buffer, or joint training all draw from it), so no weight is capped. A simulation
-    may count its virtual sites; a deployment cannot (under HE the count travels encrypted), so
-    there the unit stays a setting: its largest site's examples.
+    (docs/notes/measurements.md). A simulation may count its virtual sites; a deployment cannot
+    (under HE the count travels encrypted), so there the unit stays a setting.
     """
     he = experiment.he
     if not he.enabled or "max_examples" in he.model_fields_set or not site_configs:
@@ -147,12 +146,32 @@ def fit_weight_unit(experiment: ExperimentConfig, site_configs: list[Path]) -> E
     from fedcl.config import SiteConfig, load_toml
 
     largest = max(
-        len(load_site_data(experiment, load_toml(SiteConfig, path)).train.y)
+        largest_update_count(experiment, load_site_data(experiment, load_toml(SiteConfig, path)))
         for path in site_configs
     )
-    logger.info("he.max_examples = %d: the largest virtual site's training set", largest)
+    logger.info("he.max_examples = %d: the largest count a virtual site weights by", largest)
     unit = he.model_copy(update={"max_examples": max(1, largest)})
     return experiment.model_copy(update={"he": unit})
+
+
+def largest_update_count(experiment: ExperimentConfig, data) -> int:
+    """The most examples this site's update (or Fisher share) is weighted by in any round.
+
+    A round trains on one task's examples, plus the replay buffer when the method replays
+    (``replay_size`` at most, and never more than the earlier tasks hold); joint training on all
+    of them. Exactly the largest count the site sends, so a unit this large caps no weight.
+    """
+    from fedcl.continual.methods import get_method
+
+    if experiment.is_joint:
+        return len(data.train.y)
+    replays = get_method(experiment.continual.method).replays
+    largest, earlier = 0, 0
+    for k in range(data.stream.num_tasks):
+        n = len(data.train_set(k))
+        buffer = min(experiment.continual.replay_size, earlier) if replays else 0
+        largest, earlier = max(largest, n + buffer), earlier + n
+    return largest
 
 
 def preflight(experiment: ExperimentConfig) -> None:

@@ -121,19 +121,22 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert all(r["participants"] == 3 for r in results["rounds"])
     for site in results["sites"].values():
         assert 0 < site["epsilon"] <= 8.0 + 1e-6
-    # The CKKS weight unit is the largest virtual site's training set (runner.fit_weight_unit),
-    # not the 10,000 default: every site's count fits it, no weight was capped.
+    # The CKKS weight unit is the largest count a virtual site weights an update by
+    # (runner.fit_weight_unit; tests/test_he_weight_unit.py), not the 10,000 default.
     from fedcl.client.site import load_site_data
     from fedcl.config import SiteConfig, load_toml
     from fedcl.simulations.catalog import load_scenario
+    from fedcl.simulations.runner import largest_update_count
 
-    exp = load_scenario("digits-domain-il", ["data.num_tasks=2", "simulation.num_sites=3"])[1]
-    sizes = [
-        len(load_site_data(exp, load_toml(SiteConfig, p)).train.y)
+    exp = load_scenario(
+        "digits-domain-il",
+        ["data.num_tasks=2", "simulation.num_sites=3", 'continual.method="ewc+replay"'],
+    )[1]
+    counts = [
+        largest_update_count(exp, load_site_data(exp, load_toml(SiteConfig, p)))
         for p in sorted((out / "sites").glob("site-*.toml"))
     ]
-    assert results["config"]["he"]["max_examples"] == max(sizes) < 10_000
-    assert all(s["examples"] <= max(sizes) for s in results["sites"].values())
+    assert results["config"]["he"]["max_examples"] == max(counts) < 10_000
     from fedcl.server.registry import Registry
 
     with Registry.open(f"sqlite:///{out / 'registry.db'}") as reg:
