@@ -239,7 +239,9 @@ def _job(state: Path, tasks: list[TensorDataset], task_index: int, **continual) 
     return SimpleNamespace(
         experiment=SimpleNamespace(continual=spec, is_joint=continual.get("joint", False)),
         data=SimpleNamespace(train=range(total), train_set=lambda k: tasks[k]),
-        site=SimpleNamespace(site_id="site-a", state_dir=state),
+        site=SimpleNamespace(
+            site_id="site-a", state_dir=state, privacy=SimpleNamespace(research_seed=None)
+        ),
         state_dir=run,
         task_index=task_index,
     )
