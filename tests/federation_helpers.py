@@ -54,3 +54,18 @@ def run_inprocess(
         grid.offline |= {1000 + i for i in offline}
     status = Coordinator(grid, options).run()
     return status, options, grid
+
+
+def results_and_models(options: CoordinatorOptions, tmp_path: Path) -> tuple[dict, list[bytes]]:
+    """A finished in-process run's results and its stored model versions' bytes, by round."""
+    from fedcl.server.registry import Registry
+    from fedcl.server.results import build_results
+
+    with Registry.open(options.registry_url) as reg:
+        results = build_results(reg, options.run_id)
+        versions = sorted(reg.list_model_versions(options.run_id), key=lambda v: v.server_round)
+    blobs = []
+    for v in versions:
+        path = Path(v.path)
+        blobs.append((path if path.is_absolute() else tmp_path / "artifacts" / path).read_bytes())
+    return results, blobs

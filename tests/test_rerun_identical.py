@@ -15,10 +15,8 @@ import random
 from pathlib import Path
 
 import pytest
-from federation_helpers import run_inprocess
+from federation_helpers import results_and_models, run_inprocess
 
-from fedcl.server.registry import Registry
-from fedcl.server.results import build_results
 from fedcl.simulations.catalog import load_scenario
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,13 +35,7 @@ def _run(tmp_path: Path, python_seed: int) -> tuple[list, list[bytes]]:
     random.seed(python_seed)  # the order Flower samples (and so delivers) the nodes in
     status, opts, _ = run_inprocess(exp, tmp_path)
     assert status == "completed"
-    with Registry.open(opts.registry_url) as reg:
-        results = build_results(reg, opts.run_id)
-        versions = sorted(reg.list_model_versions(opts.run_id), key=lambda v: v.server_round)
-    blobs = []
-    for v in versions:
-        path = Path(v.path)
-        blobs.append((path if path.is_absolute() else tmp_path / "artifacts" / path).read_bytes())
+    results, blobs = results_and_models(opts, tmp_path)
     return results["accuracy_matrix"], blobs
 
 

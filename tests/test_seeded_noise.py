@@ -11,13 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from federation_helpers import run_inprocess
+from federation_helpers import results_and_models, run_inprocess
 
 from fedcl.config import SiteConfig, load_toml
 from fedcl.privacy.dp.seeding import release_seed
 from fedcl.privacy.ledger import PrivacyLedger
-from fedcl.server.registry import Registry
-from fedcl.server.results import build_results
 from fedcl.simulations.catalog import load_scenario
 from fedcl.simulations.runner import write_site_configs
 
@@ -64,13 +62,7 @@ def _run(tmp_path: Path, *extra: str) -> tuple[dict, list[bytes], list[list[tupl
     exp = load_scenario("digits-domain-il", [*DP_RUN, *extra])[1]
     status, opts, _ = run_inprocess(exp, tmp_path)
     assert status == "completed"
-    with Registry.open(opts.registry_url) as reg:
-        results = build_results(reg, opts.run_id)
-        versions = sorted(reg.list_model_versions(opts.run_id), key=lambda v: v.server_round)
-    blobs = []
-    for v in versions:
-        path = Path(v.path)
-        blobs.append((path if path.is_absolute() else tmp_path / "artifacts" / path).read_bytes())
+    results, blobs = results_and_models(opts, tmp_path)
     ledgers = [
         [(e.server_round, e.mechanism, e.noise_multiplier) for e in PrivacyLedger(site).entries()]
         for site in sorted((tmp_path / "sites").glob("site-*/"))
