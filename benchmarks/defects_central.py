@@ -1,7 +1,7 @@
 """Centralised reference for the ``defects`` benchmark: joint accuracy and naive forgetting.
 
-    python benchmarks/defects_central.py [--n 1000] [--image-size 32] [--channels 3]
-        [--epochs 6] [--task-epochs 6] [--out FILE]
+    python benchmarks/defects_central.py [--model cnn|scatter-cnn] [--n 1000] [--image-size 32]
+        [--channels 3] [--epochs 6] [--task-epochs 6] [--out FILE]
 
 Why: a federated, private run can only be judged against what the same model reaches with all
 the data in one place and no privacy. This trains the ``defects-domain-il`` scenarios' CNN
@@ -12,7 +12,9 @@ class and domain, single-threaded, Adam at lr 3e-3, batch 32:
 * ``naive``: the 4 materials in turn (domain-IL, both lightings per task), fine-tuning only;
   its accuracy matrix gives ACC and BWT, i.e. whether the domain shift makes it forget.
 
-Prints a table and writes ``benchmarks/results/defects_central.json``.
+``--model scatter-cnn`` trains the DP benchmark's model instead (``defects-domain-il-large``:
+fixed scattering features + a small CNN). Prints a table and writes
+``benchmarks/results/defects_central.json`` (``defects_central-scatter-cnn.json`` for that model).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "defects_central.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+#: The scenarios' options for each model (``cnn`` as in ``defects-domain-il``).
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {"cnn": {"channels": (8, 16)}, "scatter-cnn": {}}
 TASKS = 4  # materials; domains are ordered material-major, two lightings each
 
 
@@ -58,10 +62,12 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, idx: np.
     return hits / max(1, len(idx))
 
 
-def run(n: int, image_size: int, channels: int, epochs: int, task_epochs: int) -> dict[str, Any]:
+def run(
+    n: int, image_size: int, channels: int, epochs: int, task_epochs: int, name: str = "cnn"
+) -> dict[str, Any]:
     """Generate the data, train joint and naive-sequential, return the figures."""
     from fedcl.datasets import load_builtin, train_test_split_indices
-    from fedcl.models.cnn import SmallCNN
+    from fedcl.models import build_model
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -76,7 +82,10 @@ def run(n: int, image_size: int, channels: int, epochs: int, task_epochs: int) -
 
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
-        return SmallCNN(in_channels=channels, num_classes=4, channels=(8, 16))
+        return build_model(
+            name, in_channels=channels, image_size=image_size, num_classes=4,
+            **MODEL_OPTIONS[name],
+        )  # fmt: skip
 
     t1 = time.perf_counter()
     joint = model()
@@ -94,6 +103,7 @@ def run(n: int, image_size: int, channels: int, epochs: int, task_epochs: int) -
         matrix[t] = [_accuracy(naive, x, y, test[task[test] == k]) for k in range(TASKS)]
     naive_s = time.perf_counter() - t2
     return {
+        "model": name,
         "n_per_class_per_domain": n,
         "image_size": image_size,
         "channels": channels,
@@ -118,26 +128,30 @@ def run(n: int, image_size: int, channels: int, epochs: int, task_epochs: int) -
 def main() -> None:
     """Parse arguments, run, print the table and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODEL_OPTIONS), default="cnn")
     p.add_argument("--n", type=int, default=1000, help="images per class per domain")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6, help="joint training epochs")
     p.add_argument("--task-epochs", type=int, default=6, help="naive epochs per task")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    res = run(a.n, a.image_size, a.channels, a.epochs, a.task_epochs)
+    out = a.out or RESULTS / (
+        "defects_central.json" if a.model == "cnn" else f"defects_central-{a.model}.json"
+    )
+    res = run(a.n, a.image_size, a.channels, a.epochs, a.task_epochs, a.model)
     res["machine"] = {"python": platform.python_version(), "torch": torch.__version__}
     res["timestamp"] = datetime.now(UTC).isoformat(timespec="seconds")
     j, nv = res["joint"], res["naive"]
-    print(f"defects {a.image_size}x{a.image_size}x{a.channels}, {res['images']} images")
+    print(f"defects {a.image_size}x{a.image_size}x{a.channels}, {res['images']} images, {a.model}")
     print(f"{'':8} {'ACC':>6} {'BWT':>7} {'s':>6}")
     print(f"{'joint':8} {j['accuracy']:6.3f} {'':>7} {j['seconds']:6.1f}")
     print(f"{'naive':8} {nv['acc']:6.3f} {nv['bwt']:7.3f} {nv['seconds']:6.1f}")
     print("joint per domain:", {k: round(v, 3) for k, v in j["per_domain"].items()})
     print("naive matrix (row: after task):", nv["accuracy_matrix"])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from fedcl.config.errors import FedclError
 
-from . import cnn, dual, mlp, resnet, vit
+from . import cnn, dual, mlp, resnet, scatter, vit
 
 
 class ModelError(FedclError, ValueError):
@@ -139,6 +139,22 @@ def _build_cnn(
     for i, c in enumerate(channels):
         _positive_int(f"channels[{i}]", c)
     return cnn.SmallCNN(in_channels=in_channels, num_classes=num_classes, channels=channels, ws=ws)
+
+
+def _build_scatter_cnn(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    channels: Sequence[int] = scatter.DEFAULT_CHANNELS,
+) -> nn.Module:
+    del image_size  # adaptive pooling: the architecture does not depend on it
+    channels = tuple(channels)
+    if len(channels) != 2:
+        raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
+    for i, c in enumerate(channels):
+        _positive_int(f"channels[{i}]", c)
+    return scatter.ScatterCNN(in_channels=in_channels, num_classes=num_classes, channels=channels)
 
 
 def _build_resnet18_gn(
@@ -256,6 +272,11 @@ def _build_dual_encoder(
 _MODELS: dict[str, _Spec] = {
     "mlp": _Spec(_build_mlp, 1, "flatten -> hidden layers -> logits; cheapest baseline"),
     "cnn": _Spec(_build_cnn, cnn.MIN_IMAGE_SIZE, "~67k-param GroupNorm CNN, any size >= 8"),
+    "scatter-cnn": _Spec(
+        _build_scatter_cnn,
+        scatter.MIN_IMAGE_SIZE,
+        "fixed wavelet scattering + small CNN (~10k trained); the DP choice, size >= 16",
+    ),
     "resnet18-gn": _Spec(
         _build_resnet18_gn, resnet.MIN_IMAGE_SIZE, "CIFAR ResNet-18 with GroupNorm, ~11.2M"
     ),
@@ -320,6 +341,15 @@ def build_model(
     # A plain attribute, not a buffer: it stays out of the state dict (and so out of updates).
     setattr(model, _OBJECTIVE_ATTR, spec.objective)
     return model
+
+
+def min_image_size(name: str) -> int:
+    """The smallest square input the registered model ``name`` accepts (an unknown name is a
+    ModelError), so callers can choose valid shapes instead of catching the build's error."""
+    spec = _MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    return spec.min_image_size
 
 
 def model_objective(name: str) -> Objective:

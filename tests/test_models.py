@@ -11,7 +11,13 @@ from opacus.grad_sample import GradSampleModuleExpandedWeights, GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedcl.models import ModelError, available_models, build_model, count_parameters
+from fedcl.models import (
+    ModelError,
+    available_models,
+    build_model,
+    count_parameters,
+    min_image_size,
+)
 from fedcl.models.norm import num_groups
 
 SHAPES = [(1, 8), (3, 32)]  # (in_channels, image_size): digits and CIFAR
@@ -65,14 +71,17 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 #: The image classifiers; the dual encoder (built from one of them) is tested in test_vl.py.
 ZOO = [m for m in available_models() if m != "dual-encoder"]
+#: Every (model, in_channels, image_size) of SHAPES the model accepts (scatter-cnn needs >= 16).
+ZOO_SHAPES = [(n, c, s) for n in ZOO for c, s in SHAPES if s >= min_image_size(n)]
 
 
 def test_available_models() -> None:
-    assert available_models() == ["cnn", "dual-encoder", "mlp", "resnet18-gn", "vit-tiny"]
+    assert available_models() == [
+        "cnn", "dual-encoder", "mlp", "resnet18-gn", "scatter-cnn", "vit-tiny"
+    ]  # fmt: skip
 
 
-@pytest.mark.parametrize("in_channels,image_size", SHAPES)
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name,in_channels,image_size", ZOO_SHAPES)
 def test_output_shape_and_validator(name: str, in_channels: int, image_size: int) -> None:
     model = _build(name, in_channels, image_size)
     x, _ = _batch(in_channels, image_size)
@@ -81,8 +90,7 @@ def test_output_shape_and_validator(name: str, in_channels: int, image_size: int
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ew"])
-@pytest.mark.parametrize("in_channels,image_size", SHAPES)
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name,in_channels,image_size", ZOO_SHAPES)
 def test_per_sample_grads_sum_to_batch_grad(
     name: str, in_channels: int, image_size: int, mode: str
 ) -> None:
@@ -115,8 +123,9 @@ def test_per_sample_grads_sum_to_batch_grad(
 @pytest.mark.parametrize("name", ZOO)
 def test_ghost_clipping_norms_match_per_sample_grads(name: str) -> None:
     """Ghost clipping computes per-sample norms without materialising grads; they must agree."""
-    x, y = _batch(1, 8)
-    model = _build(name, 1, 8)
+    size = max(8, min_image_size(name))
+    x, y = _batch(1, size)
+    model = _build(name, 1, size)
     gsm = GradSampleModule(model, loss_reduction="sum")
     nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     expected = torch.stack(
@@ -124,7 +133,7 @@ def test_ghost_clipping_norms_match_per_sample_grads(name: str) -> None:
     ).norm(dim=1)
 
     ghost = GradSampleModuleFastGradientClipping(
-        _build(name, 1, 8), loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True
+        _build(name, 1, size), loss_reduction="sum", max_grad_norm=1.0, use_ghost_clipping=True
     )
     nn.functional.cross_entropy(ghost(x), y, reduction="sum").backward()
     assert _rel_err(ghost.get_norm_sample(), expected) < REL_TOL

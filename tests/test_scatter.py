@@ -1,0 +1,117 @@
+"""The scattering front end of ``scatter-cnn``: fixed, shared by every site, never sent, and a
+filter bank that does what a first-order scattering transform is for (oriented, zero-mean,
+per-example)."""
+
+import math
+
+import pytest
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+
+from fedcl.models import build_model, count_parameters
+from fedcl.models.scatter import J, L, Scattering
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("scatter-cnn", in_channels=3, image_size=32, num_classes=4)
+
+
+def test_filters_are_fixed_and_never_travel() -> None:
+    a, b = _model(0), _model(1)
+    # nothing of the front end is in the state dict: no site sends, averages or encrypts it
+    assert not any(k.startswith("scattering.") or k.startswith("norm.") for k in a.state_dict())
+    assert sum(t.numel() for t in a.state_dict().values()) == count_parameters(a) == 9_812
+    # and every site builds the same filters whatever its torch seed
+    for (name, fa), (_, fb) in zip(
+        a.scattering.named_buffers(), b.scattering.named_buffers(), strict=True
+    ):
+        assert torch.equal(fa, fb), name
+    assert not any(p.requires_grad for p in a.scattering.parameters())
+
+
+def test_wavelets_have_zero_mean_and_the_low_pass_keeps_a_constant() -> None:
+    s = Scattering()
+    flat = torch.full((2, 3, 32, 32), 0.7)
+    out = s(flat)
+    assert out.shape == (2, 3 * (1 + J * L), 8, 8)
+    per_colour = out.reshape(2, 3, 1 + J * L, 8, 8)
+    torch.testing.assert_close(per_colour[:, :, 0], torch.full((2, 3, 8, 8), 0.7))
+    assert per_colour[:, :, 1:].abs().max() < 1e-4  # a flat surface has no edges
+
+
+def _stripes(angle: float, freq: float, size: int = 32) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    return (0.5 + 0.4 * torch.cos(freq * (xx * math.cos(angle) + yy * math.sin(angle))))[None]
+
+
+@pytest.mark.parametrize("j", range(J))
+def test_each_scale_picks_out_one_orientation(j: int) -> None:
+    """Stripes at scale j's frequency light up one orientation of that scale; turning them by
+    90 degrees moves the peak by L/2 orientations: the features see what way a scratch runs."""
+    s = Scattering()
+    freq = 3.0 / 4.0 * math.pi / 2**j
+    peaks = []
+    for angle in (0.0, math.pi / 2):
+        energy = s(_stripes(angle, freq)[None])[0, 1 + j * L : 1 + (j + 1) * L].mean(dim=(1, 2))
+        assert energy.max() > 5 * energy.min(), energy  # selective, not flat
+        peaks.append(int(energy.argmax()))
+    assert (peaks[1] - peaks[0]) % L == L // 2
+
+
+def test_each_example_is_transformed_alone() -> None:
+    """DP-SGD's per-example clipping needs each example's features to be its own: the front end
+    and its normalisation give example 0 the same features alone as in a batch."""
+    model = _model(0)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = model.norm(model.scattering(x[:1]))
+        batched = model.norm(model.scattering(x))[:1]
+    torch.testing.assert_close(alone, batched)
+
+
+def test_learns_under_dp_sgd() -> None:
+    """Through Opacus (the DP mode chooser's choice included) it learns which way stripes run
+    at σ = 1: the wiring from the fixed front end to the trained head is right under DP."""
+    gen = torch.Generator().manual_seed(0)
+    n = 256
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    angles = labels.float() * (math.pi / 2) + 0.2 * torch.randn(n, generator=gen)
+    freqs = 3.0 / 4.0 * math.pi * (0.6 + 0.8 * torch.rand(n, generator=gen))
+    images = torch.stack(
+        [_stripes(float(a), float(f)).expand(3, 32, 32) for a, f in zip(angles, freqs, strict=True)]
+    )
+    images = images + 0.05 * torch.randn(images.shape, generator=gen)
+    model = _model(0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels), batch_size=64
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    engine = PrivacyEngine()
+    private, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+    for _ in range(6):
+        for xb, yb in loader:
+            if len(xb):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(private(xb), yb).backward()
+                optimizer.step()
+    with torch.no_grad():
+        accuracy = (private(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.9
