@@ -19,6 +19,7 @@ The loss itself and the evaluation metric are the model's registered objective
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -277,7 +278,11 @@ class LocalTrainer:
                 if owner is None:
                     with autocast:
                         loss = batch_loss(model, x, y, **kwargs)
-                    loss.backward()
+                    with warnings.catch_warnings():
+                        # Opacus' hooks on a first layer whose input needs no grad: PyTorch
+                        # says so per layer; expected, and not the site admin's concern
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                 else:
                     losses = example_losses(model, x, y, **kwargs)
                     owner.backward(losses)
