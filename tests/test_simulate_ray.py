@@ -150,44 +150,6 @@ def test_simulate_on_ray_with_dp_he_and_ewc(tmp_path) -> None:
     assert len(buffers) == 3  # each site kept its own replay buffer on its own disk
 
 
-def test_the_dp_benchmark_model_trains_on_ray_and_only_its_head_travels(tmp_path) -> None:
-    """defects-domain-il-large's `scatter-cnn` under DP-SGD, CKKS and EWC (its DP Fisher goes
-    through torch.func, where the feature memo must step aside) on the Ray engine, shrunk: every
-    site trains every round, and the encrypted updates carry the 9,812 trained parameters, not
-    the fixed filter bank."""
-    out = tmp_path / "out"
-    proc = fedcl(
-        "simulate",
-        "defects-domain-il-large",
-        "--set", "data.options.n_per_class_per_domain=30",
-        "--set", "data.num_tasks=2",
-        "--set", "train.rounds_per_task=1",
-        "--set", "train.local_epochs=1",
-        "--set", "simulation.num_sites=3",
-        "--set", "dp.epsilon=8",
-        "--set", "he.enabled=true",
-        "--set", 'continual.method="ewc"',
-        "--out", str(out),
-        "--run-id", "scatter",
-        "--no-progress",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "completed", results["reason"]
-    assert results["config"]["model"]["name"] == "scatter-cnn"
-    assert results["lost_site_rounds"]["total"] == 0
-    assert all(r["participants"] == 3 for r in results["rounds"])
-    assert [r["kind"] for r in results["rounds"]].count("consolidate") == 1
-    for site in results["sites"].values():
-        assert 0 < site["epsilon"] <= 8.0 + 1e-6
-    assert results["he"]["model_parameters"] == 9_812
-    from fedcl.server.registry import Registry
-
-    with Registry.open(f"sqlite:///{out / 'registry.db'}") as reg:
-        versions = reg.list_model_versions("scatter")
-    assert versions and all(v.encrypted for v in versions)
-
-
 def test_simulate_serves_the_dashboard_during_and_after_the_run(tmp_path) -> None:
     import re
     import socket
