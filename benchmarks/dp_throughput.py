@@ -56,6 +56,7 @@ CASES: list[tuple[str, int, int]] = [
     ("cnn", 1, 8),
     ("mlp", 3, 32),
     ("cnn", 3, 32),
+    ("scatter-cnn", 3, 32),  # its fixed features memoised after the first pass, as at a site
     ("resnet18-gn", 3, 32),
     ("vit-tiny", 3, 32),
 ]
