@@ -4,17 +4,18 @@
         [--channels 3] [--epochs 6] [--task-epochs 6] [--out FILE]
 
 Why: a federated, private run can only be judged against what the same model reaches with all
-the data in one place and no privacy. This trains the ``defects-domain-il`` scenarios' CNN
-(``cnn`` at channels [8, 16]) on the generator's images with an 80/20 split stratified by
-class and domain, single-threaded, Adam at lr 3e-3, batch 32:
+the data in one place and no privacy. This trains a model of the ``defects-domain-il``
+scenarios (``--model``: ``cnn`` at channels [8, 16], their model until scatter-cnn, the
+default here so the committed reference stays comparable; ``scatter-cnn``, their model now:
+fixed scattering features + a small CNN) on the generator's images with an 80/20 split
+stratified by class and domain, single-threaded, Adam at lr 3e-3, batch 32:
 
 * ``joint``: all 8 domains at once (the upper reference the federated figures are compared to);
 * ``naive``: the 4 materials in turn (domain-IL, both lightings per task), fine-tuning only;
   its accuracy matrix gives ACC and BWT, i.e. whether the domain shift makes it forget.
 
-``--model scatter-cnn`` trains the DP benchmark's model instead (``defects-domain-il-large``:
-fixed scattering features + a small CNN). Prints a table and writes
-``benchmarks/results/defects_central.json`` (``defects_central-scatter-cnn.json`` for that model).
+Prints a table and writes ``benchmarks/results/defects_central.json``
+(``defects_central-scatter-cnn.json`` for ``--model scatter-cnn``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: The scenarios' options for each model (``cnn`` as in ``defects-domain-il``).
+#: Each model's options as the scenarios use (or used) it.
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {"cnn": {"channels": (8, 16)}, "scatter-cnn": {}}
 TASKS = 4  # materials; domains are ordered material-major, two lightings each
 
