@@ -122,6 +122,12 @@ class Scattering(nn.Module):
         return s.reshape(b, c * self.out_per_channel, *s.shape[-2:])
 
 
+def _is_transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` wrapper (vmap/grad), which has no bytes to hash."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return True if check is None else bool(check(x))  # unknown torch: never memoise
+
+
 class FeatureMemo:
     """Content-addressed memo of each example's fixed features, bounded in bytes (LRU).
 
@@ -156,7 +162,7 @@ class FeatureMemo:
             or self.max_bytes <= 0
             # inside torch.func transforms (the EWC Fisher's vmap over grad) an example is a
             # wrapper with no storage of its own to hash: compute it
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or _is_transformed(x)
         ):
             return compute(x)
         keys = [self._key(row) for row in x]
