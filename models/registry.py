@@ -101,6 +101,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _two_stages(channels: Sequence[int]) -> tuple[int, int]:
+    """A two-stage CNN's ``channels`` option, validated."""
+    channels = tuple(channels)
+    if len(channels) != 2:
+        raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
+    for i, c in enumerate(channels):
+        _positive_int(f"channels[{i}]", c)
+    return channels  # type: ignore[return-value]
+
+
 def _build_mlp(
     *,
     in_channels: int,
@@ -133,11 +143,7 @@ def _build_cnn(
 ) -> nn.Module:
     del image_size  # adaptive pooling: the architecture does not depend on it
     _flag("ws", ws)
-    channels = tuple(channels)
-    if len(channels) != 2:
-        raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
-    for i, c in enumerate(channels):
-        _positive_int(f"channels[{i}]", c)
+    channels = _two_stages(channels)
     return cnn.SmallCNN(in_channels=in_channels, num_classes=num_classes, channels=channels, ws=ws)
 
 
@@ -149,12 +155,9 @@ def _build_scatter_cnn(
     channels: Sequence[int] = scatter.DEFAULT_CHANNELS,
 ) -> nn.Module:
     del image_size  # adaptive pooling: the architecture does not depend on it
-    channels = tuple(channels)
-    if len(channels) != 2:
-        raise ModelError(f"channels must have 2 entries (one per stage), got {channels!r}")
-    for i, c in enumerate(channels):
-        _positive_int(f"channels[{i}]", c)
-    return scatter.ScatterCNN(in_channels=in_channels, num_classes=num_classes, channels=channels)
+    return scatter.ScatterCNN(
+        in_channels=in_channels, num_classes=num_classes, channels=_two_stages(channels)
+    )
 
 
 def _build_resnet18_gn(
