@@ -4,25 +4,17 @@ per-example)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from opacus import PrivacyEngine
+from test_simulate_ray import fedcl
 from torch import nn
 
 from fedcl.models import build_model, count_parameters
 from fedcl.models.scatter import FeatureMemo, J, L, Scattering
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int) -> nn.Module:
@@ -166,14 +158,6 @@ def test_ewc_fisher_runs_through_the_front_end() -> None:
         assert value.abs().sum() > 0, name
 
 
-def _fedcl(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "fedcl.cli.main", *args],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-
-
 @pytest.mark.slow
 def test_the_dp_benchmark_model_trains_under_dp_he_ewc_and_only_its_head_travels(
     tmp_path,
@@ -185,7 +169,7 @@ def test_the_dp_benchmark_model_trains_under_dp_he_ewc_and_only_its_head_travels
     engine, Ray's start alone would triple the test (68 s on Ray, 23 s here), and the runtimes
     have tests of their own (tests/test_simulate_ray.py)."""
     out = tmp_path / "out"
-    proc = _fedcl(
+    proc = fedcl(
         "simulate",
         "defects-domain-il-large",
         "--set", "data.options.n_per_class_per_domain=30",
