@@ -258,41 +258,41 @@ class LocalTrainer:
         autocast = autocast_for(self.device, enabled=self.mixed_precision and not private)
         total, batches, with_examples = 0.0, 0, 0
         ema = WeightAverage(model, self.spec.ema) if self.spec.ema > 0 else None
-        for _ in range(self.spec.local_epochs):
-            for batch in loader:
-                x, y = objective.split_batch(batch)
-                if len(y) == 0:  # Poisson sampling can draw an empty batch
-                    if not private:
-                        continue  # nothing to learn from and nothing released
-                    # DP-SGD: the accounted mechanism still releases noise on this draw.
+        with warnings.catch_warnings():  # once a fit, not per batch: the loop is hot
+            # Opacus' hooks on a first layer whose input needs no grad: PyTorch says so per
+            # layer on every backward; expected, and not the site admin's concern
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(self.spec.local_epochs):
+                for batch in loader:
+                    x, y = objective.split_batch(batch)
+                    if len(y) == 0:  # Poisson sampling can draw an empty batch
+                        if not private:
+                            continue  # nothing to learn from and nothing released
+                        # DP-SGD: the accounted mechanism still releases noise on this draw.
+                        optimizer.zero_grad(set_to_none=True)
+                        _empty_clipped_sum(optimizer)
+                        if self._step(model, optimizer, hooks) and ema is not None:
+                            ema.update()
+                        batches += 1  # an empty draw is never split: it always steps
+                        continue
+                    x, y = x.to(self.device), y.to(self.device)
+                    x, y = augment_batch(x, y, self.spec.augment, augment_rng)  # K copies each
                     optimizer.zero_grad(set_to_none=True)
-                    _empty_clipped_sum(optimizer)
-                    if self._step(model, optimizer, hooks) and ema is not None:
-                        ema.update()
-                    batches += 1  # an empty draw is never split: it always steps
-                    continue
-                x, y = x.to(self.device), y.to(self.device)
-                x, y = augment_batch(x, y, self.spec.augment, augment_rng)  # K copies each
-                optimizer.zero_grad(set_to_none=True)
-                kwargs = {"objective": objective, "output_mask": output_mask, "hooks": hooks}
-                if owner is None:
-                    with autocast:
-                        loss = batch_loss(model, x, y, **kwargs)
-                    with warnings.catch_warnings():
-                        # Opacus' hooks on a first layer whose input needs no grad: PyTorch
-                        # says so per layer; expected, and not the site admin's concern
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    kwargs = {"objective": objective, "output_mask": output_mask, "hooks": hooks}
+                    if owner is None:
+                        with autocast:
+                            loss = batch_loss(model, x, y, **kwargs)
                         loss.backward()
-                else:
-                    losses = example_losses(model, x, y, **kwargs)
-                    owner.backward(losses)
-                    loss = losses.detach().mean()
-                stepped = self._step(model, optimizer, hooks)
-                if stepped and ema is not None:
-                    ema.update()
-                total += float(loss.detach())
-                batches += stepped  # a draw split into physical batches is one step
-                with_examples += 1
+                    else:
+                        losses = example_losses(model, x, y, **kwargs)
+                        owner.backward(losses)
+                        loss = losses.detach().mean()
+                    stepped = self._step(model, optimizer, hooks)
+                    if stepped and ema is not None:
+                        ema.update()
+                    total += float(loss.detach())
+                    batches += stepped  # a draw split into physical batches is one step
+                    with_examples += 1
         # The loss is a mean over the batches that had examples (an empty one has no loss);
         # ``steps`` counts every optimizer step, noise-only ones included.
         result = TrainResult(n, batches, total / max(with_examples, 1))
