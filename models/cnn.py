@@ -15,7 +15,7 @@ MIN_IMAGE_SIZE = 8
 DEFAULT_CHANNELS: tuple[int, int] = (32, 64)
 
 
-def _conv_block(in_ch: int, out_ch: int, ws: bool) -> list[nn.Module]:
+def conv_block(in_ch: int, out_ch: int, ws: bool) -> list[nn.Module]:
     """3x3 conv (padded, so small inputs keep their size) -> GroupNorm -> ReLU."""
     return [conv2d(in_ch, out_ch, 3, ws=ws, padding=1), group_norm(out_ch, 8), nn.ReLU()]
 
@@ -35,11 +35,11 @@ class SmallCNN(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            *_conv_block(in_channels, c1, ws),
-            *_conv_block(c1, c1, ws),
+            *conv_block(in_channels, c1, ws),
+            *conv_block(c1, c1, ws),
             nn.MaxPool2d(2),
-            *_conv_block(c1, c2, ws),
-            *_conv_block(c2, c2, ws),
+            *conv_block(c1, c2, ws),
+            *conv_block(c2, c2, ws),
             nn.MaxPool2d(2),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import group_norm
+from .cnn import conv_block
 
 MIN_IMAGE_SIZE = 16  # the reflected border (10 px at j = 1) needs more than 10 px a side
 DEFAULT_CHANNELS: tuple[int, int] = (16, 16)
@@ -194,10 +194,6 @@ class FeatureMemo:
 MEMO = FeatureMemo()
 
 
-def _conv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_ch, out_ch, 3, padding=1), group_norm(out_ch, 8), nn.ReLU()]
-
-
 class ScatterCNN(nn.Module):
     """Fixed scattering front end, per-example normalisation, then a trained two-stage CNN."""
 
@@ -215,7 +211,7 @@ class ScatterCNN(nn.Module):
         # groups of three maps (Tramèr & Boneh's 27 groups of 243), no affine: nothing to learn
         self.norm = nn.GroupNorm(width // 3 if width % 3 == 0 else 1, width, affine=False)
         self.features = nn.Sequential(
-            *_conv_block(width, c1), nn.MaxPool2d(2), *_conv_block(c1, c2)
+            *conv_block(width, c1, False), nn.MaxPool2d(2), *conv_block(c1, c2, False)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(c2, num_classes)
