@@ -295,6 +295,14 @@ _MODELS: dict[str, _Spec] = {
 _SHARED = ("in_channels", "image_size", "num_classes", "class_names", "held_out")
 
 
+def _spec(name: str) -> _Spec:
+    """The registry row of ``name``; an unknown name is a ModelError listing the valid ones."""
+    spec = _MODELS.get(name)
+    if spec is None:
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    return spec
+
+
 def available_models() -> list[str]:
     """Names accepted by :func:`build_model`, sorted, for CLI choices and error messages."""
     return sorted(_MODELS)
@@ -319,9 +327,7 @@ def build_model(
     Raises :class:`ModelError` for an unknown name, an unknown keyword or invalid values, so a
     bad config fails before any client trains.
     """
-    spec = _MODELS.get(name)
-    if spec is None:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    spec = _spec(name)
     _positive_int("in_channels", in_channels)
     _positive_int("image_size", image_size)
     _positive_int("num_classes", num_classes)
@@ -349,17 +355,13 @@ def build_model(
 def min_image_size(name: str) -> int:
     """The smallest square input the registered model ``name`` accepts (an unknown name is a
     ModelError), so callers can choose valid shapes instead of catching the build's error."""
-    spec = _MODELS.get(name)
-    if spec is None:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    spec = _spec(name)
     return spec.min_image_size
 
 
 def model_objective(name: str) -> Objective:
     """The objective the registered model ``name`` trains (unknown names are a ModelError)."""
-    spec = _MODELS.get(name)
-    if spec is None:
-        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")
+    spec = _spec(name)
     return spec.objective
 
 
