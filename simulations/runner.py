@@ -226,6 +226,10 @@ def run_plan(plan: SimulationPlan) -> dict[str, Any]:
     experiment = prepare_keys(plan.experiment, plan.out_dir)
     site_configs = write_site_configs(experiment, plan.sites_dir)
     experiment = plan.experiment = fit_weight_unit(experiment, site_configs)
+    if plan.engine != "inprocess":  # the sites train in Ray actors, not in this process
+        from fedcl.client.site import forget_site_data
+
+        forget_site_data()
     (plan.out_dir / "experiment.json").write_text(
         json.dumps(experiment.model_dump(mode="json"), indent=2)
     )

@@ -95,3 +95,34 @@ def test_no_site_update_is_capped_at_the_fitted_unit(tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="fedcl.privacy.ckks"):
         run_inprocess(lower, tmp_path / "lower")
     assert [r for r in caplog.records if "exceed he.max_examples" in r.getMessage()]
+
+
+def test_the_ray_driver_counts_the_sites_then_drops_their_data(tmp_path, monkeypatch) -> None:
+    """Fitting the unit reads every virtual site's data in the driver; under Ray the sites
+    train in actors, so the driver lets go of that copy before the runtime starts (the
+    in-process engine keeps it: its sites train in this process)."""
+    from fedcl.client import site
+    from fedcl.simulations import runner
+
+    seen: dict[str, int] = {}
+
+    class Started(Exception):
+        pass
+
+    def runtime_starts(options) -> None:
+        seen["sites"] = len(site._SITE_DATA)
+        seen["datasets"] = site._builtin.cache_info().currsize
+        seen["unit"] = options.experiment.he.max_examples
+        raise Started
+
+    monkeypatch.setattr(runner, "_run_ray", runtime_starts)
+    exp = load_scenario("digits-domain-il", ["he.enabled=true"])[1]
+    plan = runner.SimulationPlan(exp, "digits-domain-il", tmp_path / "out", "r", engine="ray")
+    with pytest.raises(Started):
+        runner.run_plan(plan)
+    assert seen == {
+        "sites": 0,
+        "datasets": 0,
+        "unit": _fitted(tmp_path, "he.enabled=true")[1].he.max_examples,
+    }
+    assert seen["unit"] < 10_000  # the sites were counted before their data was dropped
