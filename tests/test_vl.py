@@ -26,6 +26,12 @@ def defects():
     return load_builtin("captioned-defects", n_per_class_per_domain=2, image_size=8)
 
 
+@pytest.fixture(scope="module")
+def defects16():
+    """The same at 16 px: the smallest image the scattering front end takes."""
+    return load_builtin("captioned-defects", n_per_class_per_domain=2, image_size=16)
+
+
 def dual(data, **options):
     """A small dual encoder (a one-layer MLP image tower unless ``image`` says otherwise)."""
     if "image" not in options:
@@ -91,9 +97,11 @@ def test_stream_leaves_held_out_classes_to_a_zero_shot_column(defects):
         ("cnn", ["projections"], {}),
         ("cnn", ["image", "projections"], {}),
         ("cnn", ["image", "text", "projections"], {"text": "bag", "image_pool": "max"}),
+        # defects-vl's: the fixed scattering front end (memoised per example) under the max pool
+        ("scatter-cnn", ["image", "text", "projections"], {"text": "bag", "image_pool": "max"}),
     ],
 )
-def test_opacus_per_sample_gradients_are_exact(defects, image, train, extra):
+def test_opacus_per_sample_gradients_are_exact(defects, defects16, image, train, extra):
     """Opacus' per-sample gradients equal one loss.backward() per example, text side included.
 
     The text tower sees the same prompts for every example; only its per-example copies under
@@ -106,10 +114,12 @@ def test_opacus_per_sample_gradients_are_exact(defects, image, train, extra):
         "mlp": {"hidden": [16]},
         "vit-tiny": {"dim": 16, "depth": 1, "heads": 2},
         "cnn": {"channels": [8, 8]},
+        "scatter-cnn": {"channels": [8, 8]},
     }
-    model = dual(defects, image=image, image_options=small[image], train=train, **extra)
+    data = defects16 if image == "scatter-cnn" else defects
+    model = dual(data, image=image, image_options=small[image], train=train, **extra)
     reference = copy.deepcopy(model).train()
-    x = torch.from_numpy(defects.x[:5])
+    x = torch.from_numpy(data.x[:5])
     y = torch.tensor([1, 2, 3, 4, 6])  # seen compositions
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     F.cross_entropy(wrapped(x), y).backward()
