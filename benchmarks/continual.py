@@ -3,6 +3,7 @@
     python benchmarks/continual.py [--quick] [--scenarios a,b] [--methods a,b] [--no-dp | --dp-only]
         [--no-he] [--epsilon 8] [--seeds 0,1,2] [--engine inprocess|ray] [--set KEY=VALUE ...]
         [--out FILE] [--resume] [--keep] [--verbose]
+    python benchmarks/continual.py --table REPORT.json [REPORT.json ...]   # one markdown table
 
 For each built-in scenario (``digits-class-il``, ``digits-domain-il``, ``digits-task-il``,
 ``defects-domain-il``; 5 non-IID sites, their default) every ``continual.method`` runs (naive,
@@ -373,6 +374,66 @@ def plot(rows: list[dict[str, Any]], methods: list[str], path: Path, title: str)
     return path
 
 
+# The four settings of the grid, in the order of a table's columns: (DP, HE).
+SETTINGS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def _setting_label(dp: bool, he: bool, epsilon: str) -> str:
+    return f"{f'DP ε={epsilon}' if dp else 'no DP'}, HE {'on' if he else 'off'}"
+
+
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+    """One markdown table from the JSON reports of several runs of this script (``--table``).
+
+    Each report holds one HE setting (``--no-he`` or not) and one or both DP settings; the table
+    puts the four (DP, HE) settings side by side per scenario and method, so a README's table
+    is generated from the committed JSON rather than copied by hand. ``HE on − off`` is the
+    difference of the mean ACC in points; lost site-rounds are failed plus refused, over seeds.
+    """
+    cells: dict[tuple[str, str], dict[tuple[bool, bool], dict[str, Any]]] = {}
+    epsilon: set[float] = set()
+    for report in reports:
+        for row in report["rows"]:
+            key = (row["scenario"], row["method"])
+            cells.setdefault(key, {})[(row["dp"], bool(report["he"]))] = row
+            if row["dp"] and row.get("epsilon_target") is not None:
+                epsilon.add(row["epsilon_target"])
+    present = [s for s in SETTINGS if any(s in by for by in cells.values())]
+    eps = "/".join(f"{e:g}" for e in sorted(epsilon)) or "–"
+    header = ["scenario", "method"]
+    for dp, he in present:
+        header += [f"{_setting_label(dp, he, eps)}: ACC", "BWT"]
+    pairs = [dp for dp in (False, True) if (dp, False) in present and (dp, True) in present]
+    header += [f"HE on − off, {'DP' if dp else 'no DP'} (pts)" for dp in pairs]
+    dp_present = any(dp for dp, _ in present)
+    if dp_present:
+        header += ["max ε", "lost site-rounds (DP)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (scenario, method), by in cells.items():
+        line = [scenario, method]
+        for setting in present:
+            row = by.get(setting)
+            if row is None:
+                line += ["–", "–"]
+                continue
+            acc = _fmt_stat(row["avg_accuracy"], ".3f")
+            if row["status"] != "completed":
+                acc += f" ({row['completed']}/{len(row['runs'])} ok)"
+            line += [acc, _fmt_stat(row["bwt"])]
+        for dp in pairs:
+            on, off = by.get((dp, True)), by.get((dp, False))
+            means = [r["avg_accuracy"]["mean"] if r else None for r in (on, off)]
+            line.append("–" if None in means else f"{100 * (means[0] - means[1]):+.1f}")
+        if dp_present:
+            dp_rows = [by[s] for s in present if s[0] and s in by]
+            eps_max = _max_or_none([r["epsilon_max"] for r in dp_rows])
+            line.append("–" if eps_max is None else f"{eps_max:.2f}")
+            lost = sum(r["failed_site_rounds"] + r["refused_site_rounds"] for r in dp_rows)
+            line.append(str(lost))
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def machine_info() -> dict[str, Any]:
     from importlib import metadata
 
@@ -460,6 +521,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="reuse the runs already in --out whose configuration and overrides match",
     )
     parser.add_argument("--verbose", action="store_true", help="show fedcl's logs and warnings")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print one markdown table from earlier reports (one per HE setting) and exit",
+    )
     args = parser.parse_args(argv)
 
     from fedcl.simulations.catalog import builtin_scenarios
@@ -491,6 +559,9 @@ def _quiet(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table([json.loads(p.read_text()) for p in args.table]), end="")
+        return 0
 
     import torch
 
