@@ -93,7 +93,9 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(job.config.get(P.PROXIMAL_MU, 0.0))
         if mu > 0:
             hooks.append(ProximalTerm(mu, [p for p in model.parameters() if p.requires_grad]))
-        if privacy is not None:  # DP on: a plan for this N, the most ε per run, the budget
+        # DP on: a plan for this N, the most ε per run, the budget. A task with no example
+        # here touches no data and releases nothing: a zero-weight reply, as without DP.
+        if privacy is not None and len(data) > 0:
             release = privacy.training_release(len(data))
             if not isinstance(release, DPRelease):  # no sampling plan fits this task here
                 return _refused(msg, job, privacy, release, scored)

@@ -200,8 +200,10 @@ class DPSpec(_Strict):
     epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     #: Smallest expected Poisson batch a task's sampling plan may have; a task whose N gives
-    #: less (at q = 1/2) is refused at that site (``fedcl.privacy.dp.sampling_plan``).
-    min_expected_batch: float = Field(1.0, ge=1)
+    #: less (at q = 1/2) is refused at that site (``fedcl.privacy.dp.sampling_plan``). The
+    #: default, one example at q = 1/2, lets every task with an example train; a site that
+    #: would rather not spend ε on a task that small raises it (e.g. 8).
+    min_expected_batch: float = Field(0.5, ge=0.5)
     #: What evaluation tells the coordinator under DP: per-task counts with Gaussian noise,
     #: charged to the site's ledger before they leave (``noised``), nothing (``withheld``), or
     #: exact counts and losses, unaccounted (``clear``; a site that requires DP refuses it).

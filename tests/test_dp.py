@@ -203,18 +203,22 @@ def test_a_task_smaller_than_the_batch_gets_a_plan_of_its_own(caplog) -> None:
     plan = sampling_plan(100, 16)  # a task larger than the batch draws like the plain loader
     assert (plan.batches_per_epoch, plan.sample_rate) == (7, 1 / 7)
     assert planned_release(9, 16, 2, 1.0, DELTA).steps == 4  # local_epochs × k
-    # The experiment's floor refuses a task, by name and numbers (NoSamplingPlan, not the run).
+    # One example still has a plan (q = 1/2, half the draws empty): by default every task
+    # with an example trains. The experiment's floor, when raised, refuses a task by name and
+    # numbers (NoSamplingPlan, not the run).
+    assert planned_release(1, 1, 1, 1.0, DELTA).sample_rate == 0.5
     with pytest.raises(
         NoSamplingPlan, match=r"1 training example\(s\) give an expected batch of 0\.5"
     ):
-        planned_release(1, 1, 1, 1.0, DELTA)
+        planned_release(1, 1, 1, 1.0, DELTA, min_expected_batch=1)
     with pytest.raises(NoSamplingPlan, match="dp.min_expected_batch = 3"):
         sampling_plan(5, 16, min_expected_batch=3)
     assert sampling_plan(6, 16, min_expected_batch=3).expected_batch_size == 3
     with pytest.raises(NoSamplingPlan, match="at least 1 training example, got 0"):
         planned_release(0, 8, 1, 1.0, DELTA)
-    with pytest.raises(DPConfigError, match=r"0\.005 × 100 = 0\.5 is below 1"):
-        check_sample_rate(100, 0.005)
+    with pytest.raises(DPConfigError, match=r"0\.004 × 100 = 0\.4 is below 0\.5"):
+        check_sample_rate(100, 0.004)  # more than half the draws empty
+    check_sample_rate(100, 0.005)
     with pytest.raises(DPConfigError, match=r"q = 1\.0"):
         check_sample_rate(10, 1.0, batch_size=32)
     with caplog.at_level(logging.WARNING, logger="fedcl.privacy"):

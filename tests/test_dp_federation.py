@@ -120,6 +120,25 @@ def test_small_tasks_get_their_own_plan_and_only_one_no_plan_fits_is_refused(tmp
     assert last == "not a plain success: " + run.reason
 
 
+def test_a_task_with_one_example_trains_and_is_charged(tmp_path) -> None:
+    """Class-IL at α = 0.02: site-2 holds one example of task 0. By default it trains that task
+    at q = 1/2 (two draws, one expected empty) and its ledger is charged; no site-round is lost.
+    ``digits-many-sites`` and ``digits-vl`` under ``--set dp.epsilon=8`` lost 832 / 1,000 and
+    3 / 75 site-rounds this way while the floor was one expected example."""
+    over = [*SMALL, "dp.epsilon=8", "data.partition.alpha=0.02", "data.partition.seed=0"]
+    exp = load_scenario("digits-class-il", over)[1]
+    status, opts, _ = run_inprocess(exp, tmp_path)
+    assert status == "completed"
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+        run = reg.get_run(opts.run_id)
+    tiny = _dp_sgd(PrivacyLedger(tmp_path / "sites" / "site-2"), opts.run_id)[1]
+    assert (tiny.sample_rate, tiny.steps) == (0.5, 2 * exp.train.local_epochs)
+    assert results["lost_site_rounds"]["total"] == 0, results["lost_site_rounds"]
+    assert run.reason is None or "lost" not in run.reason
+    assert 0 < results["sites"]["site-2"]["epsilon"] <= 8.0 + 1e-6
+
+
 def test_a_sites_physical_batch_bounds_each_pass_and_changes_no_charge(tmp_path, monkeypatch):
     """``simulation.max_physical_batch`` reaches every site.toml; each site's DP-SGD draws then
     go through Opacus' BatchSplittingSampler in passes of at most that many examples, and the

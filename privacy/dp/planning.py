@@ -29,8 +29,9 @@ SMALL_EXPECTED_BATCH = 8.0
 #: subsampling amplifies; with q = 1 every draw holds every example and nothing does.
 MIN_BATCHES_PER_EPOCH = 2
 #: The smallest expected batch a plan may have unless the experiment says otherwise
-#: (``dp.min_expected_batch``): below one example most draws are empty.
-MIN_EXPECTED_BATCH = 1.0
+#: (``dp.min_expected_batch``): one example at q = 1/2, so every task with an example has a
+#: plan and trains. Below 1/2 more than half the draws are empty ((1 − q)^N ≥ 1 − q·N).
+MIN_EXPECTED_BATCH = 0.5
 
 
 class DPConfigError(FedclError, ValueError):
@@ -64,8 +65,9 @@ def check_sample_rate(
 ) -> None:
     """Refuse sampling that gives no privacy amplification or mostly empty batches.
 
-    Raises :class:`DPConfigError` (with the numbers) when q = 1.0 or q·N < 1; logs a warning
-    when q·N < 8, where per-batch noise (σ·C / q·N) swamps the averaged gradient.
+    Raises :class:`DPConfigError` (with the numbers) when q = 1.0 or q·N < 1/2, where more
+    than half the draws are empty ((1 − q)^N ≥ 1 − q·N); logs a warning when q·N < 8, where
+    per-batch noise (σ·C / q·N) swamps the averaged gradient.
     """
     if n_examples < 1:
         raise DPConfigError(f"DP-SGD needs at least 1 training example, got {n_examples}")
@@ -81,11 +83,11 @@ def check_sample_rate(
             + (f"use {hint} or add data" if hint else "add data (one example cannot be sampled)")
         )
     expected = n_examples * sample_rate
-    if expected < 1.0:
+    if expected < MIN_EXPECTED_BATCH:
         raise DPConfigError(
             f"expected batch size q·N = {sample_rate:.4g} × {n_examples} = {expected:.3g} is "
-            "below 1 example: most Poisson batches would be empty; raise the sample rate "
-            "(batch_size) or add data"
+            f"below {MIN_EXPECTED_BATCH:g} example: most Poisson batches would be empty; raise "
+            "the sample rate (batch_size) or add data"
         )
     if expected < SMALL_EXPECTED_BATCH:
         logger.warning(
