@@ -83,11 +83,17 @@ def plan_window(job: SiteJob) -> WindowPlan:
         big = min(spec.reference, n_ref_pool)
     n = min(n, big // 2)
     if job.experiment.dp.enabled and (n, big) != (spec.window, spec.reference):
-        need = spec.window + spec.reference if win_task == ref_task else spec.reference
+        if win_task == ref_task:  # both from one pool: the window at most a quarter of it
+            task, have = ref_task, n_ref_pool
+            need = max(spec.window + spec.reference, 4 * spec.window)
+        elif n_ref_pool < spec.reference:
+            task, have, need = ref_task, n_ref_pool, spec.reference
+        else:
+            task, have, need = win_task, n_win_pool, spec.window
         raise FedclError(
             f"site {job.site.site_id}: drift under DP needs a window of drift.window = "
             f"{spec.window} and a reference of drift.reference = {spec.reference} examples; "
-            f"task {ref_task} has {n_ref_pool} here (at least {need} needed): lower them"
+            f"task {task} has {have} here (at least {need} needed): lower them"
         )
     if n < MIN_WINDOW:
         raise FedclError(
@@ -103,9 +109,16 @@ def release(job: SiteJob) -> DriftRelease:
 
 
 def site_key(job: SiteJob) -> bytes:
-    """This round's key: the site's secret key (``replay.key``), the run and the round."""
-    secret = load_or_create_key(job.site.state_dir, research_seed=job.site.privacy.research_seed)
-    label = f"fedcl-drift/{job.run_id}/{job.server_round}".encode()
+    """This round's key: the site's secret key (``replay.key``), the run and the round.
+
+    With a research seed the run is left out: two runs of one experiment then draw the same
+    windows, as they draw the same noise (``fedcl.privacy.dp.seeding``); with the run in it,
+    every ``fedcl simulate`` (a new run id each) monitored other windows.
+    """
+    research_seed = job.site.privacy.research_seed
+    secret = load_or_create_key(job.site.state_dir, research_seed=research_seed)
+    run = "research-seed" if research_seed is not None else job.run_id
+    label = f"fedcl-drift/{run}/{job.server_round}".encode()
     return hmac.new(secret, label, hashlib.sha256).digest()
 
 

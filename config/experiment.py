@@ -361,9 +361,9 @@ class DriftSpec(_Strict):
             raise ValueError("drift.calibration = 'fixed' needs drift.threshold (e.g. 0.15)")
         if self.threshold is not None and self.calibration != "fixed":
             raise ValueError("drift.threshold is only read with drift.calibration = 'fixed'")
-        if self.reference <= self.window:
+        if self.reference < 2 * self.window:  # the monitor's window is at most half its reference
             raise ValueError(
-                f"drift.reference ({self.reference}) must be larger than drift.window "
+                f"drift.reference ({self.reference}) must be at least twice drift.window "
                 f"({self.window}); 3x is a good start"
             )
         trigger = self.trigger

@@ -163,6 +163,7 @@ def test_config_turns_on_and_names_the_field() -> None:
     for bad, field in (
         ({"drift": {"calibration": "fixed"}}, "drift.threshold"),
         ({"drift": {"window": 100, "reference": 100}}, "drift.reference"),
+        ({"drift": {"window": 100, "reference": 199}}, "at least twice drift.window"),
         ({"drift": {"action": "new-task"}}, "drift.trigger.min_sites"),
         ({"drift": {"detector": "psi"}, "dp": {"epsilon": 8}}, "drift.detector"),
         ({"drift": {"projection": "pca"}, "dp": {"epsilon": 8}}, "drift.projection"),

@@ -93,11 +93,13 @@ def test_seeded_dp_run_reruns_bit_identically(tmp_path, method, releases, kinds)
 
 
 def test_seeded_drift_reports_repeat(tmp_path) -> None:
-    """The DP drift report (a Gaussian release of its own) draws from the site's seed too."""
+    """The DP drift report (a Gaussian release of its own) draws from the site's seed too, and
+    so do its keyed window and reference: a second run (another run id, as every `fedcl
+    simulate` gets) reports the same scores."""
     from fedcl.client.app import app
     from fedcl.config import protocol as P
 
-    def drift_metrics(out: Path, *extra: str) -> list[dict]:
+    def drift_metrics(out: Path, *extra: str, run_id: str = "test-run") -> list[dict]:
         exp = load_scenario(
             "digits-drift",
             [
@@ -118,11 +120,11 @@ def test_seeded_drift_reports_repeat(tmp_path) -> None:
                 replies.append(dict(reply.content.metric_records[P.METRICS]))
             return reply
 
-        status, _opts, _ = run_inprocess(exp, out, intercept=spy)
+        status, _opts, _ = run_inprocess(exp, out, intercept=spy, run_id=run_id)
         assert status == "completed"
         return sorted(replies, key=repr)
 
     a = drift_metrics(tmp_path / "a", "simulation.research_seeds=true")
-    b = drift_metrics(tmp_path / "b", "simulation.research_seeds=true")
+    b = drift_metrics(tmp_path / "b", "simulation.research_seeds=true", run_id="another-run")
     assert a and all(m for m in a) and a == b  # the noised scores, to the bit
     assert drift_metrics(tmp_path / "c") != a  # the OS's noise
