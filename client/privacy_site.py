@@ -203,9 +203,13 @@ class SitePrivacy:
         drift = tuple(self.planned_drift_releases())
         if not self.composition.parallel:
             training = tuple((t.sample_rate, t.steps, t.group_size) for t in tasks)
-            others = tuple(
-                self.planned_fisher_releases() + self.planned_evaluation_releases() + list(drift)
-            )
+            fixed = {
+                FISHER: self.planned_fisher_releases(),
+                EVALUATIONS: self.planned_evaluation_releases(),
+                DRIFT: list(drift),
+            }
+            _check_fixed_releases(fixed, epsilon, self.delta)
+            others = tuple(r for releases in fixed.values() for r in releases)
             sigma = _planned_sigma(epsilon, self.delta, training, others)
             return {t.task: sigma for t in tasks} or {0: sigma}
         _check_fixed_cell(self.planned_evaluation_releases(), epsilon, self.delta, "the test data")
@@ -214,7 +218,9 @@ class SitePrivacy:
         for t in tasks:
             # Every drift report counts in every task's cell: a report samples the reference
             # task's data and the task a drift event says the site sees (an upper bound).
-            others = (*fisher.get(t.task, ()), *drift)
+            fixed = {FISHER: list(fisher.get(t.task, ())), DRIFT: list(drift)}
+            _check_fixed_releases(fixed, epsilon, self.delta)
+            others = (*fixed[FISHER], *fixed[DRIFT])
             training = ((t.sample_rate, t.steps, t.group_size),)
             out[t.task] = _planned_sigma(epsilon, self.delta, training, others)
         return out
@@ -530,6 +536,35 @@ def _check_fixed_cell(
         )
 
 
+#: The releases of fixed σ a site plans besides DP-SGD, named by what the user would change.
+FISHER = "EWC's DP Fisher (continual.fisher_noise_multiplier)"
+EVALUATIONS = (
+    'the noised evaluations (dp.evaluation_noise_multiplier, or dp.evaluation = "withheld")'
+)
+DRIFT = "the drift reports (drift.noise_multiplier)"
+
+
+def _check_fixed_releases(
+    fixed: dict[str, list[tuple[float, float, int]]], epsilon: float, delta: float
+) -> None:
+    """The releases of fixed σ must leave DP-SGD some ε: else name each kind's share."""
+    from fedcl.privacy.dp import DPConfigError
+
+    releases = [r for group in fixed.values() for r in group]
+    spent = compose_epsilon(releases, delta, "rdp") if releases else 0.0
+    if spent < epsilon:
+        return
+    shares = "; ".join(
+        f"{name}: ε = {compose_epsilon(group, delta, 'rdp'):.2f} over {len(group)}"
+        for name, group in fixed.items()
+        if group
+    )
+    raise DPConfigError(
+        f"the releases besides DP-SGD alone spend ε = {spent:.2f} ≥ dp.epsilon = {epsilon}, "
+        f"leaving training nothing ({shares}); raise the σ named, or dp.epsilon"
+    )
+
+
 @lru_cache(maxsize=256)
 def _planned_sigma(
     epsilon: float,
@@ -551,14 +586,7 @@ def _planned_sigma(
     if not others and len({(q, g) for q, _s, g in training}) == 1 and training[0][2] == 1:
         steps = sum(s for _q, s, _g in training)
         return plan_noise(epsilon=epsilon, delta=delta, sample_rate=training[0][0], steps=steps)
-    fixed = list(others)
-    if fixed and compose_epsilon(fixed, delta, "rdp") >= epsilon:
-        raise DPConfigError(
-            f"the releases besides DP-SGD (EWC's Fisher, the noised evaluations) alone spend "
-            f"ε = {compose_epsilon(fixed, delta, 'rdp'):.2f} ≥ dp.epsilon = {epsilon}; raise "
-            "continual.fisher_noise_multiplier or dp.evaluation_noise_multiplier, or set "
-            'dp.evaluation = "withheld"'
-        )
+    fixed = list(others)  # checked by the caller (_check_fixed_releases), which names them
     if not training:
         return 1.0  # nothing is trained at this site: σ is never used
 

@@ -330,3 +330,26 @@ def test_under_dp_a_drift_report_is_charged_before_it_is_computed(tmp_path, monk
         assert site_record[P.STATUS] == P.STATUS_REFUSED
         assert "budget" in str(site_record[P.DETAIL])
         assert not set(dict(reply.content.metric_records[P.METRICS])) & set(RELEASED_KEYS)
+
+
+def test_drift_reports_that_leave_training_no_budget_are_named(tmp_path) -> None:
+    """σ = 0.5 drift reports, one a round, spend ε = 8 before DP-SGD gets any: every site
+    fails with an error naming the drift reports' share and the field to raise (it used to
+    blame EWC's Fisher and the evaluations, which this run does not even use)."""
+    from federation_helpers import run_inprocess
+
+    from fedcl.server.registry import Registry
+    from fedcl.server.results import build_results
+
+    exp = _drift_experiment(
+        "dp.epsilon=8", "dp.evaluation='withheld'", "drift.noise_multiplier=0.5",
+        "simulation.num_sites=2",
+    )  # fmt: skip
+    _status, opts, _ = run_inprocess(exp, tmp_path)
+    with Registry.open(opts.registry_url) as reg:
+        results = build_results(reg, opts.run_id)
+    for site in ("site-0", "site-1"):
+        (error,) = results["sites"][site]["errors"]
+        assert "the drift reports (drift.noise_multiplier): ε =" in error, error
+        assert "Fisher" not in error and "evaluations" not in error
+    assert results["lost_site_rounds"]["failed"] >= 2
