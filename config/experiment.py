@@ -80,7 +80,7 @@ class StrategySpec(_Strict):
 
 
 #: The training settings DP-SGD takes its own values for (``[train.dp]``, :func:`dp_recipe`).
-DP_RECIPE_FIELDS = ("batch_size", "lr", "momentum", "ema", "augment")
+DP_RECIPE_FIELDS = ("optimizer", "batch_size", "lr", "momentum", "ema", "augment")
 
 
 class AugmentSpec(_Strict):
@@ -133,6 +133,9 @@ class TrainDPSpec(_Strict):
     #: it (``"train"``), or the DP recipe in any case (``"recipe"``: what a built-in scenario
     #: says, its ``[train]`` being tuned without DP).
     base: Literal["train", "recipe"] = "train"
+    #: Adam's per-coordinate step scales DP noise up: a scenario whose non-private training
+    #: needs Adam (plain SGD without clipping diverges there) trains with SGD under DP.
+    optimizer: Literal["sgd", "adam"] | None = None
     batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0)
     momentum: float | None = Field(None, ge=0, lt=1)
@@ -143,8 +146,8 @@ class TrainDPSpec(_Strict):
 class TrainSpec(_Strict):
     """Local training at each site and the round schedule.
 
-    Under DP, ``batch_size``, ``lr``, ``momentum``, ``ema`` and ``augment`` are resolved from
-    ``[train.dp]`` and the DP recipe when the experiment is validated
+    Under DP, ``optimizer``, ``batch_size``, ``lr``, ``momentum``, ``ema`` and ``augment`` are
+    resolved from ``[train.dp]`` and the DP recipe when the experiment is validated
     (:func:`resolve_dp_training`), so every reader of ``train`` (the trainer, the site's noise
     planner) sees the values DP-SGD uses.
     """
@@ -570,7 +573,10 @@ def resolve_dp_training(train: TrainSpec) -> TrainSpec:
     and validated again (what every site does with the experiment it receives), resolves to
     the same values.
     """
-    recipe = dp_recipe(train)
+    # The recipe is the optimizer's: resolve that first ([train.dp]'s, else [train]'s).
+    recipe = dp_recipe(
+        train.model_copy(update={"optimizer": train.dp.optimizer or train.optimizer})
+    )
     values = {}
     for name in DP_RECIPE_FIELDS:
         chosen = getattr(train.dp, name)

@@ -82,6 +82,19 @@ def test_an_experiment_file_keeps_its_explicit_values_and_fills_the_rest() -> No
     assert _train(domain) == (128, 0.3, 0.0, 0.0)
 
 
+def test_a_scenario_can_train_with_sgd_under_dp_only() -> None:
+    """digits-vl trains with Adam in clear and with SGD under DP ([train.dp] optimizer): SGD
+    takes the recipe's batch and average; the user's --set train.optimizer wins under DP too."""
+    _, plain = load_scenario("digits-vl")
+    assert (plain.train.optimizer, *_train(plain)) == ("adam", 16, 0.003, 0.0, 0.0)
+    _, dp = load_scenario("digits-vl", ["dp.epsilon=8"])
+    assert (dp.train.optimizer, *_train(dp)) == ("sgd", 128, 0.3, 0.0, 0.9)
+    _, mine = load_scenario("digits-vl", ["dp.epsilon=8", 'train.optimizer="adam"'])
+    assert mine.train.optimizer == "adam" and mine.train.batch_size == 16  # no Adam recipe
+    again = ExperimentConfig.model_validate_json(dp.model_dump_json())  # what a site reads
+    assert again.train == dp.train
+
+
 def test_resolution_survives_the_round_trip_to_the_sites() -> None:
     """Every site re-validates the experiment it receives: it must train with the same values."""
     for overrides in (["dp.epsilon=8"], ["dp.epsilon=8", "train.lr=0.3", "train.dp.ema=0.9"]):
