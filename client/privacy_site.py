@@ -203,13 +203,13 @@ class SitePrivacy:
         drift = tuple(self.planned_drift_releases())
         if not self.composition.parallel:
             training = tuple((t.sample_rate, t.steps, t.group_size) for t in tasks)
-            fixed = {
-                FISHER: self.planned_fisher_releases(),
-                EVALUATIONS: self.planned_evaluation_releases(),
-                DRIFT: list(drift),
-            }
+            fixed = (
+                (FISHER, tuple(self.planned_fisher_releases())),
+                (EVALUATIONS, tuple(self.planned_evaluation_releases())),
+                (DRIFT, drift),
+            )
             _check_fixed_releases(fixed, epsilon, self.delta)
-            others = tuple(r for releases in fixed.values() for r in releases)
+            others = tuple(r for _name, releases in fixed for r in releases)
             sigma = _planned_sigma(epsilon, self.delta, training, others)
             return {t.task: sigma for t in tasks} or {0: sigma}
         _check_fixed_cell(self.planned_evaluation_releases(), epsilon, self.delta, "the test data")
@@ -218,9 +218,9 @@ class SitePrivacy:
         for t in tasks:
             # Every drift report counts in every task's cell: a report samples the reference
             # task's data and the task a drift event says the site sees (an upper bound).
-            fixed = {FISHER: list(fisher.get(t.task, ())), DRIFT: list(drift)}
-            _check_fixed_releases(fixed, epsilon, self.delta)
-            others = (*fixed[FISHER], *fixed[DRIFT])
+            cell_fisher = tuple(fisher.get(t.task, ()))
+            _check_fixed_releases(((FISHER, cell_fisher), (DRIFT, drift)), epsilon, self.delta)
+            others = (*cell_fisher, *drift)
             training = ((t.sample_rate, t.steps, t.group_size),)
             out[t.task] = _planned_sigma(epsilon, self.delta, training, others)
         return out
@@ -544,19 +544,26 @@ EVALUATIONS = (
 DRIFT = "the drift reports (drift.noise_multiplier)"
 
 
+@lru_cache(maxsize=256)
 def _check_fixed_releases(
-    fixed: dict[str, list[tuple[float, float, int]]], epsilon: float, delta: float
+    fixed: tuple[tuple[str, tuple[tuple[float, float, int], ...]], ...],
+    epsilon: float,
+    delta: float,
 ) -> None:
-    """The releases of fixed σ must leave DP-SGD some ε: else name each kind's share."""
+    """The releases of fixed σ must leave DP-SGD some ε: else name each kind's share.
+
+    ``fixed``: (kind, its releases) pairs. Cached like :func:`_planned_sigma`: every message of
+    a run plans the same releases, and one composition costs milliseconds.
+    """
     from fedcl.privacy.dp import DPConfigError
 
-    releases = [r for group in fixed.values() for r in group]
+    releases = [r for _name, group in fixed for r in group]
     spent = compose_epsilon(releases, delta, "rdp") if releases else 0.0
     if spent < epsilon:
         return
     shares = "; ".join(
-        f"{name}: ε = {compose_epsilon(group, delta, 'rdp'):.2f} over {len(group)}"
-        for name, group in fixed.items()
+        f"{name}: ε = {compose_epsilon(list(group), delta, 'rdp'):.2f} over {len(group)}"
+        for name, group in fixed
         if group
     )
     raise DPConfigError(
